@@ -1,0 +1,7 @@
+"""Root of the test suite: fixtures live in tests/fixtures/, one plugin per role."""
+
+pytest_plugins = [
+    "fixtures.nbd_servers",
+    "fixtures.virt",
+    "fixtures.guest",
+]

@@ -1,0 +1,363 @@
+"""Configuration instances and backup path resolution.
+
+An instance is one TOML file, ``$VMBK_CONFIG_DIR/<instance>.toml``
+(default directory ``/etc/vmbk``); see examples/vmbk.toml for every key.
+The instance is chosen by ``--config-instance NAME``, else the
+``VMBK_INSTANCE`` environment variable, else ``default``.  A named instance
+that does not exist is a configuration error (exit 2); a missing
+``default.toml`` only means "use the built-in defaults".
+
+The backup path is resolved as vmrestore does (guide, "Backup Path
+Resolution"): ``--backup-path`` wins, then the chosen instance's
+``backup_path``.  Commands that need one and have none get a config error
+that says how to give it.
+
+Unknown keys are errors: a typo in a retention setting must not silently
+keep the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vmbk.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = "/etc/vmbk"
+DEFAULT_INSTANCE = "default"
+POLICIES = ("daily", "weekly", "monthly", "accumulate", "never")
+COMPRESSIONS = ("none", "lz4")
+TRANSPORTS = ("local", "ssh", "rclone")
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """How many periods each policy keeps, and the accumulate chain bounds."""
+
+    daily: int = 7
+    weekly: int = 4
+    monthly: int = 3
+    accumulate_warn_depth: int = 30
+    accumulate_limit: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class VmOverride:
+    policy: str | None = None
+    compression: str | None = None
+    fstrim: bool | None = None
+    exclude: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Replication:
+    name: str
+    transport: str
+    path: str
+    enabled: bool = True
+    sync_mode: str = "mirror"
+    bwlimit_kbps: int = 0
+    verify: str = "size"
+    host: str | None = None
+    user: str | None = None
+    port: int | None = None
+    ssh_key: str | None = None
+    remote: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Email:
+    enabled: bool = False
+    to: str | None = None
+    sender: str | None = None
+    subject_prefix: str = "[VM Backup]"
+    on_success: bool = True
+    on_failure: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    instance: str
+    source: Path | None
+    backup_path: Path | None = None
+    connect: str | None = None
+    policy: str = "monthly"
+    compression: str = "none"
+    compression_level: int = 1
+    retention: Retention = Retention()
+    exclude: tuple[str, ...] = ()
+    fstrim: bool = True
+    fstrim_exclude: tuple[str, ...] = ()
+    vms: Mapping[str, VmOverride] = dataclasses.field(default_factory=dict)
+    replication: tuple[Replication, ...] = ()
+    email: Email = Email()
+
+    def require_backup_path(self) -> Path:
+        if self.backup_path is None:
+            where = self.source or Path(config_dir()) / f"{self.instance}.toml"
+            raise ConfigError(f"no backup path: pass --backup-path DIR or set backup_path in {where}")
+        return self.backup_path
+
+    def policy_for(self, vm: str) -> tuple[str, str]:
+        """The rotation policy of a VM and where it comes from."""
+        override = self.vms.get(vm)
+        if override and override.policy:
+            return override.policy, "override"
+        return self.policy, "default"
+
+    def exclusion(self, vm: str) -> str | None:
+        """Why a VM is excluded from backups, or None when it is not."""
+        override = self.vms.get(vm)
+        if override and override.exclude:
+            return "excluded by per-VM override"
+        if self.policy_for(vm)[0] == "never":
+            return "policy is 'never'"
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(vm, pattern):
+                return f"matches exclude pattern {pattern!r}"
+        return None
+
+    def fstrim_for(self, vm: str) -> bool:
+        override = self.vms.get(vm)
+        if override and override.fstrim is not None:
+            return override.fstrim
+        if not self.fstrim:
+            return False
+        return not any(fnmatch.fnmatchcase(vm, p) for p in self.fstrim_exclude)
+
+    def compression_for(self, vm: str) -> str:
+        override = self.vms.get(vm)
+        return (override.compression if override and override.compression else None) or self.compression
+
+
+def config_dir(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("VMBK_CONFIG_DIR") or DEFAULT_CONFIG_DIR
+
+
+def load(
+    instance: str | None = None,
+    backup_path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load the chosen instance and apply ``--backup-path``."""
+    env = os.environ if env is None else env
+    explicit = instance or env.get("VMBK_INSTANCE") or None
+    name = explicit or DEFAULT_INSTANCE
+    if not _INSTANCE_NAME.match(name):
+        raise ConfigError(f"invalid config instance name {name!r}")
+    path = Path(config_dir(env)) / f"{name}.toml"
+    if path.is_file():
+        cfg = parse(path, name)
+    elif explicit:
+        known = sorted(p.stem for p in Path(config_dir(env)).glob("*.toml"))
+        hint = f" (known: {', '.join(known)})" if known else ""
+        raise ConfigError(f"config instance {name!r} not found: {path} does not exist{hint}")
+    else:
+        cfg = Config(instance=name, source=None)
+    if backup_path is not None:
+        cfg = dataclasses.replace(cfg, backup_path=Path(backup_path))
+    return cfg
+
+
+def parse(path: Path, instance: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return from_mapping(data, instance=instance, source=path)
+
+
+def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None) -> Config:
+    """Validate a parsed TOML document into a `Config`."""
+    where = str(source) if source else "config"
+    r = _Reader(data, where)
+    bp = r.opt_str("backup_path")
+    cfg = Config(
+        instance=instance,
+        source=source,
+        backup_path=Path(bp) if bp else None,
+        connect=r.opt_str("connect"),
+        policy=r.choice("policy", POLICIES, "monthly"),
+        compression=r.choice("compression", COMPRESSIONS, "none"),
+        compression_level=r.int("compression_level", 1, lo=0, hi=16),
+        retention=_retention(r.table("retention"), f"{where} [retention]"),
+        exclude=r.str_list("exclude"),
+        fstrim=r.bool("fstrim", True),
+        fstrim_exclude=r.str_list("fstrim_exclude"),
+        vms={name: _override(t, f"{where} [vm.{name!r}]") for name, t in r.table("vm").items()},
+        replication=tuple(
+            _replication(t, f"{where} [[replication]] #{i + 1}") for i, t in enumerate(r.table_list("replication"))
+        ),
+        email=_email(r.table("email"), f"{where} [email]"),
+    )
+    r.done()
+    return cfg
+
+
+def _retention(data: Mapping[str, Any], where: str) -> Retention:
+    r = _Reader(data, where)
+    d = Retention()
+    ret = Retention(
+        daily=r.int("daily", d.daily, lo=1),
+        weekly=r.int("weekly", d.weekly, lo=1),
+        monthly=r.int("monthly", d.monthly, lo=1),
+        accumulate_warn_depth=r.int("accumulate_warn_depth", d.accumulate_warn_depth, lo=1),
+        accumulate_limit=r.int("accumulate_limit", d.accumulate_limit, lo=1),
+    )
+    r.done()
+    return ret
+
+
+def _override(data: Any, where: str) -> VmOverride:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    r = _Reader(data, where)
+    ov = VmOverride(
+        policy=r.choice("policy", POLICIES, None),
+        compression=r.choice("compression", COMPRESSIONS, None),
+        fstrim=r.opt_bool("fstrim"),
+        exclude=r.bool("exclude", False),
+    )
+    r.done()
+    return ov
+
+
+def _replication(data: Mapping[str, Any], where: str) -> Replication:
+    r = _Reader(data, where)
+    rep = Replication(
+        name=r.req_str("name"),
+        transport=r.choice("transport", TRANSPORTS, "local") or "local",
+        path=r.req_str("path"),
+        enabled=r.bool("enabled", True),
+        sync_mode=r.choice("sync_mode", ("mirror", "accumulate"), "mirror") or "mirror",
+        bwlimit_kbps=r.int("bwlimit_kbps", 0, lo=0),
+        verify=r.choice("verify", ("none", "size", "checksum"), "size") or "size",
+        host=r.opt_str("host"),
+        user=r.opt_str("user"),
+        port=r.opt_int("port"),
+        ssh_key=r.opt_str("ssh_key"),
+        remote=r.opt_str("remote"),
+    )
+    r.done()
+    if rep.transport == "ssh" and not rep.host:
+        raise ConfigError(f"{where}: transport 'ssh' needs 'host'")
+    if rep.transport == "rclone" and not rep.remote:
+        raise ConfigError(f"{where}: transport 'rclone' needs 'remote'")
+    return rep
+
+
+def _email(data: Mapping[str, Any], where: str) -> Email:
+    r = _Reader(data, where)
+    em = Email(
+        enabled=r.bool("enabled", False),
+        to=r.opt_str("to"),
+        sender=r.opt_str("sender"),
+        subject_prefix=r.opt_str("subject_prefix") or "[VM Backup]",
+        on_success=r.bool("on_success", True),
+        on_failure=r.bool("on_failure", True),
+    )
+    r.done()
+    if em.enabled and not (em.to and em.sender):
+        raise ConfigError(f"{where}: enabled email needs 'to' and 'sender'")
+    return em
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers which keys were used."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def _bad(self, key: str, want: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {key!r} must be {want}, not {self.data.get(key)!r}")
+
+    def opt_str(self, key: str) -> str | None:
+        v = self._get(key)
+        if v is not None and not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def req_str(self, key: str) -> str:
+        v = self.opt_str(key)
+        if not v:
+            raise ConfigError(f"{self.where}: {key!r} is required")
+        return v
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> Any:
+        v = self._get(key)
+        if v is None:
+            return default
+        if v not in choices:
+            raise self._bad(key, "one of " + ", ".join(choices))
+        return v
+
+    def opt_int(self, key: str) -> int | None:
+        v = self._get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise self._bad(key, "an integer")
+        return v
+
+    def int(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        v = self.opt_int(key)
+        if v is None:
+            return default
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise self._bad(key, f"between {lo} and {hi}" if hi is not None else f">= {lo}")
+        return v
+
+    def opt_bool(self, key: str) -> bool | None:
+        v = self._get(key)
+        if v is not None and not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.opt_bool(key)
+        return default if v is None else v
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        v = self._get(key)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self._bad(key, "a list of strings")
+        return tuple(v)
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        v = self._get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise self._bad(key, "a table")
+        return v
+
+    def table_list(self, key: str) -> list[Mapping[str, Any]]:
+        v = self._get(key)
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
+            raise self._bad(key, "an array of tables ([[" + key + "]])")
+        return v
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key(s): {', '.join(unknown)}")

@@ -1,0 +1,113 @@
+"""Files and directories of the backup tree: permissions and atomic writes.
+
+Permission model (vmbackup README, "SGID and permissions"): directories
+2750 owned root:backup, files 640, so members of the ``backup`` group can
+browse and read the tree and nobody else can.  The SGID bit makes every
+new file inherit the group, whoever writes it (vmbk, qemu-nbd, rsync).
+Secrets (TPM state, BitLocker keys) are the exception: root-only, 0600 /
+0700 without SGID (`ensure_secret_dir`).
+
+Nothing in the tree ever looks complete before it is: data goes to
+``<name>.partial`` and is renamed into place after fsync (`atomic_write`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+DIR_MODE = 0o2750
+FILE_MODE = 0o640
+SECRET_DIR_MODE = 0o700
+SECRET_FILE_MODE = 0o600
+UMASK = 0o027
+BACKUP_GROUP = "backup"
+PARTIAL = ".partial"
+
+
+def backup_gid() -> int | None:
+    """gid of the ``backup`` group when we may give files to it (root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return grp.getgrnam(BACKUP_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
+    """Create ``path`` and missing parents with the tree's mode and group."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.parent.exists():
+        ensure_dir(path.parent, mode)
+    try:
+        os.mkdir(path, mode & 0o777)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return path
+    gid = backup_gid()
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)  # mkdir ignores the SGID bit and obeys the umask
+    return path
+
+
+def ensure_secret_dir(path: Path) -> Path:
+    """A root-only directory (no SGID, no group access) for key material."""
+    path = Path(path)
+    path.mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+    os.chmod(path, SECRET_DIR_MODE)
+    return path
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: int = FILE_MODE, binary: bool = True) -> Iterator[IO[bytes]]:
+    """Write ``path`` through ``path.partial``; rename only on success.
+
+    On any exception (signals included) the partial file is removed and the
+    target is left as it was.
+    """
+    path = Path(path)
+    tmp = partial_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb" if binary else "w", closefd=True) as f:
+            fd = -1
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    with atomic_write(path, mode) as f:
+        f.write(data)

@@ -1,0 +1,117 @@
+"""Facts about one domain, read from libvirt into plain data.
+
+`parse_domain_xml` is pure (XML text in, dict out) so it is tested without
+libvirt; `domain_facts` adds what only a live connection knows (state,
+sizes, checkpoints, whether the agent answers).
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from typing import Any
+
+log = logging.getLogger("vmbk.virt")
+
+#: libvirt's virDomainState values, by the names virsh prints.
+STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",
+    5: "shut off",
+    6: "crashed",
+    7: "pmsuspended",
+}
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def _disk(el: ET.Element) -> dict[str, Any]:
+    target = el.find("target")
+    source = el.find("source")
+    driver = el.find("driver")
+    src_path: str | None = None
+    volume: dict[str, str] | None = None
+    if source is not None:
+        src_path = source.get("file") or source.get("dev") or source.get("name")
+        if el.get("type") == "volume":
+            volume = {"pool": source.get("pool", ""), "volume": source.get("volume", "")}
+    return {
+        "target": target.get("dev") if target is not None else None,
+        "bus": target.get("bus") if target is not None else None,
+        "device": el.get("device", "disk"),
+        "type": el.get("type"),
+        "source": src_path,
+        "volume": volume,
+        "format": driver.get("type") if driver is not None else None,
+        "readonly": el.find("readonly") is not None,
+        "shareable": el.find("shareable") is not None,
+    }
+
+
+def parse_domain_xml(xml: str) -> dict[str, Any]:
+    """Name, uuid, disks, firmware, TPM and agent channel from domain XML."""
+    root = ET.fromstring(xml)
+    os_el = root.find("os")
+    loader = os_el.find("loader") if os_el is not None else None
+    nvram = os_el.find("nvram") if os_el is not None else None
+    firmware: dict[str, Any] = {
+        "type": "uefi" if (loader is not None or (os_el is not None and os_el.get("firmware") == "efi")) else "bios",
+        "loader": loader.text.strip() if loader is not None and loader.text else None,
+        "nvram": nvram.text.strip() if nvram is not None and nvram.text else None,
+        "secure_boot": loader is not None and loader.get("secure") == "yes",
+    }
+    devices = root.find("devices")
+    disks: list[dict[str, Any]] = []
+    tpm: dict[str, Any] | None = None
+    agent = False
+    if devices is not None:
+        disks = [_disk(d) for d in devices.findall("disk")]
+        tpm_el = devices.find("tpm")
+        if tpm_el is not None:
+            backend = tpm_el.find("backend")
+            tpm = {
+                "model": tpm_el.get("model"),
+                "backend": backend.get("type") if backend is not None else None,
+                "version": backend.get("version") if backend is not None else None,
+            }
+        for ch in devices.findall("channel"):
+            t = ch.find("target")
+            if t is not None and t.get("name") == AGENT_CHANNEL:
+                agent = True
+    return {
+        "name": root.findtext("name"),
+        "uuid": root.findtext("uuid"),
+        "domain_type": root.get("type"),
+        "disks": disks,
+        "firmware": firmware,
+        "tpm": tpm,
+        "agent_channel": agent,
+    }
+
+
+def domain_facts(dom: Any) -> dict[str, Any]:
+    """`parse_domain_xml` plus the live state, persistence and checkpoints."""
+    facts = parse_domain_xml(dom.XMLDesc(0))
+    state, _reason = dom.state()
+    facts["state"] = STATES.get(state, str(state))
+    facts["persistent"] = bool(dom.isPersistent())
+    if facts["tpm"] is not None:
+        facts["tpm"]["state_dir"] = f"/var/lib/libvirt/swtpm/{facts['uuid']}"
+    try:
+        facts["checkpoints"] = sorted(c.getName() for c in dom.listAllCheckpoints(0))
+    except Exception as e:  # older libvirt or a driver without checkpoints
+        log.debug("%s: cannot list checkpoints: %s", facts["name"], e)
+        facts["checkpoints"] = []
+    for disk in facts["disks"]:
+        if disk["device"] != "disk" or not disk["target"]:
+            continue
+        try:
+            capacity, allocation, _physical = dom.blockInfo(disk["target"])
+        except Exception as e:
+            log.debug("%s: blockInfo(%s): %s", facts["name"], disk["target"], e)
+            continue
+        disk["virtual_size"] = capacity
+        disk["allocated_size"] = allocation
+    return facts
