@@ -134,8 +134,8 @@ class Emitter:
 
     def emit(self, rec: Record) -> None:
         """Emit a record this stage produced; it counts as one success."""
-        if self.session is not None:
-            rec.setdefault("session", self.session)
+        if self.session is not None and "session" not in rec:
+            rec = {"type": rec.get("type"), "v": rec.get("v", RECORD_VERSION), "session": self.session, **rec}
         if rec.get("type") == "error":
             self.failure_codes.append(int(rec.get("code", 1)))
         else:
