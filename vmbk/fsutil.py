@@ -95,7 +95,7 @@ def atomic_write(path: Path, mode: int = FILE_MODE, binary: bool = True) -> Iter
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb" if binary else "w", closefd=True) as f:
             fd = -1
-            yield f  # type: ignore[misc]
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -61,16 +61,28 @@ def error_record(err: VmbkError, *, stage: str, session: str | None, vm: str | N
     )
 
 
-def read_records(stream: IO[bytes] | IO[str], source: str = "stdin") -> Iterator[Record]:
+def _lines(stream: Any) -> Iterator[bytes | str]:
+    """Lines of at most MAX_LINE + 1 bytes, so a runaway line stays bounded."""
+    readline = getattr(stream, "readline", None)
+    if readline is None:
+        yield from stream
+        return
+    while True:
+        line = readline(MAX_LINE + 1)
+        if not line:
+            return
+        yield line
+
+
+def read_records(stream: IO[bytes] | IO[str] | Iterable[bytes | str], source: str = "stdin") -> Iterator[Record]:
     """Yield records from a JSON-lines stream, one at a time.
 
     Blank lines are skipped.  A line that is not a JSON object with a string
     ``type`` raises `InputError` naming the line: a corrupted pipe must stop
     the stage rather than be half understood.
     """
-    for lineno, line in enumerate(stream, 1):
-        if isinstance(line, str):
-            line = line.encode("utf-8", "surrogateescape")
+    for lineno, raw in enumerate(_lines(stream), 1):
+        line = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
         if len(line) > MAX_LINE:
             raise InputError(f"{source} line {lineno}: record longer than {MAX_LINE} bytes")
         if not line.strip():

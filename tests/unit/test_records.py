@@ -103,3 +103,15 @@ def test_table_mode_collects_and_renders():
 def test_session_ids_sort_and_differ():
     a, b = new_session_id(), new_session_id()
     assert a != b and len(a) == len("20261122T035454Z-467969c8")
+
+
+def test_a_runaway_line_is_refused_without_reading_it_all(monkeypatch):
+    import vmbk.records as records
+
+    monkeypatch.setattr(records, "MAX_LINE", 1000)
+    stream = io.BytesIO(b'{"type":"x","v":1}\n' + b" " * 5000 + b"\n")
+    it = read_records(stream)
+    assert next(it)["type"] == "x"
+    with pytest.raises(InputError, match="line 2: record longer than 1000"):
+        next(it)
+    assert stream.tell() < 3000

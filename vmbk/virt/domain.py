@@ -8,8 +8,12 @@ sizes, checkpoints, whether the agent answers).
 from __future__ import annotations
 
 import logging
+import os
 import xml.etree.ElementTree as ET
 from typing import Any
+
+from vmbk.errors import VmbkError
+from vmbk.virt import qemuimg
 
 log = logging.getLogger("vmbk.virt")
 
@@ -25,6 +29,9 @@ STATES = {
     7: "pmsuspended",
 }
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+AGENT_TIMEOUT = 2
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+LIBOSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 
 
 def _disk(el: ET.Element) -> dict[str, Any]:
@@ -66,6 +73,7 @@ def parse_domain_xml(xml: str) -> dict[str, Any]:
     disks: list[dict[str, Any]] = []
     tpm: dict[str, Any] | None = None
     agent = False
+    agent_state: str | None = None
     if devices is not None:
         disks = [_disk(d) for d in devices.findall("disk")]
         tpm_el = devices.find("tpm")
@@ -80,6 +88,16 @@ def parse_domain_xml(xml: str) -> dict[str, Any]:
             t = ch.find("target")
             if t is not None and t.get("name") == AGENT_CHANNEL:
                 agent = True
+                agent_state = t.get("state")
+    windows = _is_windows(root)
+    warnings: list[str] = []
+    if windows and not _has_discard_granularity_override(root):
+        virtio = [d["target"] for d in disks if d["bus"] == "virtio" and d["device"] == "disk"]
+        if virtio:
+            warnings.append(
+                "Windows guest with VirtIO disks (" + ", ".join(str(t) for t in virtio) + ") and no "
+                "discard_granularity override: fstrim will be very slow (see the vmbackup manual, Known Issues)"
+            )
     return {
         "name": root.findtext("name"),
         "uuid": root.findtext("uuid"),
@@ -88,10 +106,42 @@ def parse_domain_xml(xml: str) -> dict[str, Any]:
         "firmware": firmware,
         "tpm": tpm,
         "agent_channel": agent,
+        "agent_channel_state": agent_state,
+        "windows": windows,
+        "warnings": warnings,
     }
 
 
-def domain_facts(dom: Any) -> dict[str, Any]:
+def _is_windows(root: ET.Element) -> bool:
+    """libosinfo metadata says so, or Hyper-V enlightenments suggest it."""
+    for el in root.iter(f"{{{LIBOSINFO_NS}}}os"):
+        if "microsoft.com/win" in (el.get("id") or ""):
+            return True
+    features = root.find("features")
+    return features is not None and features.find("hyperv") is not None
+
+
+def _has_discard_granularity_override(root: ET.Element) -> bool:
+    for el in root.iter():
+        tag = el.tag if isinstance(el.tag, str) else ""
+        if tag.startswith(f"{{{QEMU_NS}}}") and "discard_granularity" in (el.get("name") or el.get("value") or ""):
+            return True
+    return False
+
+
+def agent_answers(dom: Any, timeout: int = AGENT_TIMEOUT) -> bool:
+    """Does the guest agent answer a ping within ``timeout`` seconds?"""
+    try:
+        import libvirt_qemu
+
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', timeout, 0)
+        return True
+    except Exception as e:
+        log.debug("guest-ping: %s", e)
+        return False
+
+
+def domain_facts(dom: Any, agent_timeout: int = AGENT_TIMEOUT) -> dict[str, Any]:
     """`parse_domain_xml` plus the live state, persistence and checkpoints."""
     facts = parse_domain_xml(dom.XMLDesc(0))
     state, _reason = dom.state()
@@ -104,14 +154,34 @@ def domain_facts(dom: Any) -> dict[str, Any]:
     except Exception as e:  # older libvirt or a driver without checkpoints
         log.debug("%s: cannot list checkpoints: %s", facts["name"], e)
         facts["checkpoints"] = []
+    facts["agent"] = None
+    if facts["agent_channel"] and facts["state"] == "running":
+        # A channel libvirt reports disconnected has no agent behind it:
+        # don't spend the timeout on it.
+        facts["agent"] = facts["agent_channel_state"] != "disconnected" and agent_answers(dom, agent_timeout)
     for disk in facts["disks"]:
         if disk["device"] != "disk" or not disk["target"]:
             continue
-        try:
-            capacity, allocation, _physical = dom.blockInfo(disk["target"])
-        except Exception as e:
-            log.debug("%s: blockInfo(%s): %s", facts["name"], disk["target"], e)
-            continue
+        _disk_facts(dom, facts["name"], disk)
+    return facts
+
+
+def _disk_facts(dom: Any, vm: str, disk: dict[str, Any]) -> None:
+    try:
+        capacity, allocation, _physical = dom.blockInfo(disk["target"])
         disk["virtual_size"] = capacity
         disk["allocated_size"] = allocation
-    return facts
+    except Exception as e:
+        log.debug("%s: blockInfo(%s): %s", vm, disk["target"], e)
+    path = disk.get("source")
+    if not path or disk.get("type") not in ("file", "block"):
+        return
+    try:
+        disk["mtime"] = os.stat(path).st_mtime
+    except OSError as e:
+        disk["error"] = f"cannot stat {path}: {e.strerror}"
+        return
+    try:
+        disk.update(qemuimg.image_facts(qemuimg.info(path, fmt=disk.get("format"))))
+    except VmbkError as e:
+        disk["error"] = str(e)
