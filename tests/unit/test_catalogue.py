@@ -1,0 +1,82 @@
+"""The catalogue: migrations recorded in the database, WAL, refusal of newer schemas."""
+
+import sqlite3
+import subprocess
+
+import pytest
+
+from vmbk import catalogue
+from vmbk.catalogue import Catalogue, db_path
+from vmbk.errors import StorageError
+
+
+def test_fresh_catalogue_is_migrated_and_in_wal_mode(tmp_path):
+    with Catalogue.open(tmp_path) as cat:
+        assert cat.version == len(catalogue.MIGRATIONS)
+        assert cat.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows = cat.query("SELECT version, applied_at FROM schema_migrations")
+        assert [r["version"] for r in rows] == list(range(1, len(catalogue.MIGRATIONS) + 1))
+    assert oct(db_path(tmp_path).stat().st_mode & 0o777) == "0o640"
+    # the sqlite3 CLI sees the same tables (a person can inspect it)
+    out = subprocess.run(["sqlite3", str(db_path(tmp_path)), ".tables"], capture_output=True, text=True)
+    if out.returncode == 0:
+        for table in ("sessions", "vm_backups", "data_files", "chain_events", "restore_sessions"):
+            assert table in out.stdout
+
+
+def test_reopen_does_not_migrate_again(tmp_path):
+    Catalogue.open(tmp_path).close()
+    with Catalogue.open(tmp_path) as cat:
+        assert len(cat.query("SELECT * FROM schema_migrations")) == len(catalogue.MIGRATIONS)
+
+
+def test_new_migration_is_applied_once_in_order(tmp_path, monkeypatch):
+    Catalogue.open(tmp_path).close()
+    monkeypatch.setattr(catalogue, "MIGRATIONS", catalogue.MIGRATIONS + ["ALTER TABLE sessions ADD COLUMN note TEXT"])
+    with Catalogue.open(tmp_path) as cat:
+        assert cat.version == len(catalogue.MIGRATIONS)
+        cat.db.execute("INSERT INTO sessions (id, started_at, command, note) VALUES ('s', 'now', 'x', 'n')")
+
+
+def test_failed_migration_leaves_the_previous_version(tmp_path, monkeypatch):
+    Catalogue.open(tmp_path).close()
+    monkeypatch.setattr(catalogue, "MIGRATIONS", catalogue.MIGRATIONS + ["CREATE TABLE t (a); CREATE TABLE t (b)"])
+    with pytest.raises(StorageError):
+        Catalogue.open(tmp_path)
+    monkeypatch.undo()
+    with Catalogue.open(tmp_path) as cat:
+        assert cat.version == len(catalogue.MIGRATIONS)
+        assert not cat.query("SELECT name FROM sqlite_master WHERE name = 't'")
+
+
+def test_a_newer_schema_is_refused_untouched(tmp_path):
+    Catalogue.open(tmp_path).close()
+    db = sqlite3.connect(db_path(tmp_path))
+    db.execute("INSERT INTO schema_migrations VALUES (999, 'future')")
+    db.commit()
+    db.close()
+    with pytest.raises(StorageError, match="newer than this vmbk"):
+        Catalogue.open(tmp_path)
+
+
+def test_garbage_file_is_a_storage_error(tmp_path):
+    path = db_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="unusable"):
+        Catalogue.open(tmp_path)
+
+
+def test_rows_and_sessions(tmp_path):
+    with Catalogue.open(tmp_path) as cat:
+        cat.start_session("S1", "vmbk-backup", "host1")
+        vb = cat.insert("vm_backups", {"session_id": "S1", "vm": "web 'x'", "action": "full",
+                                       "outcome": "ok", "started_at": catalogue.now_iso()})
+        cat.insert("data_files", {"vm_backup_id": vb, "path": "/b/web/vda.full.data", "disk": "vda", "level": "full"})
+        cat.end_session("S1", 0)
+        assert cat.query("SELECT exit_code FROM sessions")[0][0] == 0
+        with pytest.raises(sqlite3.IntegrityError):
+            cat.insert("data_files", {"vm_backup_id": 999, "path": "p", "disk": "d", "level": "full"})
+        with pytest.raises(ValueError):
+            cat.insert("sqlite_master; DROP TABLE sessions", {"a": 1})
+    assert Catalogue.open_existing(tmp_path / "nowhere") is None

@@ -1,0 +1,222 @@
+"""The SQLite catalogue: an index and a history of what vmbk did.
+
+``$BACKUP_PATH/_state/vmbk.db``, WAL mode so readers (``vmbk-status``,
+``vmbk-restore --list``) never block a running backup.  The tree is the
+source of truth: restore never depends on the catalogue, and everything in
+it that describes the tree can be rebuilt from the tree.
+
+Migrations are a list of SQL scripts; ``schema_migrations`` records which
+ran and when, inside the same transaction as the script, so a crash mid
+migration leaves the previous version intact.  A database newer than this
+code is refused (opening it could misread columns) rather than touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from vmbk.errors import StorageError
+from vmbk.fsutil import FILE_MODE, ensure_dir
+
+DB_NAME = "vmbk.db"
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: list[str] = [
+    # 1: sessions, VM backups, data files, chain events, restores
+    """
+    CREATE TABLE sessions (
+        id          TEXT PRIMARY KEY,
+        started_at  TEXT NOT NULL,
+        ended_at    TEXT,
+        command     TEXT NOT NULL,
+        host        TEXT,
+        exit_code   INTEGER
+    );
+    CREATE TABLE vm_backups (
+        id           INTEGER PRIMARY KEY,
+        session_id   TEXT NOT NULL REFERENCES sessions(id),
+        vm           TEXT NOT NULL,
+        vm_uuid      TEXT,
+        action       TEXT NOT NULL,          -- full | inc | copy | skip
+        policy       TEXT,
+        period       TEXT,
+        directory    TEXT,
+        checkpoint   TEXT,
+        parent       TEXT,
+        consistency  TEXT,                   -- frozen | paused | crash | offline
+        outcome      TEXT NOT NULL,          -- ok | failed | skipped
+        error        TEXT,
+        reasons      TEXT,                   -- JSON list
+        started_at   TEXT NOT NULL,
+        duration_s   REAL,
+        bytes        INTEGER
+    );
+    CREATE INDEX vm_backups_vm ON vm_backups(vm, started_at);
+    CREATE TABLE data_files (
+        id            INTEGER PRIMARY KEY,
+        vm_backup_id  INTEGER NOT NULL REFERENCES vm_backups(id),
+        path          TEXT NOT NULL,
+        disk          TEXT NOT NULL,
+        level         TEXT NOT NULL,         -- full | inc | copy
+        checkpoint    TEXT,
+        virtual_size  INTEGER,
+        data_size     INTEGER,
+        stored_size   INTEGER,
+        checksum      TEXT,
+        read_s        REAL,
+        write_s       REAL
+    );
+    CREATE TABLE chain_events (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT REFERENCES sessions(id),
+        vm          TEXT NOT NULL,
+        at          TEXT NOT NULL,
+        event       TEXT NOT NULL,           -- archived | redefined | broken | cleaned
+        directory   TEXT,
+        reason      TEXT
+    );
+    CREATE INDEX chain_events_vm ON chain_events(vm, at);
+    CREATE TABLE restore_sessions (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT,
+        vm          TEXT NOT NULL,
+        mode        TEXT NOT NULL,           -- dr | clone | disk | data
+        source      TEXT,
+        target      TEXT,
+        restore_point TEXT,
+        started_at  TEXT NOT NULL,
+        duration_s  REAL,
+        outcome     TEXT,
+        exit_code   INTEGER,
+        error       TEXT
+    );
+    """,
+]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def db_path(backup_path: Path) -> Path:
+    return backup_path / "_state" / DB_NAME
+
+
+class Catalogue:
+    """A connection to the catalogue of one backup path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open catalogue {path}: {e}") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA foreign_keys = ON")
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StorageError(f"catalogue {path} is unusable: {e}") from None
+
+    @classmethod
+    def open(cls, backup_path: Path) -> "Catalogue":
+        path = db_path(backup_path)
+        ensure_dir(path.parent)
+        fresh = not path.exists()
+        cat = cls(path)
+        if fresh:
+            path.chmod(FILE_MODE)
+        return cat
+
+    @classmethod
+    def open_existing(cls, backup_path: Path) -> "Catalogue | None":
+        """The catalogue if there is one (restore works without it)."""
+        path = db_path(backup_path)
+        return cls(path) if path.exists() else None
+
+    # -- schema -----------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        row = self.db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def _migrate(self) -> None:
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        current = self.version
+        if current > len(MIGRATIONS):
+            raise StorageError(
+                f"catalogue {self.path} has schema version {current}, newer than this vmbk knows "
+                f"({len(MIGRATIONS)}): upgrade vmbk"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            with self.transaction():
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now_iso()))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Catalogue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------
+    def insert(self, table: str, row: Mapping[str, Any]) -> int:
+        if table not in _TABLES:
+            raise ValueError(f"unknown table {table}")
+        cols = list(row)
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        with self.transaction():
+            cur = self.db.execute(sql, [row[c] for c in cols])
+        return int(cur.lastrowid or 0)
+
+    def start_session(self, session: str, command: str, host: str | None = None) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO sessions (id, started_at, command, host) VALUES (?, ?, ?, ?)",
+                (session, now_iso(), command, host),
+            )
+
+    def end_session(self, session: str, exit_code: int) -> None:
+        with self.transaction():
+            self.db.execute("UPDATE sessions SET ended_at = ?, exit_code = ? WHERE id = ?", (now_iso(), exit_code, session))
+
+    # -- reads --------------------------------------------------------------------
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self.db.execute(sql, params))
+
+
+_TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions"}
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script at semicolons (no triggers with bodies here)."""
+    out = []
+    for chunk in script.split(";"):
+        lines = [line.split("--", 1)[0] for line in chunk.splitlines()]
+        text = "\n".join(lines).strip()
+        if text:
+            out.append(text)
+    return out
