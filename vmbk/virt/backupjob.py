@@ -1,0 +1,150 @@
+"""libvirt pull-mode backup jobs and checkpoints.
+
+A pull-mode job (``backupBegin``) makes QEMU export each disk over NBD on a
+unix socket, frozen at the moment the job began (a scratch file holds the
+old data of blocks the guest rewrites meanwhile).  Export names are the
+disk targets (``vda``); an incremental job also offers the meta context
+``qemu:dirty-bitmap:backup-<target>`` with the blocks changed since the
+parent checkpoint.  The job ends with ``abortJob`` (that is how a pull
+backup is finished, there is nothing to "complete").
+
+Checkpoints are named ``virtnbdbackup.<N>`` like virtnbdbackup's, with the
+previous one as parent; raw disks cannot carry bitmaps and are left out of
+the checkpoint (they are still exported, in full).
+
+QEMU runs as ``libvirt-qemu``: the socket and scratch directory must be
+writable by it, hence `job_dir` (0711 parent, directory owned by the
+QEMU user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from vmbk.errors import VmError
+from vmbk.virt.connection import LibvirtError, libvirt_module
+
+log = logging.getLogger("vmbk.virt")
+
+RUN_DIR = Path(os.environ.get("VMBK_RUN_DIR", "/var/tmp/vmbk"))
+QEMU_USER = "libvirt-qemu"
+
+
+def checkpoint_xml(name: str, parent: str | None, disks: Sequence[str]) -> str:
+    top = ET.Element("domaincheckpoint")
+    ET.SubElement(top, "description").text = "vmbk backup checkpoint"
+    ET.SubElement(top, "name").text = name
+    if parent:
+        ET.SubElement(ET.SubElement(top, "parent"), "name").text = parent
+    dis = ET.SubElement(top, "disks")
+    for target in disks:
+        ET.SubElement(dis, "disk", {"name": target, "checkpoint": "bitmap"})
+    return ET.tostring(top, encoding="unicode")
+
+
+def backup_xml(socket: Path, disks: Sequence[str], skip: Sequence[str], scratch_dir: Path,
+               incremental: str | None) -> str:
+    top = ET.Element("domainbackup", {"mode": "pull"})
+    if incremental:
+        ET.SubElement(top, "incremental").text = incremental
+    ET.SubElement(top, "server", {"transport": "unix", "socket": str(socket)})
+    dis = ET.SubElement(top, "disks")
+    for target in disks:
+        d = ET.SubElement(dis, "disk", {"name": target, "backup": "yes", "type": "file"})
+        ET.SubElement(d, "scratch", {"file": str(scratch_dir / f"scratch.{target}.qcow2")})
+    for target in skip:
+        ET.SubElement(dis, "disk", {"name": target, "backup": "no"})
+    return ET.tostring(top, encoding="unicode")
+
+
+@contextlib.contextmanager
+def job_dir(prefix: str = "job-") -> Iterator[Path]:
+    """A private directory for a job's socket and scratch files, removed after."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(RUN_DIR, 0o711)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_DIR))
+    try:
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                qemu = pwd.getpwnam(QEMU_USER)
+                os.chown(path, qemu.pw_uid, qemu.pw_gid)
+        os.chmod(path, 0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class BackupJob:
+    """A running pull-mode backup job of one domain; aborted on exit."""
+
+    def __init__(self, dom: Any, *, socket: Path, disks: Sequence[str], skip: Sequence[str] = (),
+                 scratch_dir: Path, checkpoint: str | None, parent: str | None,
+                 checkpoint_disks: Sequence[str] = ()) -> None:
+        self.dom = dom
+        self.socket = socket
+        self.backup_xml = backup_xml(socket, disks, skip, scratch_dir, parent if checkpoint else None)
+        self.checkpoint_xml = checkpoint_xml(checkpoint, parent, checkpoint_disks) if checkpoint else None
+        self.checkpoint = checkpoint
+        self.active = False
+
+    def begin(self) -> None:
+        libvirt = libvirt_module()
+        try:
+            self.dom.backupBegin(self.backup_xml, self.checkpoint_xml, 0)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"backupBegin failed: {e.get_error_message()}", vm=self.dom.name()) from None
+        self.active = True
+
+    def end(self) -> None:
+        """Stop the job (a pull backup has no completion: abort ends it)."""
+        if not self.active:
+            return
+        libvirt = libvirt_module()
+        self.active = False
+        try:
+            self.dom.abortJob()
+        except libvirt.libvirtError as e:
+            # The domain went away or the job already ended: nothing to stop.
+            log.debug("%s: abortJob: %s", self.dom.name(), e.get_error_message())
+
+    def __enter__(self) -> "BackupJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
+def delete_checkpoint(dom: Any, name: str, *, metadata_only: bool = False) -> None:
+    """Remove a checkpoint (and its bitmaps unless ``metadata_only``)."""
+    libvirt = libvirt_module()
+    try:
+        cp = dom.checkpointLookupByName(name)
+    except libvirt.libvirtError:
+        return
+    flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+    try:
+        cp.delete(flags)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot delete checkpoint {name}: {e.get_error_message()}", vm=dom.name()) from None
+
+
+def redefine_checkpoint(dom: Any, xml: str) -> None:
+    """Recreate checkpoint metadata from its saved XML (bitmaps must exist)."""
+    libvirt = libvirt_module()
+    try:
+        dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+    except libvirt.libvirtError as e:
+        raise VmError(f"cannot redefine checkpoint: {e.get_error_message()}", vm=dom.name()) from None
+
+
+def checkpoint_names(dom: Any) -> list[str]:
+    return sorted(c.getName() for c in dom.listAllCheckpoints(0))
