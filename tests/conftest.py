@@ -2,6 +2,5 @@
 
 pytest_plugins = [
     "fixtures.nbd_servers",
-    "fixtures.virt",
     "fixtures.guest",
 ]
