@@ -12,7 +12,7 @@ from typing import Any
 
 COLUMNS: dict[str, list[str]] = {
     "vm": ["name", "state", "policy", "disks", "excluded", "reason"],
-    "plan": ["vm", "action", "period", "checkpoint", "reasons"],
+    "plan": ["name", "action", "period", "checkpoint", "reasons"],
     "backup": ["vm", "action", "checkpoint", "consistency", "bytes", "duration"],
     "error": ["vm", "stage", "kind", "code", "message"],
 }

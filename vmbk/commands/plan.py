@@ -5,11 +5,16 @@ Usage:
   vmbk-plan (-h | --help | --version)
 
 Reads `vm` records on stdin (from vmbk-discover), looks at each VM's backup
-tree and emits one `plan` record per VM; other records pass through.
-Never writes anything.
+tree and emits one `plan` record per VM: the action (full, inc, copy or
+skip), the period directory, the chain to archive first, the checkpoint
+to create and its parent, checkpoints to redefine or delete, and the
+reasons.  Other records pass through.  Never writes anything.
+
+  vmbk-discover | vmbk-plan | vmbk-backup
+  vmbk-plan --now 2026-03-02T22:00:00Z < saved-vm-records.jsonl
 
 Options:
-  --now ISO8601            Decide as if it were this time (deterministic runs).
+  --now ISO8601            Decide as if it were then (default now; no offset: UTC).
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
   --json                   JSON lines even on a terminal.
@@ -19,19 +24,41 @@ Options:
 
 from __future__ import annotations
 
+import datetime as _dt
+from collections.abc import Iterable
 from typing import IO, Any
 
 from vmbk import cli
-from vmbk.commands._common import Common
-from vmbk.commands._stage import not_yet, run_stage
+from vmbk.commands._common import Common, existing_backup_path
+from vmbk.commands._stage import run_stage
+from vmbk.errors import UsageError
+from vmbk.planner import plan_record
+from vmbk.records import Record
 
 PROG = "vmbk-plan"
 
 
+def parse_now(value: str | None) -> _dt.datetime:
+    """``--now``: ISO 8601; a time without an offset is UTC."""
+    if value is None:
+        return _dt.datetime.now(_dt.timezone.utc)
+    try:
+        now = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--now must be an ISO 8601 time such as 2026-03-02T22:00:00Z, not {value!r}") from None
+    return now if now.tzinfo is not None else now.replace(tzinfo=_dt.timezone.utc)
+
+
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
     common = Common.from_args(args)
-    common.config()
-    return run_stage(ctx, common, {"vm"}, not_yet(PROG, "planning"))
+    now = parse_now(args.get("--now"))
+    cfg = common.config()
+    root = existing_backup_path(cfg)
+
+    def handle(rec: Record, session: str) -> Iterable[Record]:
+        yield plan_record(rec, cfg, root, now, session)
+
+    return run_stage(ctx, common, {"vm"}, handle)
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:

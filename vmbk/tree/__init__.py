@@ -1,0 +1,39 @@
+"""The backup tree of a VM, read-only: periods, chains, archives.
+
+``names``: period ids, file names, archive names (pure);
+``model``: `DataFile`, `Chain`, `VmTree` (what the planner looks at);
+``scan``: `scan_vm`, `scan_chain`, `next_archive_name`, `find_uuid` (reads).
+"""
+
+from vmbk.tree.model import Chain, DataFile, VmTree
+from vmbk.tree.names import (
+    ARCHIVES,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    archive_name,
+    checkpoint_name,
+    checkpoint_number,
+    parse_data_name,
+    period_id,
+    policy_of_period,
+)
+from vmbk.tree.scan import find_uuid, next_archive_name, scan_chain, scan_vm
+
+__all__ = [
+    "ARCHIVES",
+    "CHECKPOINTS",
+    "CHECKPOINT_PREFIX",
+    "Chain",
+    "DataFile",
+    "VmTree",
+    "archive_name",
+    "checkpoint_name",
+    "checkpoint_number",
+    "find_uuid",
+    "next_archive_name",
+    "parse_data_name",
+    "period_id",
+    "policy_of_period",
+    "scan_chain",
+    "scan_vm",
+]

@@ -1,0 +1,166 @@
+"""The read-only model of one VM's backup tree (see `vmbk.tree.names`).
+
+A `Chain` is one directory that holds (or held) a chain: a period
+directory, the VM directory of an accumulate VM, or an archived chain
+under ``.archives/``.  Its derived properties answer the planner's
+questions (what base, which disks at which sizes, which checkpoints, when
+was the last backup) from the files alone; nothing is cached elsewhere,
+so the tree stays the source of truth (DESIGN, "On-disk layout").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from vmbk.tree.names import checkpoint_name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataFile:
+    """One complete ``.data`` file and what its stream meta header says.
+
+    ``virtual_size``/``meta_checkpoint``/``meta_parent`` come from the meta
+    frame (None when it could not be read; ``error`` says why).  The meta of
+    a copy file names ``virtnbdbackup.0`` although a copy creates no
+    checkpoint (virtnbdbackup fills it in regardless): only the file name
+    says what a file is.
+    """
+
+    name: str
+    disk: str
+    level: str
+    checkpoint: str | None
+    number: int | None
+    size: int
+    mtime: float
+    virtual_size: int | None = None
+    meta_disk: str | None = None
+    meta_checkpoint: str | None = None
+    meta_parent: str | None = None
+    incremental: bool | None = None
+    date: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chain:
+    """What one chain directory holds.
+
+    ``rel`` is the directory relative to the VM directory (``"."`` for the
+    VM directory itself).  ``cpt`` is the parsed ``<vm>.cpt`` (None when
+    absent or unreadable, ``cpt_error`` tells which).  ``partials`` are
+    leftover ``*.partial`` files of an interrupted backup.
+    """
+
+    path: Path
+    rel: str
+    period: str | None
+    policy: str | None
+    data: tuple[DataFile, ...] = ()
+    partials: tuple[str, ...] = ()
+    cpt_file: str | None = None
+    cpt: tuple[str, ...] | None = None
+    cpt_error: str | None = None
+    checkpoint_xmls: tuple[str, ...] = ()
+    vmconfigs: tuple[str, ...] = ()
+    uuid: str | None = None
+    domain_name: str | None = None
+    archives: tuple[Chain, ...] = ()
+
+    @property
+    def base(self) -> str | None:
+        """``full`` (a checkpoint chain), ``copy`` (offline copy) or None."""
+        levels = {f.level for f in self.data}
+        if "full" in levels:
+            return "full"
+        if "copy" in levels:
+            return "copy"
+        return None
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing worth archiving (leftover partials do not count)."""
+        return not (self.data or self.cpt_file or self.checkpoint_xmls or self.vmconfigs)
+
+    @property
+    def base_files(self) -> tuple[DataFile, ...]:
+        return tuple(f for f in self.data if f.level in ("full", "copy"))
+
+    @property
+    def disks(self) -> dict[str, int | None]:
+        """Disk -> virtual size recorded by the chain's base (full and copy files)."""
+        return {f.disk: f.virtual_size for f in self.base_files}
+
+    @property
+    def checkpointed_disks(self) -> tuple[str, ...]:
+        """Disks with a ``.full.data``: the ones the checkpoints cover."""
+        return tuple(sorted(f.disk for f in self.data if f.level == "full"))
+
+    @property
+    def file_checkpoints(self) -> tuple[str, ...]:
+        """The checkpoint names the data files prove, in chain order.
+
+        A full is ``virtnbdbackup.0``; every inc file adds its own.  Used
+        to check ``<vm>.cpt`` against what is really there.
+        """
+        if self.base != "full":
+            return ()
+        numbers = sorted({f.number for f in self.data if f.level == "inc" and f.number is not None})
+        return (checkpoint_name(0), *(checkpoint_name(n) for n in numbers))
+
+    @property
+    def last_time(self) -> float | None:
+        """When the newest complete data file was written (its mtime)."""
+        return max((f.mtime for f in self.data), default=None)
+
+    @property
+    def archive_names(self) -> tuple[str, ...]:
+        return tuple(a.path.name for a in self.archives)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VmTree:
+    """All chains of one VM: ``chains`` maps ``rel`` to the chain directory.
+
+    The VM directory itself is always present as ``"."`` (possibly empty:
+    it holds the accumulate chain and the archives of earlier accumulate
+    chains).  ``renamed_from`` lists other VM directories whose chains
+    carry this VM's uuid (filled in by `vmbk.tree.scan.find_uuid`).
+    """
+
+    backup_path: Path
+    name: str
+    path: Path
+    exists: bool
+    chains: dict[str, Chain]
+    renamed_from: tuple[str, ...] = ()
+
+    @classmethod
+    def empty(cls, backup_path: Path, name: str) -> VmTree:
+        """The tree of a VM without backups (also: one not looked at)."""
+        path = Path(backup_path) / name
+        return cls(Path(backup_path), name, path, False, {".": Chain(path, ".", None, "accumulate")})
+
+    def chain(self, rel: str) -> Chain | None:
+        return self.chains.get(rel)
+
+    def latest(self) -> Chain | None:
+        """The active chain with the newest backup, None before the first."""
+        with_data = [c for c in self.chains.values() if c.last_time is not None]
+        return max(with_data, key=lambda c: (c.last_time or 0.0, c.rel), default=None)
+
+    @property
+    def last_backup(self) -> float | None:
+        """Time of the newest complete backup anywhere, archives included.
+
+        An archive is made just before the backup that replaces it, so when
+        that backup failed the newest backup is in the archive.
+        """
+        times = [c.last_time for c in self.chains.values()]
+        times += [a.last_time for c in self.chains.values() for a in c.archives]
+        return max((t for t in times if t is not None), default=None)
+
+    @property
+    def uuids(self) -> frozenset[str]:
+        return frozenset(c.uuid for c in self.chains.values() if c.uuid)

@@ -1,0 +1,251 @@
+"""Scanning a VM's backup tree from disk into `vmbk.tree.model` objects.
+
+Pure reads: nothing here writes, renames or creates, so ``vmbk-plan`` can
+run against a tree another process is backing up into (it then sees a
+``.partial`` and says so).  Only the first header and the meta JSON of
+each ``.data`` file are read (`vmbk.stream.read_meta`), never the payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmbk.errors import StorageError, VmbkError
+from vmbk.stream.reader import read_meta
+from vmbk.tree.model import Chain, DataFile, VmTree
+from vmbk.tree.names import (
+    ARCHIVES,
+    CHECKPOINTS,
+    archive_name,
+    is_archive_name,
+    parse_data_name,
+    policy_of_period,
+)
+
+#: A ``.cpt`` is a short JSON list; anything bigger is not one.
+MAX_CPT = 1 << 20
+MAX_VMCONFIG = 16 << 20
+_VMCONFIG = re.compile(r"^vmconfig\.(?:virtnbdbackup\.(\d+)|copy|.+)\.xml$")
+
+
+def scan_vm(backup_path: Path, vm: str) -> VmTree:
+    """Every chain of ``vm`` under ``backup_path`` (an empty tree if none).
+
+    Period directories are the subdirectories named like a period;
+    anything else in the VM directory (vmbackup's state files, a
+    ``tpm-state`` of an accumulate chain) is not a chain.
+    """
+    path = Path(backup_path) / vm
+    if not path.is_dir():
+        return VmTree.empty(Path(backup_path), vm)
+    chains = {".": scan_chain(path, ".", period=None, policy="accumulate", vm=vm)}
+    for entry in _entries(path, vm):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        policy = policy_of_period(entry.name)
+        if policy is not None:
+            chains[entry.name] = scan_chain(Path(entry.path), entry.name, period=entry.name, policy=policy, vm=vm)
+    return VmTree(Path(backup_path), vm, path, True, dict(sorted(chains.items())))
+
+
+def scan_chain(path: Path, rel: str, *, period: str | None, policy: str | None, vm: str, archives: bool = True) -> Chain:
+    """One chain directory: data files with their meta, .cpt, XMLs, partials."""
+    data: list[DataFile] = []
+    partials: list[str] = []
+    cpts: list[str] = []
+    vmconfigs: list[str] = []
+    has_checkpoints_dir = False
+    for entry in _entries(path, vm):
+        name = entry.name
+        if entry.is_dir(follow_symlinks=False):
+            has_checkpoints_dir |= name == CHECKPOINTS
+            continue
+        if name.endswith(".partial"):
+            partials.append(name)
+        elif name.endswith(".cpt"):
+            cpts.append(name)
+        elif _VMCONFIG.match(name):
+            vmconfigs.append(name)
+        elif name.endswith(".data"):
+            f = _data_file(entry)
+            if f is not None:
+                data.append(f)
+    cpt_file, cpt, cpt_error = _read_cpt(path, cpts, vm)
+    xmls = _checkpoint_xmls(path / CHECKPOINTS, vm) if has_checkpoints_dir else ()
+    uuid, domain_name = _vmconfig_identity(path, vmconfigs)
+    archived: tuple[Chain, ...] = ()
+    if archives:
+        archived = tuple(
+            scan_chain(Path(a.path), f"{rel}/{ARCHIVES}/{a.name}" if rel != "." else f"{ARCHIVES}/{a.name}",
+                       period=period, policy=policy, vm=vm, archives=False)
+            for a in sorted(_entries(path / ARCHIVES, vm), key=lambda e: _archive_key(e.name))
+            if a.is_dir(follow_symlinks=False) and is_archive_name(a.name)
+        )
+    return Chain(
+        path=path,
+        rel=rel,
+        period=period,
+        policy=policy,
+        data=tuple(sorted(data, key=lambda f: (f.number or 0, f.level != "full", f.disk, f.name))),
+        partials=tuple(sorted(partials)),
+        cpt_file=cpt_file,
+        cpt=cpt,
+        cpt_error=cpt_error,
+        checkpoint_xmls=xmls,
+        vmconfigs=tuple(sorted(vmconfigs)),
+        uuid=uuid,
+        domain_name=domain_name,
+        archives=archived,
+    )
+
+
+def next_archive_name(chain_dir: Path, today: _dt.date) -> Path:
+    """Where the chain in ``chain_dir`` would be archived today.
+
+    ``chain_dir/.archives/chain-YYYY-MM-DD[.N]``: archives live in the
+    directory of the chain they came from (vmrestore guide, 4.3).
+    """
+    archives = Path(chain_dir) / ARCHIVES
+    try:
+        existing = [e.name for e in os.scandir(archives)]
+    except FileNotFoundError:
+        existing = []
+    except OSError as e:
+        raise StorageError(f"cannot read {archives}: {e.strerror}") from None
+    return archives / archive_name(existing, today)
+
+
+def find_uuid(backup_path: Path, uuid: str, *, exclude: str) -> tuple[str, ...]:
+    """VM directories other than ``exclude`` whose chains carry ``uuid``.
+
+    A renamed VM keeps its uuid; its old chains stay under the old name.
+    Only the newest vmconfig of each chain directory is read.
+    """
+    found: list[str] = []
+    try:
+        vm_dirs = sorted(os.scandir(backup_path), key=lambda e: e.name)
+    except OSError as e:
+        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
+    for vm_dir in vm_dirs:
+        if vm_dir.name == exclude or vm_dir.name.startswith(("_", ".")) or not vm_dir.is_dir(follow_symlinks=False):
+            continue
+        candidates = [Path(vm_dir.path)]
+        try:
+            candidates += [Path(e.path) for e in os.scandir(vm_dir.path)
+                           if e.is_dir(follow_symlinks=False) and policy_of_period(e.name)]
+        except OSError:
+            continue
+        for chain_dir in candidates:
+            try:
+                names = [e.name for e in os.scandir(chain_dir) if _VMCONFIG.match(e.name)]
+            except OSError:
+                continue
+            if _vmconfig_identity(chain_dir, names)[0] == uuid:
+                found.append(vm_dir.name)
+                break
+    return tuple(found)
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _entries(path: Path, vm: str) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            yield from list(it)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}", vm=vm) from None
+
+
+def _archive_key(name: str) -> tuple[str, int]:
+    base, _, n = name.partition(".")
+    return base, int(n) if n.isdigit() else 0
+
+
+def _data_file(entry: os.DirEntry[str]) -> DataFile | None:
+    parsed = parse_data_name(entry.name)
+    if parsed is None:
+        return None
+    st = entry.stat(follow_symlinks=False)
+    f = DataFile(entry.name, parsed.disk, parsed.level, parsed.checkpoint, parsed.number, st.st_size, st.st_mtime)
+    try:
+        meta = read_meta(entry.path)
+    except VmbkError as e:
+        # The message without the path: it names the file already, and
+        # plans must not depend on where the tree is mounted.
+        detail = getattr(e, "detail", None)
+        offset = getattr(e, "offset", None)
+        return dataclasses.replace(f, error=f"at byte {offset}: {detail}" if detail is not None else str(e))
+    return dataclasses.replace(
+        f,
+        virtual_size=meta.virtual_size,
+        meta_disk=meta.disk_name,
+        meta_checkpoint=meta.checkpoint_name if isinstance(meta.checkpoint_name, str) else None,
+        meta_parent=meta.parent_checkpoint if isinstance(meta.parent_checkpoint, str) else None,
+        incremental=meta.incremental,
+        date=meta.date or None,
+    )
+
+
+def _read_cpt(path: Path, names: list[str], vm: str) -> tuple[str | None, tuple[str, ...] | None, str | None]:
+    """``(file, checkpoints, error)`` of the chain's ``.cpt``.
+
+    virtnbdbackup names it after the domain; a directory with one ``.cpt``
+    of another name (a renamed VM) is read as well.
+    """
+    if not names:
+        return None, None, None
+    if f"{vm}.cpt" in names:
+        name = f"{vm}.cpt"
+    elif len(names) == 1:
+        name = names[0]
+    else:
+        return sorted(names)[0], None, f"several checkpoint lists: {', '.join(sorted(names))}"
+    try:
+        with open(path / name, "rb") as fh:
+            raw = fh.read(MAX_CPT + 1)
+    except OSError as e:
+        return name, None, f"{name}: cannot read: {e.strerror}"
+    if len(raw) > MAX_CPT:
+        return name, None, f"{name}: larger than {MAX_CPT} bytes"
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return name, None, f"{name}: not JSON ({e})"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return name, None, f"{name}: not a JSON list of checkpoint names"
+    return name, tuple(value), None
+
+
+def _checkpoint_xmls(path: Path, vm: str) -> tuple[str, ...]:
+    return tuple(sorted(e.name[:-4] for e in _entries(path, vm) if e.name.endswith(".xml") and e.is_file()))
+
+
+def _vmconfig_identity(path: Path, names: list[str]) -> tuple[str | None, str | None]:
+    """uuid and name from the newest ``vmconfig.*.xml`` (None when unreadable)."""
+    if not names:
+        return None, None
+
+    def order(name: str) -> tuple[int, str]:
+        m = _VMCONFIG.match(name)
+        return (int(m[1]) if m and m[1] else -1), name
+
+    newest = max(names, key=order)
+    try:
+        with open(path / newest, "rb") as fh:
+            raw = fh.read(MAX_VMCONFIG)
+        root = ET.fromstring(raw)
+    except (OSError, ET.ParseError):
+        return None, None
+    uuid = (root.findtext("uuid") or "").strip().lower() or None
+    name = (root.findtext("name") or "").strip() or None
+    return uuid, name
