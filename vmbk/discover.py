@@ -38,7 +38,8 @@ def vm_record(facts: dict[str, Any], cfg: Config, session: str | None) -> record
 
 def discover(uri: str, cfg: Config, *, names: Sequence[str] = (), session: str | None = None) -> Iterator[records.Record]:
     libvirt = libvirt_module()
-    with connection(uri, readonly=True) as conn:
+    # Read-write: guest-ping through the agent is refused on a read-only connection.
+    with connection(uri) as conn:
         if names:
             for name in dict.fromkeys(names):
                 try:

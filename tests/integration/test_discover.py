@@ -155,6 +155,13 @@ def test_agent_that_does_not_answer_costs_at_most_its_timeout(host):
     assert time.monotonic() - t < 5
 
 
+@pytest.mark.guest
+def test_agent_that_answers(test_guest):
+    guest = test_guest()
+    _, recs = discover("--vm", guest.name)
+    assert recs[guest.name]["agent"] is True
+
+
 def test_policy_override_and_exclusion_from_config(host, tmp_path, monkeypatch):
     names, _ = host
     (tmp_path / "default.toml").write_text(
