@@ -18,11 +18,26 @@ from vmbk.records import Record
 Handler = Callable[[Record, str], Iterable[Record]]
 
 
-def run_stage(ctx: Context, common: Common, consumes: set[str], handler: Handler, *, standalone: bool = False) -> int:
+def run_stage(
+    ctx: Context,
+    common: Common,
+    consumes: set[str],
+    handler: Handler,
+    *,
+    standalone: bool = False,
+    source: Callable[[str], Iterable[Record]] | None = None,
+    finish: Callable[[str, int], None] | None = None,
+) -> int:
+    """Run a stage over stdin, or over ``source(session)`` when given.
+
+    ``finish(session, exit_code)`` runs at the end (the catalogue closes
+    the session row there).
+    """
     emitter = make_emitter(ctx, common)
     session = Session(emitter)
+    records = source(session.ensure()) if source is not None else input_records(ctx, standalone=standalone)
     try:
-        for rec in input_records(ctx, standalone=standalone):
+        for rec in records:
             session.adopt(rec)
             if rec["type"] not in consumes:
                 emitter.passthrough(rec)
@@ -36,6 +51,8 @@ def run_stage(ctx: Context, common: Common, consumes: set[str], handler: Handler
                 emitter.error(e)
     finally:
         emitter.close()
+        if finish is not None and emitter.session is not None:
+            finish(emitter.session, emitter.exit_code())
     return emitter.exit_code()
 
 

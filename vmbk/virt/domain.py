@@ -163,7 +163,41 @@ def domain_facts(dom: Any, agent_timeout: int = AGENT_TIMEOUT) -> dict[str, Any]
         if disk["device"] != "disk" or not disk["target"]:
             continue
         _disk_facts(dom, facts["name"], disk)
+    if facts["state"] in ("running", "paused", "blocked", "pmsuspended"):
+        _live_bitmaps(dom, facts)
     return facts
+
+
+def _live_bitmaps(dom: Any, facts: dict[str, Any]) -> None:
+    """Bitmaps of a running VM, as QEMU has them, through libvirt.
+
+    A running QEMU writes new persistent bitmaps into the qcow2 only when
+    it closes the image, so ``qemu-img info -U`` shows a stale set.  Asking
+    libvirt for a checkpoint's size makes QEMU measure its bitmaps: the
+    answer proves they exist and track writes; an error means at least one
+    is missing or broken, and its bitmaps are left out.
+    """
+    import libvirt
+
+    live: dict[str, list[dict[str, Any]]] = {}
+    errors: list[str] = []
+    flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
+    for name in facts["checkpoints"]:
+        try:
+            xml = dom.checkpointLookupByName(name).getXMLDesc(flags)
+        except libvirt.libvirtError as e:
+            errors.append(f"{name}: {e.get_error_message()}")
+            continue
+        for d in ET.fromstring(xml).iter("disk"):
+            if d.get("checkpoint") == "bitmap":
+                live.setdefault(d.get("name", ""), []).append(
+                    {"name": d.get("bitmap") or name, "flags": ["auto"], "granularity": None, "size": int(d.get("size", 0))}
+                )
+    for disk in facts["disks"]:
+        if "bitmaps" in disk:
+            disk["bitmaps"] = live.get(disk["target"], [])
+            disk["bitmaps_source"] = "libvirt"
+    facts["checkpoint_errors"] = errors
 
 
 def _disk_facts(dom: Any, vm: str, disk: dict[str, Any]) -> None:

@@ -90,8 +90,13 @@ def _resume(dom: Any) -> None:
 @contextlib.contextmanager
 def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = FREEZE_TIMEOUT) -> Iterator[str]:
     """Freeze (or pause) the guest for the body; yield the level reached."""
+    libvirt = libvirt_module()
     with signals_deferred():
         level = "crash"
+        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            # Paused by someone else: already still, and theirs to resume.
+            yield "paused"
+            return
         if agent and _freeze(dom, timeout):
             level = "frozen"
         elif allow_pause and _pause(dom):

@@ -1,0 +1,107 @@
+"""The files beside the streams that make a backup restorable.
+
+Names follow virtnbdbackup (read for facts): ``vmconfig.<ident>.xml``,
+``checkpoints/<checkpoint>.xml``, ``<vm>.cpt`` (JSON list of checkpoint
+names), ``<dev>.<ident>.qcow.json`` (``qemu-img info``), the NVRAM file as
+``<basename>.<ident>``; ``<ident>`` is the checkpoint name, or ``copy``
+for a copy backup.  TPM state goes to ``tpm-state/`` (root only, 0600,
+no SGID: the backup group must not read TPM keys) and is replaced only
+when it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from vmbk.errors import StorageError
+from vmbk.fsutil import SECRET_FILE_MODE, ensure_dir, ensure_secret_dir, write_file_atomic
+from vmbk.virt import qemuimg
+
+
+def ident(level: str, checkpoint: str | None) -> str:
+    return "copy" if level == "copy" or not checkpoint else checkpoint
+
+
+def data_name(target: str, level: str, checkpoint: str | None) -> str:
+    if level == "inc":
+        return f"{target}.inc.{checkpoint}.data"
+    return f"{target}.{level}.data"
+
+
+def write_vmconfig(target_dir: Path, name: str, xml: str) -> Path:
+    path = target_dir / f"vmconfig.{name}.xml"
+    write_file_atomic(path, xml.encode())
+    return path
+
+
+def write_checkpoint_xml(target_dir: Path, checkpoint: str, xml: str) -> Path:
+    path = ensure_dir(target_dir / "checkpoints") / f"{checkpoint}.xml"
+    write_file_atomic(path, xml.encode())
+    return path
+
+
+def append_cpt(target_dir: Path, vm: str, checkpoint: str) -> Path:
+    path = target_dir / f"{vm}.cpt"
+    names: list[str] = []
+    if path.exists():
+        try:
+            names = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            raise StorageError(f"{path} is not a JSON list of checkpoints", vm=vm) from None
+    if checkpoint not in names:
+        names.append(checkpoint)
+    write_file_atomic(path, orjson.dumps(names))
+    return path
+
+
+def write_qemu_info(target_dir: Path, target: str, name: str, source: str, fmt: str | None) -> Path:
+    info: dict[str, Any] = qemuimg.info(source, fmt=fmt)
+    path = target_dir / f"{target}.{name}.qcow.json"
+    write_file_atomic(path, orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    return path
+
+
+def copy_nvram(target_dir: Path, nvram: str, name: str, level: str) -> Path:
+    base = os.path.basename(nvram)
+    path = target_dir / (base if level == "copy" else f"{base}.{name}")
+    write_file_atomic(path, Path(nvram).read_bytes())
+    return path
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def save_tpm_state(target_dir: Path, state_dir: Path) -> tuple[Path, bool]:
+    """Copy swtpm state into ``tpm-state/``; (path, whether it changed)."""
+    dest = target_dir / "tpm-state"
+    if dest.exists() and _tree_digest(dest) == _tree_digest(state_dir):
+        return dest, False
+    tmp = target_dir / "tpm-state.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ensure_secret_dir(tmp)
+    for src in state_dir.rglob("*"):
+        rel = src.relative_to(state_dir)
+        if src.is_dir():
+            ensure_secret_dir(tmp / rel)
+        elif src.is_file():
+            shutil.copyfile(src, tmp / rel)
+            os.chmod(tmp / rel, SECRET_FILE_MODE)
+            if os.geteuid() == 0:
+                os.chown(tmp / rel, 0, 0)
+    old = target_dir / "tpm-state.old"
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest, True
