@@ -5,16 +5,21 @@ in /var/lib/vmbk-demo: the VM's disk, the backup tree, the restored clone.
 The VM is the tiny test guest (tests/guest), named ``vmbk-demo``; running
 the demo again reuses it.
 
-Steps that exist today: create/boot the VM, write a file in it through
-the guest agent, discover it, plan its backup.  Backup, restore of a clone
-and the byte-for-byte comparison come with those stages.
+Steps: create/boot the VM, write a file in it through the guest agent,
+``vmbk-discover | vmbk-plan | vmbk-backup``, change 4 MiB, back up again
+(an incremental), then rebuild the latest restore point from the stream
+files and compare it byte for byte with the disk at the backup's instant.
+Until vmbk-restore lands, the rebuild uses vmbk's chain merge directly;
+then it becomes a clone restore.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +31,8 @@ import orjson  # noqa: E402
 from guest.agent import Guest  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from guest.domain import guest_domain_xml, make_qcow2, start_domain  # noqa: E402
+
+from vmbk.stream import reconstruct_raw  # noqa: E402
 
 NAME = "vmbk-demo"
 HOME = Path(os.environ.get("VMBK_DEMO_DIR", "/var/lib/vmbk-demo"))
@@ -72,31 +79,62 @@ def pipeline(*stages: list[str]) -> tuple[list[dict], int]:
     return [orjson.loads(line) for line in out.splitlines()], procs[-1].returncode
 
 
+def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> dict:
+    """discover | plan | backup, with the guest paused so the reference is the backup's instant."""
+    common = ["--json", "--backup-path", str(backups)]
+    guest.dom.suspend()
+    try:
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(guest.disks[0]), str(reference)], check=True)
+        recs, code = pipeline(
+            [str(BIN / "vmbk-discover"), "--json", "--vm", NAME],
+            [str(BIN / "vmbk-plan"), *common],
+            [str(BIN / "vmbk-backup"), *common],
+        )
+    finally:
+        guest.dom.resume()
+    for r in recs:
+        if r["type"] == "error":
+            raise SystemExit(f"demo: {r['stage']}: {r['message']}")
+    (rec,) = [r for r in recs if r["type"] == "backup"]
+    say(f"{label}: vmbk-backup {rec['action']} {rec['checkpoint']} ({rec['consistency']}), "
+        f"{sum(d['data_size'] for d in rec['disks']) / 2**20:.1f} MiB of data in {rec['duration']:.2f} s"
+        f" — {'; '.join(rec['reasons'])}")
+    return rec
+
+
 def main() -> int:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # we report errors ourselves
     conn = libvirt.open("qemu:///system")
     guest = ensure_vm(conn)
     backups = HOME / "backups"
     backups.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    guest.write_file("/mnt/vda/checkfile", f"written by the vmbk demo at {stamp}\n".encode())
-    guest.sync()
-    say("wrote /mnt/vda/checkfile in the guest")
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=HOME))
+    try:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        guest.write_file("/mnt/vda/checkfile", f"written by the vmbk demo at {stamp}\n".encode())
+        guest.sync()
+        first = backup_round(guest, backups, "round 1", work / "ref-1.raw")
 
-    common = ["--json", "--backup-path", str(backups)]
-    recs, code = pipeline([str(BIN / "vmbk-discover"), "--json", "--vm", NAME])
-    vm = next(r for r in recs if r["type"] == "vm")
-    say(f"vmbk-discover: {vm['name']} {vm['state']}, {len(vm['disks'])} disk(s), agent answers: {vm['agent']}")
+        guest.write_file("/mnt/vda/changed", os.urandom(4 << 20))
+        guest.sync()
+        say("changed 4 MiB in the guest")
+        second = backup_round(guest, backups, "round 2", work / "ref-2.raw")
 
-    recs, code = pipeline([str(BIN / "vmbk-discover"), "--json", "--vm", NAME], [str(BIN / "vmbk-plan"), *common])
-    for r in recs:
-        if r["type"] == "plan":
-            say(f"vmbk-plan: {r.get('action')} — {'; '.join(r.get('reasons') or [])}")
-        elif r["type"] == "error":
-            say(f"vmbk-plan: {r['message']}")
-    say("backup, clone restore and the byte-for-byte check arrive with vmbk-backup and vmbk-restore")
-    print(f"summary: VM {NAME} discovered and planned; backup tree {backups}")
-    return 0
+        # The latest restore point, rebuilt from the chain and compared byte
+        # for byte with the disk at the backup's instant.
+        chain = Path(second["target_dir"])
+        cpt = orjson.loads((chain / f"{NAME}.cpt").read_bytes())
+        files = [chain / "vda.full.data"] + [chain / f"vda.inc.{c}.data" for c in cpt[1:]]
+        restored = work / "restored.raw"
+        reconstruct_raw([f for f in files if f.exists()], restored)
+        same = subprocess.run(["qemu-img", "compare", "-q", str(restored), str(work / "ref-2.raw")]).returncode == 0
+        say(f"restore point {second['checkpoint']} rebuilt from {len(files)} stream file(s): "
+            + ("identical to the disk at backup time" if same else "DIFFERENT from the disk at backup time"))
+        print(f"summary: {NAME}: {first['action']} + {second['action']} backup in {chain}; "
+              f"latest point verified {'OK' if same else 'FAILED'}")
+        return 0 if same else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
