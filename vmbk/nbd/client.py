@@ -141,12 +141,14 @@ class Client(ExtentQueries):
         """Fill ``buf`` from ``offset``; holes arrive as zeroes."""
         view = memoryview(buf).cast("B")
         step = self._max_payload
-        self._conn.wait_all([self.start_read(offset + i, view[i : i + step]) for i in range(0, len(view), step)])
+        cmds = [self.start_read(offset + i, view[i : i + step]) for i in range(0, len(view), step)]
+        self._conn.wait_all(cmds)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         step = self._max_payload
-        self._conn.wait_all([self.start_write(offset + i, view[i : i + step], fua=fua) for i in range(0, len(view), step)])
+        cmds = [self.start_write(offset + i, view[i : i + step], fua=fua) for i in range(0, len(view), step)]
+        self._conn.wait_all(cmds)
 
     def write_zeroes(self, offset: int, length: int, *, fast: bool = False, fua: bool = False) -> None:
         """Zero a range, letting the server punch holes (no NBD_CMD_FLAG_NO_HOLE).
@@ -195,8 +197,11 @@ class Client(ExtentQueries):
     def _extents(self, name: str, offset: int, descriptors: list[tuple[int, int]]) -> list[Extent]:
         dirty = name.startswith(wire.DIRTY_BITMAP_PREFIX)
         out = []
-        for length, flags in descriptors:
-            flags = (DIRTY if flags & wire.STATE_DIRTY else 0) if dirty else flags & (wire.STATE_HOLE | wire.STATE_ZERO)
+        for length, state in descriptors:
+            if dirty:
+                flags = DIRTY if state & wire.STATE_DIRTY else 0
+            else:
+                flags = state & (wire.STATE_HOLE | wire.STATE_ZERO)
             out.append(Extent(offset, length, flags))
             offset += length
         return out
@@ -238,7 +243,8 @@ class Client(ExtentQueries):
         """TRIM/WRITE_ZEROES have no payload: split only at 32-bit lengths."""
         step = wire.MAX_LENGTH - wire.MAX_LENGTH % max(self.min_block_size, 1024**2)
         end = offset + length
-        self._conn.wait_all([self._start(type, o, min(step, end - o), flags) for o in range(offset, end, step)])
+        cmds = [self._start(type, o, min(step, end - o), flags) for o in range(offset, end, step)]
+        self._conn.wait_all(cmds)
 
     def _fua(self, fua: bool) -> int:
         if fua and not self.can_fua:

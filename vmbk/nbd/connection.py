@@ -230,7 +230,9 @@ class Connection:
             self.reads -= 1
             if cmd.error is None and not _covers(cmd.chunks, cmd.length):
                 got = sum(n for _, n in cmd.chunks)
-                raise ProtocolError(f"{self._t.name}: READ {cmd.offset}+{cmd.length} completed with {got} bytes")
+                raise ProtocolError(
+                    f"{self._t.name}: READ {cmd.offset}+{cmd.length} completed with {got} bytes"
+                )
         cmd.done = True
 
 

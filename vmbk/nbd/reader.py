@@ -24,7 +24,7 @@ import collections
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from .address import Address
@@ -121,7 +121,8 @@ class Reader(ExtentQueries):
             extra_timeout = min(connect_timeout or timeout or EXTRA_CONNECT_TIMEOUT, EXTRA_CONNECT_TIMEOUT)
             while len(self._clients) < want:
                 try:
-                    self._clients.append(Client(first.address, timeout=timeout, connect_timeout=extra_timeout))
+                    extra = Client(first.address, timeout=timeout, connect_timeout=extra_timeout)
+                    self._clients.append(extra)
                 except NbdError as e:
                     log.warning("%s: using %d connections: %s", first.address, len(self._clients), e)
                     break
@@ -172,12 +173,14 @@ class Reader(ExtentQueries):
             raise task.error
         return task.result
 
-    def read(self, extents: Iterable[Extent | tuple[int, int]]) -> Iterator[Chunk]:
+    def read(self, extents: Iterable[Extent | tuple[int, int]]) -> Generator[Chunk, None, None]:
         """Chunks covering ``extents`` in their order; zero extents not read.
 
         Extents with the ZERO flag come out as one Chunk with data None;
         the others as Chunks of at most ``request_size`` bytes.  Pieces of
         one request are read into one buffer, in flight on all connections.
+        Stopping early (``close()``, or leaving a for loop) lets the reads
+        in flight finish, so the reader stays usable.
         """
         if self._reading:
             raise NbdError("Reader.read() is already running: one at a time")
@@ -220,7 +223,9 @@ class Reader(ExtentQueries):
                 task.done.wait()
             self._reading = False
 
-    def copy(self, extents: Iterable[Extent | tuple[int, int]], sink: Callable[[int, memoryview], object]) -> int:
+    def copy(
+        self, extents: Iterable[Extent | tuple[int, int]], sink: Callable[[int, memoryview], object]
+    ) -> int:
         """Read ``extents`` (skipping zero ones) into ``sink(offset, data)``.
 
         ``data`` is valid only during the call.  Returns bytes copied.

@@ -39,7 +39,9 @@ class ExtentQueries:
     def block_status(self, offset: int, length: int) -> dict[str, list[Extent]]:
         raise NotImplementedError
 
-    def extents(self, context: str = wire.ALLOCATION, start: int = 0, length: int | None = None) -> Iterator[Extent]:
+    def extents(
+        self, context: str = wire.ALLOCATION, start: int = 0, length: int | None = None
+    ) -> Iterator[Extent]:
         """Merged extents of one context, covering [start, start+length).
 
         Without base:allocation (a server without structured replies), the
