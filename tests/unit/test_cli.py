@@ -82,12 +82,15 @@ def test_umbrella_dispatches(capsys, tmp_path):
 
 
 def test_stage_passes_unknown_records_and_turns_vm_failures_into_errors(capsys, tmp_path):
-    stdin = io.StringIO('{"type":"note","v":1,"session":"S9","x":1}\n{"type":"plan","v":1,"vm":"a"}\n')
+    stdin = io.StringIO('{"type":"note","v":1,"session":"S9","x":1}\n{"type":"plan","v":1,"name":"a"}\n'
+                        '{"type":"plan","v":1,"name":"b","action":"skip"}\n')
     code, out = run("backup", ["--json", "--backup-path", str(tmp_path)], stdin)
     lines = out.splitlines()
     assert lines[0] == '{"type":"note","v":1,"session":"S9","x":1}'
     assert '"type":"error"' in lines[1] and '"session":"S9"' in lines[1] and '"vm":"a"' in lines[1]
-    assert code == Exit.GENERAL
+    assert '"kind":"input"' in lines[1] and "'action'" in lines[1]
+    assert '"type":"backup"' in lines[2] and '"outcome":"skipped"' in lines[2]
+    assert code == Exit.PARTIAL
 
 
 def test_bad_input_record_stops_the_stage(capsys, tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 from vmbk.backup import sidefiles, treeops
 from vmbk.backup.disk import DiskJob, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
-from vmbk.errors import VmbkError, VmError
+from vmbk.errors import InputError, VmbkError, VmError
 from vmbk.fsutil import ensure_dir
 from vmbk.lock import VmLock
 from vmbk.records import Record, make
@@ -167,9 +167,43 @@ def _undo(dom: Any, plan: Record, out: Outcome, created_checkpoint: bool) -> Non
             backupjob.delete_checkpoint(dom, plan["checkpoint"])
 
 
+ACTIONS = ("full", "inc", "copy", "skip")
+DISK_MODES = ("full", "inc", "copy", "skip")
+
+
+def check_plan(plan: Record) -> str:
+    """The VM name of a plan record that has what a backup needs.
+
+    Plans may be saved and hand-edited (vmbk-json(7)); a broken one fails
+    its VM with an ``input`` error, not the stage.
+    """
+    name = plan.get("name")
+    vm = name if isinstance(name, str) and name else None
+    def bad(why: str) -> InputError:
+        return InputError(f"plan record{' of ' + repr(vm) if vm else ''}: {why}", vm=vm or "?")
+    if vm is None:
+        raise bad("'name' must be a non-empty string")
+    if plan.get("action") not in ACTIONS:
+        raise bad(f"'action' must be one of {', '.join(ACTIONS)}")
+    if plan["action"] == "skip":
+        return vm
+    if not isinstance(plan.get("target"), str):
+        raise bad("'target' (the chain directory, relative to the VM's) is missing")
+    disks = plan.get("disks")
+    if not isinstance(disks, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("target"), str) and d.get("mode") in DISK_MODES for d in disks
+    ):
+        raise bad("'disks' must be a list of {target, mode}")
+    if plan["action"] in ("full", "inc") and not isinstance(plan.get("checkpoint"), str):
+        raise bad("a full or incremental backup needs 'checkpoint'")
+    if plan["action"] == "inc" and not isinstance(plan.get("parent"), str):
+        raise bad("an incremental backup needs 'parent'")
+    return vm
+
+
 def backup_vm(plan: Record, conn: Any, opts: Options, session: str) -> Record:
     """Back one VM up as ``plan`` says; return its ``backup`` record."""
-    name = plan["name"]
+    name = check_plan(plan)
     started = time.monotonic()
     base = make("backup", session, name=name, action=plan["action"], period=plan.get("period"),
                 target_dir=plan.get("target_dir"), checkpoint=plan.get("checkpoint"), parent=plan.get("parent"),

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from vmbk import cli
 from vmbk.backup.history import History
-from vmbk.backup.vm import Options, backup_vm
+from vmbk.backup.vm import Options, backup_vm, check_plan
 from vmbk.catalogue import Catalogue
 from vmbk.commands._common import Common, existing_backup_path
 from vmbk.commands._stage import run_stage
@@ -62,11 +62,12 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
 
     def handle(plan: Record, session: str) -> Iterable[Record]:
         history.session(session)
+        name = check_plan(plan)
         try:
-            rec = backup_vm(plan, conn, options(plan["name"]), session)
+            rec = backup_vm(plan, conn, options(name), session)
         except VmbkError as e:
             if e.vm is None:
-                e.vm = plan["name"]
+                e.vm = name
             history.backup(session, plan, {"outcome": "failed"}, error=str(e))
             raise
         history.backup(session, plan, rec)
