@@ -66,9 +66,17 @@ def _prepare(plan: Record, vm_dir: Path, dom: Any, out: Outcome) -> None:
         dst = treeops.archive_chain(vm_dir, plan["archive_from"], plan["archive_to"], name)
         out.events.append({"event": "archived", "directory": str(dst), "reason": "; ".join(plan.get("reasons") or [])})
     target_dir = treeops.inside(vm_dir, plan["target"], name)
+    done: list[str] = []
     for cp in plan.get("redefine_checkpoints") or []:
         xml = (target_dir / "checkpoints" / f"{cp}.xml").read_text()
-        backupjob.redefine_checkpoint(dom, xml)
+        try:
+            backupjob.redefine_checkpoint(dom, xml)
+        except backupjob.RedefineFailed:
+            for undo in done:  # leave libvirt as we found it
+                with contextlib.suppress(VmbkError):
+                    backupjob.delete_checkpoint(dom, undo, metadata_only=True)
+            raise
+        done.append(cp)
         out.events.append({"event": "redefined", "directory": plan["target"], "reason": f"checkpoint {cp}"})
     for cp in plan.get("delete_checkpoints") or []:
         backupjob.delete_checkpoint(dom, cp)

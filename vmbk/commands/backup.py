@@ -24,6 +24,7 @@ Options:
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -40,6 +41,7 @@ from vmbk.errors import VmbkError
 from vmbk.fsutil import UMASK
 from vmbk.planner import plan_record
 from vmbk.records import Record, error_record
+from vmbk.virt.backupjob import RedefineFailed
 from vmbk.virt.connection import open_connection
 
 PROG = "vmbk-backup"
@@ -64,7 +66,13 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
         history.session(session)
         name = check_plan(plan)
         try:
-            rec = backup_vm(plan, conn, options(name), session)
+            try:
+                rec = backup_vm(plan, conn, options(name), session)
+            except RedefineFailed as e:
+                # The chain's bitmaps are gone from QEMU: self-heal now with
+                # a new chain rather than fail every night until someone looks.
+                plan = replan_without_bitmaps(plan, str(e))
+                rec = backup_vm(plan, conn, options(name), session)
         except VmbkError as e:
             if e.vm is None:
                 e.vm = name
@@ -72,6 +80,16 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
             raise
         history.backup(session, plan, rec)
         yield rec
+
+    def replan_without_bitmaps(plan: Record, why: str) -> Record:
+        vm = copy.deepcopy(plan["vm"])
+        for disk in vm.get("disks") or []:
+            if "bitmaps" in disk:
+                disk["bitmaps"] = []
+                disk["bitmaps_source"] = "redefine-failed"
+        new = plan_record(vm, cfg, root, now, plan.get("session"))
+        new["reasons"] = [f"redefining the chain's checkpoints failed ({why})", *new["reasons"]]
+        return new
 
     def planned(session: str) -> Iterator[Record]:
         for rec in discover(common.uri(cfg), cfg, names=common.vms, session=session):

@@ -59,6 +59,10 @@ class DiskFacts:
     virtual_size: int | None = None
     checkpoint_capable: bool | None = None
     bitmaps: tuple[Bitmap, ...] | None = None
+    #: ``bitmaps`` lists what a running QEMU proved through libvirt's
+    #: checkpoints: a bitmap of a checkpoint libvirt lost is not in it even
+    #: when QEMU still has it (redefinition with VALIDATE tells).
+    bitmaps_live: bool = False
     mtime: float | None = None
     error: str | None = None
 
@@ -146,6 +150,7 @@ def _disk(d: Any, vm: str) -> DiskFacts:
         virtual_size=g.opt("virtual_size", int),
         checkpoint_capable=g.opt("checkpoint_capable", bool),
         bitmaps=tuple(_bitmap(b, vm) for b in bitmaps) if bitmaps is not None else None,
+        bitmaps_live=g.opt("bitmaps_source", str) == "libvirt",
         mtime=float(mtime) if mtime is not None else None,
         error=g.opt("error", str),
     )

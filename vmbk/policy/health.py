@@ -128,6 +128,11 @@ def checkpoint_problems(chain: Chain, vm: VmFacts, choices: Sequence[DiskChoice]
             problems.append(f"bitmaps of {c.target} unknown: cannot prove the incremental would be complete")
             continue
         bm = d.bitmap(parent)
+        if bm is None and d.bitmaps_live and parent in redefine:
+            # A running VM shows only the bitmaps of checkpoints libvirt
+            # knows; the backup redefines with REDEFINE_VALIDATE, which
+            # fails if QEMU lacks the bitmap, and then falls back to a full.
+            continue
         if bm is None:
             problems.append(f"{c.target} has no bitmap {parent} (lost or broken)")
         elif bm.flags is not None and "auto" not in bm.flags:

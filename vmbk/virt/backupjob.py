@@ -133,17 +133,38 @@ def delete_checkpoint(dom: Any, name: str, *, metadata_only: bool = False) -> No
     flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
     try:
         cp.delete(flags)
+        return
+    except libvirt.libvirtError as e:
+        if metadata_only:
+            raise LibvirtError(f"cannot delete checkpoint {name}: {e.get_error_message()}", vm=dom.name()) from None
+        # Its bitmap is already gone ("not found in backing chain"): what is
+        # left to delete is libvirt's record of it.
+        log.warning("%s: deleting checkpoint %s: %s; removing its metadata only", dom.name(), name, e.get_error_message())
+    try:
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except libvirt.libvirtError as e:
         raise LibvirtError(f"cannot delete checkpoint {name}: {e.get_error_message()}", vm=dom.name()) from None
 
 
+class RedefineFailed(VmError):
+    """Saved checkpoint XML could not be redefined: its bitmaps are gone."""
+
+
 def redefine_checkpoint(dom: Any, xml: str) -> None:
-    """Recreate checkpoint metadata from its saved XML (bitmaps must exist)."""
+    """Recreate checkpoint metadata from its saved XML.
+
+    On a running VM, REDEFINE_VALIDATE makes libvirt check that QEMU has
+    every bitmap the checkpoint names, so a redefined checkpoint is one an
+    incremental can really use.
+    """
     libvirt = libvirt_module()
+    flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
     try:
-        dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+        dom.checkpointCreateXML(xml, flags)
     except libvirt.libvirtError as e:
-        raise VmError(f"cannot redefine checkpoint: {e.get_error_message()}", vm=dom.name()) from None
+        raise RedefineFailed(f"cannot redefine checkpoint: {e.get_error_message()}", vm=dom.name()) from None
 
 
 def checkpoint_names(dom: Any) -> list[str]:

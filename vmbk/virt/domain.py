@@ -189,10 +189,16 @@ def _live_bitmaps(dom: Any, facts: dict[str, Any]) -> None:
             errors.append(f"{name}: {e.get_error_message()}")
             continue
         for d in ET.fromstring(xml).iter("disk"):
-            if d.get("checkpoint") == "bitmap":
-                live.setdefault(d.get("name", ""), []).append(
-                    {"name": d.get("bitmap") or name, "flags": ["auto"], "granularity": None, "size": int(d.get("size", 0))}
-                )
+            if d.get("checkpoint") != "bitmap":
+                continue
+            if d.get("size") is None:
+                # libvirt answers even when QEMU lacks the bitmap, but then
+                # it has no size to report: the bitmap is gone.
+                errors.append(f"{name}: bitmap {d.get('bitmap') or name} of {d.get('name')} is missing")
+                continue
+            live.setdefault(d.get("name", ""), []).append(
+                {"name": d.get("bitmap") or name, "flags": ["auto"], "granularity": None, "size": int(d.get("size", 0))}
+            )
     for disk in facts["disks"]:
         if "bitmaps" in disk:
             disk["bitmaps"] = live.get(disk["target"], [])
