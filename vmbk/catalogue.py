@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,13 @@ class Catalogue:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            # Shared by a stage's worker threads (vmbk-backup --jobs); every
+            # use goes through `transaction` or `query`, under one lock.
+            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                      check_same_thread=False)
         except sqlite3.Error as e:
             raise StorageError(f"cannot open catalogue {path}: {e}") from None
+        self._lock = threading.RLock()
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA foreign_keys = ON")
         try:
@@ -165,13 +170,14 @@ class Catalogue:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -205,7 +211,8 @@ class Catalogue:
 
     # -- reads --------------------------------------------------------------------
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return list(self.db.execute(sql, params))
+        with self._lock:
+            return list(self.db.execute(sql, params))
 
 
 _TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions"}

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vmbk.cancel import Cancel
 from vmbk.nbd import Address, Extent, Reader
 from vmbk.stream import StreamMeta, write_stream_atomic
 
@@ -46,6 +47,7 @@ class DiskJob:
     compression: int | None = None   # lz4 level, None = uncompressed
     mode: int = 0o640
     connections: int | None = None
+    cancel: Cancel | None = None     # checked between chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,8 @@ def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
             for chunk in reader.read(_plan_extents(reader, job.level)):
+                if job.cancel is not None:
+                    job.cancel.check()
                 if chunk.data is None:
                     writer.write_zero(chunk.offset, chunk.length)
                     zeros += 1

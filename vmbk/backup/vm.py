@@ -11,17 +11,21 @@ into an ``error`` record.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import dataclasses
 import logging
 import os
 import time
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vmbk.backup import sidefiles, treeops
 from vmbk.backup.disk import DiskJob, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
+from vmbk.cancel import Cancel, Cancelled
 from vmbk.errors import InputError, VmbkError, VmError
 from vmbk.fsutil import ensure_dir
 from vmbk.lock import VmLock
@@ -38,6 +42,66 @@ class Options:
     compression: int | None = None
     fstrim: bool = True
     dry_run: bool = False
+    cancel: Cancel | None = None
+
+
+def _online_copy(job: DiskJob, cancel: Cancel) -> DiskResult:
+    return backup_disk(dataclasses.replace(job, cancel=cancel))
+
+
+def _offline_copy(target: str, image: str, fmt: str, path: Path, compression: int | None, cancel: Cancel) -> DiskResult:
+    with qemu_nbd_export(image, fmt) as address:
+        return backup_disk(DiskJob(target, address, "copy", path, disk_format=fmt, compression=compression,
+                                   cancel=cancel))
+
+
+def _all_disks(jobs: Sequence[Callable[[Cancel], DiskResult]], outer: Cancel | None) -> list[DiskResult]:
+    """Run one VM's disk copies in parallel; the first failure stops the rest.
+
+    Each copy holds a small fixed buffer pool, so memory grows with the
+    number of disks, not their size.  Results keep the jobs' order.
+    """
+    local = Cancel()
+
+    def run(job: Callable[[Cancel], DiskResult]) -> DiskResult:
+        try:
+            return job(_Either(local, outer))
+        except BaseException:
+            local.set()
+            raise
+
+    if len(jobs) == 1:
+        return [run(jobs[0])]
+    with cf.ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="disk") as pool:
+        futures = [pool.submit(run, j) for j in jobs]
+        try:
+            cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        except BaseException:
+            local.set()
+            raise
+        finally:
+            cf.wait(futures)
+    errors: list[BaseException] = [e for f in futures if (e := f.exception()) is not None]
+    real = [e for e in errors if not isinstance(e, Cancelled)]
+    if errors:
+        raise (real or errors)[0]
+    return [f.result() for f in futures]
+
+
+class _Either(Cancel):
+    """Cancelled when either the VM's own token or the run's is set."""
+
+    def __init__(self, a: Cancel, b: Cancel | None) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    @property
+    def is_set(self) -> bool:
+        return self.a.is_set or (self.b is not None and self.b.is_set)
+
+    def check(self) -> None:
+        if self.is_set:
+            raise Cancelled()
 
 
 @dataclasses.dataclass
@@ -104,21 +168,24 @@ def _copy_online(dom: Any, plan: Record, target_dir: Path, opts: Options, out: O
         if checkpoint:
             out.files.append(sidefiles.write_checkpoint_xml(
                 target_dir, checkpoint, dom.checkpointLookupByName(checkpoint).getXMLDesc(0)))
+        jobs: list[Callable[[Cancel], DiskResult]] = []
         for target in wanted:
             level = modes[target]
             path = target_dir / sidefiles.data_name(target, level, checkpoint)
             out.files += [path, Path(f"{path}.chksum")]
-            out.disks.append(backup_disk(DiskJob(
-                target, addresses[target], level, path,
-                disk_format=sources.get(target, {}).get("format") or "qcow2",
-                checkpoint=checkpoint or "", parent=parent or "",
-                dirty_bitmap=f"backup-{target}" if level == "inc" else None,
-                compression=opts.compression)))
+            job = DiskJob(target, addresses[target], level, path,
+                          disk_format=sources.get(target, {}).get("format") or "qcow2",
+                          checkpoint=checkpoint or "", parent=parent or "",
+                          dirty_bitmap=f"backup-{target}" if level == "inc" else None,
+                          compression=opts.compression)
+            jobs.append(functools.partial(_online_copy, job))
+        out.disks += _all_disks(jobs, opts.cancel)
 
 
 def _copy_offline(plan: Record, target_dir: Path, opts: Options, out: Outcome) -> None:
     sources = _disk_sources(plan)
     out.consistency = "offline"
+    jobs: list[Callable[[Cancel], DiskResult]] = []
     for d in plan["disks"]:
         if d["mode"] == "skip":
             continue
@@ -128,9 +195,8 @@ def _copy_offline(plan: Record, target_dir: Path, opts: Options, out: Outcome) -
         fmt = src.get("format") or "raw"
         path = target_dir / sidefiles.data_name(d["target"], "copy", None)
         out.files += [path, Path(f"{path}.chksum")]
-        with qemu_nbd_export(src["source"], fmt) as address:
-            out.disks.append(backup_disk(DiskJob(d["target"], address, "copy", path, disk_format=fmt,
-                                                 compression=opts.compression)))
+        jobs.append(functools.partial(_offline_copy, d["target"], src["source"], fmt, path, opts.compression))
+    out.disks += _all_disks(jobs, opts.cancel)
 
 
 def _fstrim(dom: Any) -> None:

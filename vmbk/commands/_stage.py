@@ -8,12 +8,14 @@ other errors end the stage.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 from collections.abc import Callable, Iterable
 
+from vmbk.cancel import Cancel
 from vmbk.cli import Context
 from vmbk.commands._common import Common, Session, input_records, make_emitter
 from vmbk.errors import VmbkError
-from vmbk.records import Record
+from vmbk.records import Emitter, Record
 
 Handler = Callable[[Record, str], Iterable[Record]]
 
@@ -27,33 +29,85 @@ def run_stage(
     standalone: bool = False,
     source: Callable[[str], Iterable[Record]] | None = None,
     finish: Callable[[str, int], None] | None = None,
+    jobs: int = 1,
+    cancel: Cancel | None = None,
 ) -> int:
     """Run a stage over stdin, or over ``source(session)`` when given.
 
-    ``finish(session, exit_code)`` runs at the end (the catalogue closes
-    the session row there).
+    With ``jobs`` > 1 up to that many records are handled at once in
+    worker threads (results come out as they finish; records passed
+    through come out as they are read); an interrupt sets ``cancel`` and
+    waits for the workers to clean up.  ``finish(session, exit_code)``
+    runs at the end (the catalogue closes the session row there).
     """
     emitter = make_emitter(ctx, common)
     session = Session(emitter)
     records = source(session.ensure()) if source is not None else input_records(ctx, standalone=standalone)
+
+    def emit_results(results: Iterable[Record]) -> None:
+        for out in results:
+            emitter.emit(out)
+
+    def failed(e: VmbkError) -> None:
+        if e.vm is None:
+            raise e
+        emitter.error(e)
+
     try:
-        for rec in records:
-            session.adopt(rec)
-            if rec["type"] not in consumes:
-                emitter.passthrough(rec)
-                continue
-            try:
-                for out in handler(rec, session.ensure()):
-                    emitter.emit(out)
-            except VmbkError as e:
-                if e.vm is None:
-                    raise
-                emitter.error(e)
+        if jobs > 1:
+            _parallel(records, consumes, handler, session, emitter, jobs, cancel or Cancel(), emit_results, failed)
+        else:
+            for rec in records:
+                session.adopt(rec)
+                if rec["type"] not in consumes:
+                    emitter.passthrough(rec)
+                    continue
+                try:
+                    emit_results(handler(rec, session.ensure()))
+                except VmbkError as e:
+                    failed(e)
     finally:
         emitter.close()
         if finish is not None and emitter.session is not None:
             finish(emitter.session, emitter.exit_code())
     return emitter.exit_code()
+
+
+def _materialised(handler: Handler, rec: Record, session: str) -> list[Record]:
+    return list(handler(rec, session))
+
+
+def _parallel(records: Iterable[Record], consumes: set[str], handler: Handler, session: Session, emitter: Emitter,
+              jobs: int, cancel: Cancel, emit_results: Callable[[Iterable[Record]], None],
+              failed: Callable[[VmbkError], None]) -> None:
+    pending: set[cf.Future[list[Record]]] = set()
+
+    def collect(block: bool) -> None:
+        done, _ = cf.wait(pending, timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            pending.discard(fut)
+            try:
+                emit_results(fut.result())
+            except VmbkError as e:
+                failed(e)
+
+    with cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="vm") as pool:
+        try:
+            for rec in records:
+                session.adopt(rec)
+                if rec["type"] not in consumes:
+                    emitter.passthrough(rec)
+                    continue
+                while len(pending) >= jobs:
+                    collect(block=True)
+                pending.add(pool.submit(_materialised, handler, rec, session.ensure()))
+                collect(block=False)
+            while pending:
+                collect(block=True)
+        except BaseException:
+            cancel.set()  # workers unwind through their cleanup
+            cf.wait(pending)
+            raise
 
 
 def not_yet(stage: str, what: str) -> Handler:

@@ -12,6 +12,7 @@ record and the others go on.
 
 Options:
   --vm NAMES               Back up these VMs (comma-separated or repeated).
+  --jobs N                 VMs backed up at once; each VM's disks always go in parallel [default: 1].
   --now ISO8601            Plan as if it were this time (with VM names).
   --dry-run                Show what would be done; write nothing.
   --connect URI            libvirt URI [default from config, LIBVIRT_DEFAULT_URI, qemu:///system].
@@ -33,7 +34,8 @@ from vmbk import cli
 from vmbk.backup.history import History
 from vmbk.backup.vm import Options, backup_vm, check_plan
 from vmbk.catalogue import Catalogue
-from vmbk.commands._common import Common, existing_backup_path
+from vmbk.cancel import Cancel
+from vmbk.commands._common import Common, existing_backup_path, positive_int
 from vmbk.commands._stage import run_stage
 from vmbk.commands.plan import parse_now
 from vmbk.discover import discover
@@ -52,6 +54,8 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     cfg = common.config()
     root = existing_backup_path(cfg)
     dry_run = bool(args["--dry-run"])
+    jobs = positive_int(args, "--jobs", 1)
+    cancel = Cancel()
     now = parse_now(args.get("--now"))
     os.umask(UMASK)
     conn = open_connection(common.uri(cfg))
@@ -60,7 +64,7 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     def options(name: str) -> Options:
         lz4 = cfg.compression_for(name) == "lz4"
         return Options(backup_path=root, compression=cfg.compression_level if lz4 else None,
-                       fstrim=cfg.fstrim_for(name), dry_run=dry_run)
+                       fstrim=cfg.fstrim_for(name), dry_run=dry_run, cancel=cancel)
 
     def handle(plan: Record, session: str) -> Iterable[Record]:
         history.session(session)
@@ -103,7 +107,7 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
 
     try:
         return run_stage(ctx, common, {"plan"}, handle, source=planned if common.vms else None,
-                         finish=None if dry_run else history.end)
+                         finish=None if dry_run else history.end, jobs=jobs, cancel=cancel)
     finally:
         conn.close()
 

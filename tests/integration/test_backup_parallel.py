@@ -1,0 +1,109 @@
+"""Parallel backups: the disks of one VM, several VMs (--jobs), and an
+interrupt while several are in flight."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from vmbk.catalogue import Catalogue
+from vmbk.commands.backup import main as backup_main
+from vmbk.stream import reconstruct_raw
+
+pytestmark = pytest.mark.libvirt
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def run_backup(root: Path, *argv: str) -> tuple[int, list[dict]]:
+    out = io.StringIO()
+    code = backup_main(["--json", "--backup-path", str(root), *argv], io.StringIO(""), out)
+    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def same(raw: Path, image: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", "raw", "-F", "qcow2", str(raw), str(image)]).returncode == 0
+
+
+def test_disks_of_one_vm_in_parallel(nos_domain, vm_workdir, tmp_path):
+    nd = nos_domain(3, size="64M", writes=[(0x61, 0, 4 * MiB), (0x62, 32 * MiB, 2 * MiB)])
+    root = vm_workdir / "b"
+    root.mkdir()
+    code, (rec,) = run_backup(root, "--vm", nd.name)
+    assert code == 0 and rec["outcome"] == "ok"
+    assert [d["target"] for d in rec["disks"]] == ["vda", "vdb", "vdc"]
+    for d, image in zip(rec["disks"], nd.disks):
+        raw = tmp_path / f"{d['target']}.raw"
+        reconstruct_raw([Path(d["path"])], raw)
+        assert same(raw, image), d["target"]
+
+
+def test_one_failing_disk_fails_the_vm_and_leaves_nothing(nos_domain, vm_workdir, monkeypatch):
+    import vmbk.backup.vm as vm
+
+    nd = nos_domain(2, size="64M", writes=[(0x61, 0, 4 * MiB)])
+    root = vm_workdir / "b"
+    root.mkdir()
+    real = vm.backup_disk
+
+    def flaky(job, *a, **k):
+        if job.target == "vdb":
+            raise vm.VmError("vdb: simulated read failure")
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(vm, "backup_disk", flaky)
+    code, (rec,) = run_backup(root, "--vm", nd.name)
+    assert code == 5 and rec["type"] == "error" and "vdb" in rec["message"]
+    assert [f for f in (root / nd.name).rglob("*") if f.is_file()] == []
+    assert nd.dom.listAllCheckpoints(0) == []
+
+
+def test_jobs_backs_up_several_vms(nos_domain, vm_workdir):
+    a = nos_domain(1, size="64M", writes=[(0x71, 0, MiB)])
+    b = nos_domain(1, size="64M", writes=[(0x72, 0, MiB)])
+    root = vm_workdir / "b"
+    root.mkdir()
+    code, recs = run_backup(root, "--jobs", "2", "--vm", f"{a.name},{b.name}")
+    assert code == 0
+    assert sorted(r["name"] for r in recs) == sorted([a.name, b.name])
+    assert all(r["outcome"] == "ok" and r["action"] == "full" for r in recs)
+    assert len({r["session"] for r in recs}) == 1
+    with Catalogue.open(root) as cat:
+        rows = cat.query("SELECT vm, outcome FROM vm_backups")
+    assert sorted((r["vm"], r["outcome"]) for r in rows) == sorted([(a.name, "ok"), (b.name, "ok")])
+
+
+def test_sigterm_with_jobs_cleans_up_every_vm(nos_domain, vm_workdir, tmp_path):
+    vms = [nos_domain(1, size="1G", writes=[(0x5A, 0, 300 * MiB)]) for _ in range(2)]
+    root = vm_workdir / "b"
+    root.mkdir()
+    (tmp_path / "default.toml").write_text('compression = "lz4"\ncompression_level = 16\n')
+    env = {**os.environ, "VMBK_CONFIG_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-backup"), "--json", "--jobs", "2",
+                          "--backup-path", str(root), "--vm", ",".join(v.name for v in vms)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(root.rglob("*.data.partial"))) < 2:
+            assert p.poll() is None, p.stderr.read().decode()
+            assert time.monotonic() < deadline, "both backups never got under way"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 143
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for v in vms:
+        assert [f for f in (root / v.name).rglob("*") if f.is_file()] == []
+        assert v.dom.listAllCheckpoints(0) == []
+        assert v.dom.state()[0] == 1
+    assert not list((root / "_state" / "locks").iterdir())

@@ -1,0 +1,36 @@
+"""Cooperative cancellation of work running in threads.
+
+Python runs signal handlers in the main thread only.  When a stage runs
+several VMs in worker threads and SIGINT/SIGTERM arrives, the main thread
+sets a `Cancel` token; workers check it between chunks of work and raise
+`Cancelled`, so each unwinds through its own ``finally`` blocks (thaw,
+abort the job, remove partial files, delete the checkpoint, release the
+lock) before the process exits with 128+N.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class Cancelled(BaseException):
+    """Raised in a worker when the run is being cancelled.
+
+    A BaseException so that ``except Exception`` does not swallow it.
+    """
+
+
+class Cancel:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
