@@ -1,0 +1,142 @@
+"""The proof of vmbk-backup: a week of rounds on the booted test guest.
+
+Weekly policy, days steered with --now: Mon full, Tue inc, Wed offline
+copy (the Mon/Tue chain archived), Thu online again (the copy archived,
+a new full), next Mon a full in a new week directory.  After each round a
+reference of the disk is taken at the backup's instant; at the end every
+restore point — archived ones included — is rebuilt from the tree and
+compared byte for byte with its reference.  Also: accumulate, whose chain
+lives in the VM directory and is archived at its limit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from vmbk.commands.backup import main as backup_main
+from vmbk.stream import reconstruct_raw
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+
+
+def backup(root: Path, name: str, now: str, config_dir: Path) -> dict:
+    out = io.StringIO()
+    os.environ["VMBK_CONFIG_DIR"] = str(config_dir)
+    try:
+        code = backup_main(["--json", "--backup-path", str(root), "--vm", name, "--now", now], io.StringIO(""), out)
+    finally:
+        del os.environ["VMBK_CONFIG_DIR"]
+    recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0, [r.get("message") for r in recs]
+    (rec,) = recs
+    assert rec["outcome"] == "ok"
+    return rec
+
+
+def snapshot(disk: Path, dest: Path) -> Path:
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(dest)], check=True)
+    return dest
+
+
+def chain_files(chain: Path, until: int | None = None) -> list[Path]:
+    """The stream files of the chain in ``chain`` up to restore point ``until``."""
+    if (chain / "vda.copy.data").exists():
+        return [chain / "vda.copy.data"]
+    cpt = next(chain.glob("*.cpt"))
+    names = orjson.loads(cpt.read_bytes())
+    names = names if until is None else names[: until + 1]
+    return [chain / "vda.full.data"] + [chain / f"vda.inc.{c}.data" for c in names[1:]]
+
+
+def restores_to(files: list[Path], ref: Path, tmp: Path) -> bool:
+    raw = tmp / "restored.raw"
+    raw.unlink(missing_ok=True)
+    reconstruct_raw(files, raw)
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), str(ref)]).returncode == 0
+
+
+@pytest.mark.guest
+def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir, tmp_path):
+    cfg = tmp_path / "etc"
+    cfg.mkdir()
+    (cfg / "default.toml").write_text('policy = "weekly"\n')
+    root = vm_workdir / "backups"
+    root.mkdir()
+    guest = test_guest()
+    disk = guest.disks[0]
+    refs: dict[str, Path] = {}
+
+    def online_round(day: str, now: str) -> dict:
+        guest.write_file(f"/mnt/vda/{day}", os.urandom(300_000))
+        guest.sync()
+        guest.dom.suspend()  # the reference is the disk at the backup's instant
+        try:
+            refs[day] = snapshot(disk, tmp_path / f"{day}.raw")
+            return backup(root, guest.name, now, cfg)
+        finally:
+            guest.dom.resume()
+
+    mon = online_round("mon", "2026-11-16T01:30:00+00:00")
+    assert (mon["action"], mon["period"], mon["checkpoint"]) == ("full", "2026-W47", "virtnbdbackup.0")
+    tue = online_round("tue", "2026-11-17T01:30:00+00:00")
+    assert (tue["action"], tue["checkpoint"]) == ("inc", "virtnbdbackup.1")
+
+    guest.write_file("/mnt/vda/wed", os.urandom(300_000))
+    guest.shutdown()
+    refs["wed"] = snapshot(disk, tmp_path / "wed.raw")
+    wed = backup(root, guest.name, "2026-11-18T01:30:00+00:00", cfg)
+    assert wed["action"] == "copy" and wed["consistency"] == "offline"
+    assert [e["event"] for e in wed["events"]] == ["archived"]
+
+    guest.dom.create()
+    guest.wait_agent(120)
+    thu = online_round("thu", "2026-11-19T01:30:00+00:00")
+    assert (thu["action"], thu["checkpoint"]) == ("full", "virtnbdbackup.0")
+    assert [e["event"] for e in thu["events"]] == ["archived"]
+
+    nxt = online_round("next-mon", "2026-11-23T01:30:00+00:00")
+    assert (nxt["action"], nxt["period"]) == ("full", "2026-W48")
+
+    w47 = root / guest.name / "2026-W47"
+    archives = sorted((w47 / ".archives").iterdir())
+    assert [a.name for a in archives] == ["chain-2026-11-18", "chain-2026-11-19"]
+    monday_chain, copy_chain = archives
+    assert restores_to(chain_files(monday_chain, 0), refs["mon"], tmp_path), "Mon (archived full)"
+    assert restores_to(chain_files(monday_chain, 1), refs["tue"], tmp_path), "Tue (archived inc)"
+    assert restores_to(chain_files(copy_chain), refs["wed"], tmp_path), "Wed (archived copy)"
+    assert restores_to(chain_files(w47), refs["thu"], tmp_path), "Thu (current W47 full)"
+    assert restores_to(chain_files(root / guest.name / "2026-W48"), refs["next-mon"], tmp_path), "next Mon (W48)"
+
+
+def test_accumulate_grows_one_chain_and_archives_it_at_the_limit(nos_domain, vm_workdir, tmp_path):
+    import libvirt_qemu
+
+    nd = nos_domain(1, size="64M", writes=[(0x31, 0, MiB)])
+    cfg = tmp_path / "etc"
+    cfg.mkdir()
+    (cfg / "default.toml").write_text(f'[vm."{nd.name}"]\npolicy = "accumulate"\n[retention]\naccumulate_limit = 3\n')
+    root = vm_workdir / "backups"
+    root.mkdir()
+    actions = []
+    for day in range(1, 6):
+        libvirt_qemu.qemuMonitorCommand(
+            nd.dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x4{day} {day}M 64k"',
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        rec = backup(root, nd.name, f"2026-11-{day:02d}T01:30:00+00:00", cfg)
+        actions.append((rec["action"], rec["checkpoint"], bool(rec["events"])))
+        assert Path(rec["target_dir"]) == root / nd.name  # accumulate: the VM directory itself
+    assert actions[0] == ("full", "virtnbdbackup.0", False)
+    assert [a[0] for a in actions[1:3]] == ["inc", "inc"]
+    assert actions[3][0] == "full" and actions[3][2]  # limit reached: archived, new chain
+    assert actions[4][0] == "inc"
+    archives = list((root / nd.name / ".archives").iterdir())
+    assert len(archives) == 1 and (archives[0] / "vda.full.data").exists()
+    assert len(orjson.loads(next(archives[0].glob("*.cpt")).read_bytes())) == 3
