@@ -57,3 +57,32 @@ def test_signal_mid_backup_cleans_up(nos_domain, vm_workdir, tmp_path, sig, code
     assert backup_main(["--json", "--backup-path", str(backups), "--vm", nd.name], io.StringIO(""), out) == 0
     rec = orjson.loads(out.getvalue())
     assert rec["action"] == "full" and rec["outcome"] == "ok"
+
+
+def test_vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_works(nos_domain, vm_workdir, tmp_path):
+    nd = nos_domain(1, size="1G", writes=[(0x5A, 0, 400 * MiB)])
+    backups = vm_workdir / "backups"
+    backups.mkdir()
+    (tmp_path / "default.toml").write_text('compression = "lz4"\ncompression_level = 16\n')
+    env = {**os.environ, "VMBK_CONFIG_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-backup"), "--json", "--backup-path", str(backups),
+                          "--vm", nd.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(backups.rglob("*.data.partial")):
+            assert p.poll() is None, p.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        nd.dom.destroy()
+        code = p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    (rec,) = [orjson.loads(line) for line in p.stdout.read().splitlines()]
+    assert rec["type"] == "error" and code == rec["code"] and code in (5, 6), rec
+    assert [f for f in (backups / nd.name).rglob("*") if f.is_file()] == []
+    assert nd.dom.listAllCheckpoints(0) == []
+    out = io.StringIO()
+    assert backup_main(["--json", "--backup-path", str(backups), "--vm", nd.name], io.StringIO(""), out) == 0
+    assert orjson.loads(out.getvalue())["action"] == "copy"  # shut off now: a copy
