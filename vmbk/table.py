@@ -13,7 +13,7 @@ from typing import Any
 COLUMNS: dict[str, list[str]] = {
     "vm": ["name", "state", "policy", "disks", "excluded", "reason"],
     "plan": ["name", "action", "period", "checkpoint", "reasons"],
-    "backup": ["vm", "action", "checkpoint", "consistency", "bytes", "duration"],
+    "backup": ["name", "action", "checkpoint", "consistency", "outcome", "bytes", "duration"],
     "error": ["vm", "stage", "kind", "code", "message"],
 }
 SKIP = {"type", "v", "session"}

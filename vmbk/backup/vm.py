@@ -29,6 +29,7 @@ from vmbk.cancel import Cancel, Cancelled
 from vmbk.errors import InputError, VmbkError, VmError
 from vmbk.fsutil import ensure_dir
 from vmbk.lock import VmLock
+from vmbk.progress import Board
 from vmbk.records import Record, make
 from vmbk.virt import backupjob
 from vmbk.virt.connection import libvirt_module
@@ -43,16 +44,28 @@ class Options:
     fstrim: bool = True
     dry_run: bool = False
     cancel: Cancel | None = None
+    progress: Board | None = None
 
 
-def _online_copy(job: DiskJob, cancel: Cancel) -> DiskResult:
-    return backup_disk(dataclasses.replace(job, cancel=cancel))
+def _copy(job: DiskJob, board: Board | None, label: str) -> DiskResult:
+    if board is None:
+        return backup_disk(job)
+    progress = board.callback(label)
+    try:
+        return backup_disk(job, progress)
+    finally:
+        progress.finish()
 
 
-def _offline_copy(target: str, image: str, fmt: str, path: Path, compression: int | None, cancel: Cancel) -> DiskResult:
+def _online_copy(job: DiskJob, board: Board | None, label: str, cancel: Cancel) -> DiskResult:
+    return _copy(dataclasses.replace(job, cancel=cancel), board, label)
+
+
+def _offline_copy(target: str, image: str, fmt: str, path: Path, compression: int | None,
+                  board: Board | None, label: str, cancel: Cancel) -> DiskResult:
     with qemu_nbd_export(image, fmt) as address:
-        return backup_disk(DiskJob(target, address, "copy", path, disk_format=fmt, compression=compression,
-                                   cancel=cancel))
+        job = DiskJob(target, address, "copy", path, disk_format=fmt, compression=compression, cancel=cancel)
+        return _copy(job, board, label)
 
 
 def _all_disks(jobs: Sequence[Callable[[Cancel], DiskResult]], outer: Cancel | None) -> list[DiskResult]:
@@ -178,7 +191,7 @@ def _copy_online(dom: Any, plan: Record, target_dir: Path, opts: Options, out: O
                           checkpoint=checkpoint or "", parent=parent or "",
                           dirty_bitmap=f"backup-{target}" if level == "inc" else None,
                           compression=opts.compression)
-            jobs.append(functools.partial(_online_copy, job))
+            jobs.append(functools.partial(_online_copy, job, opts.progress, f"{dom.name()}/{target}"))
         out.disks += _all_disks(jobs, opts.cancel)
 
 
@@ -195,7 +208,8 @@ def _copy_offline(plan: Record, target_dir: Path, opts: Options, out: Outcome) -
         fmt = src.get("format") or "raw"
         path = target_dir / sidefiles.data_name(d["target"], "copy", None)
         out.files += [path, Path(f"{path}.chksum")]
-        jobs.append(functools.partial(_offline_copy, d["target"], src["source"], fmt, path, opts.compression))
+        jobs.append(functools.partial(_offline_copy, d["target"], src["source"], fmt, path, opts.compression,
+                                      opts.progress, f"{plan['name']}/{d['target']}"))
     out.disks += _all_disks(jobs, opts.cancel)
 
 

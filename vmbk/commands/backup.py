@@ -42,6 +42,7 @@ from vmbk.discover import discover
 from vmbk.errors import VmbkError
 from vmbk.fsutil import UMASK
 from vmbk.planner import plan_record
+from vmbk.progress import board_for
 from vmbk.records import Record, error_record
 from vmbk.virt.backupjob import RedefineFailed
 from vmbk.virt.connection import open_connection
@@ -56,6 +57,7 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     dry_run = bool(args["--dry-run"])
     jobs = positive_int(args, "--jobs", 1)
     cancel = Cancel()
+    board = board_for(ctx.stderr)
     now = parse_now(args.get("--now"))
     os.umask(UMASK)
     conn = open_connection(common.uri(cfg))
@@ -64,7 +66,8 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     def options(name: str) -> Options:
         lz4 = cfg.compression_for(name) == "lz4"
         return Options(backup_path=root, compression=cfg.compression_level if lz4 else None,
-                       fstrim=cfg.fstrim_for(name), dry_run=dry_run, cancel=cancel)
+                       fstrim=cfg.fstrim_for(name), dry_run=dry_run, cancel=cancel,
+                       progress=board)
 
     def handle(plan: Record, session: str) -> Iterable[Record]:
         history.session(session)
