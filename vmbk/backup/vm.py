@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmbk.backup import sidefiles, treeops
+from vmbk.backup import bitlocker, sidefiles, treeops
 from vmbk.backup.disk import DiskJob, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
@@ -242,6 +242,8 @@ def _side_files(dom: Any, plan: Record, target_dir: Path, out: Outcome) -> None:
     tpm = vm.get("tpm") or {}
     if tpm.get("state_dir") and os.path.isdir(tpm["state_dir"]):
         sidefiles.save_tpm_state(target_dir, Path(tpm["state_dir"]))
+    if level in ("full", "inc") and vm.get("agent") and (vm.get("windows") or vm.get("tpm")):
+        bitlocker.save_recovery_keys(dom, target_dir)
     if checkpoint:
         sidefiles.append_cpt(target_dir, name, checkpoint)
 
