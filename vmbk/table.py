@@ -15,6 +15,15 @@ COLUMNS: dict[str, list[str]] = {
     "plan": ["name", "action", "period", "checkpoint", "reasons"],
     "backup": ["name", "action", "checkpoint", "consistency", "outcome", "bytes", "duration"],
     "error": ["vm", "stage", "kind", "code", "message"],
+    # vmbk-restore
+    "backup_vm": ["vm", "layout", "policy", "periods", "restore_points", "incomplete_points",
+                  "archived_chains", "disks", "tags", "size", "last_backup"],
+    "chain": ["vm", "chain", "base", "restore_points", "complete", "disks", "size", "warnings"],
+    "restore_point": ["chain", "index", "date", "kind", "disks", "complete", "size", "problems"],
+    "verify": ["chain", "file", "structure", "checksum", "ok", "problems"],
+    "dump": ["chain", "file", "virtual_size", "data_size", "data_frames", "zero_frames", "checkpoint", "date"],
+    "restore_disk": ["vm", "disk", "restore_point", "target", "data_bytes", "outcome", "mb_per_s"],
+    "restore": ["vm", "mode", "name", "chain", "restore_point", "date", "disks", "outcome", "duration", "warnings"],
 }
 SKIP = {"type", "v", "session"}
 MAX_CELL = 60

@@ -1,0 +1,21 @@
+"""vmbk-restore: list, verify and restore what a backup tree holds.
+
+The tree is the only source of truth (DESIGN, "On-disk layout"): nothing
+here needs the catalogue, and nothing here writes into the backup tree
+(vmrestore guide, section 3: "read-only with respect to your backup
+data").  One module per concern:
+
+``source``   ``--vm NAME`` or ``--vm /path`` -> the VM's scanned tree;
+``points``   the restore points of a chain and what makes one incomplete;
+``select``   which chain, point and disks a restore uses;
+``listing``  ``--list`` and ``--list-restore-points`` records;
+``verify``   ``--verify`` and ``--dump`` records;
+``plan``     names, safety checks and free space, before anything is written;
+``image``    one disk: merged chain -> sparse raw -> qcow2, checked;
+``vmconfig`` the domain XML and NVRAM the backup kept for a point;
+``domainxml`` the XML to define: same identity (DR) or a new one (clone);
+``define``   the VM of that name in libvirt: may it be replaced, define;
+``livedisks`` which files defined domains use (collision checks);
+``report``   the records of a restore; ``history`` its catalogue row;
+``run``      the orchestration of one restore: lock, check, write, commit, define.
+"""

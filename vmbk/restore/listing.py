@@ -1,0 +1,156 @@
+"""``--list`` and ``--list-restore-points``: what can be restored, as records.
+
+vmrestore guide, 9.1: one line per VM with its layout, restore point count
+(summed over its periods), archived chains, size and tags (TPM,
+multi-disk).  9.2: every period with its numbered restore points (date,
+type FULL/Incremental/COPY, disk set) and the archived chains expanded
+inline; incomplete chains flagged.  Here each chain is a ``chain`` record
+followed by its ``restore_point`` records, archives after the chain they
+were archived from.  Pure reads of the tree: no lock, no catalogue, so it
+works unprivileged on a copied tree.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmbk.errors import StorageError, VmError
+from vmbk.records import Record, make
+from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
+from vmbk.restore.select import active_chains
+from vmbk.restore.source import Source, locate_name
+from vmbk.tree import Chain
+from vmbk.virt.domain import parse_domain_xml
+
+SKIP_DIRS = ("lost+found",)
+
+
+def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
+    """One ``backup_vm`` record per VM directory that holds backups."""
+    try:
+        entries = sorted(os.scandir(backup_path), key=lambda e: e.name)
+    except OSError as e:
+        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith(("_", ".")) or entry.name in SKIP_DIRS or not entry.is_dir(follow_symlinks=False):
+            continue
+        source = locate_name(backup_path, entry.name)
+        chains = active_chains(source)
+        if not chains:
+            continue
+        yield vm_record(source, chains, session)
+
+
+def vm_record(source: Source, chains: list[Chain], session: str | None) -> Record:
+    tree = source.tree
+    points = {c.rel: restore_points(c) for c in chains}
+    latest = tree.latest()
+    disks = sorted(points[latest.rel][-1].disks) if latest is not None and points.get(latest.rel) else []
+    periods = [c.rel for c in chains if c.rel != "."]
+    accumulate = any(c.rel == "." for c in chains)
+    tags = [t for t, on in (("tpm", any(_has_tpm(c) for c in chains)), ("uefi", _has_nvram(latest)),
+                            ("multi-disk", len(disks) > 1)) if on]
+    return make(
+        "backup_vm", session,
+        vm=source.vm,
+        path=str(tree.path),
+        layout="mixed" if periods and accumulate else "periodic" if periods else "accumulate",
+        policy=latest.policy if latest is not None else None,
+        periods=periods,
+        restore_points=sum(len(p) for p in points.values()),
+        incomplete_points=sum(1 for ps in points.values() for p in ps if not p.complete),
+        archived_chains=sum(len(c.archives) for c in chains),
+        disks=disks,
+        tags=tags,
+        size=_du(tree.path),
+        last_backup=_iso(tree.last_backup),
+        uuid=latest.uuid if latest is not None else None,
+    )
+
+
+def list_points(source: Source, period: str | None, session: str | None = None) -> Iterator[Record]:
+    """``chain`` and ``restore_point`` records of the chains asked for.
+
+    A chain directory named by ``--vm``: that chain; ``--period``: the
+    period's chain and its archives; otherwise every period's.
+    """
+    if source.chain is not None:
+        chains = [source.chain]
+    elif period is not None:
+        chain = source.tree.chains.get(period)
+        if chain is None or period == ".":
+            raise VmError(f"VM {source.vm!r} has no period {period!r}", vm=source.vm)
+        chains = [chain]
+    else:
+        chains = active_chains(source)
+    for chain in chains:
+        for c in (chain, *chain.archives):
+            if c.data or c.partials or c is source.chain:
+                yield from chain_records(source.vm, c, session)
+
+
+def chain_records(vm: str, chain: Chain, session: str | None = None) -> Iterator[Record]:
+    points = restore_points(chain)
+    archived = "/.archives/" in f"/{chain.rel}/"
+    where: dict[str, Any] = {"vm": vm, "period": chain.period, "chain": chain.rel, "archived": archived}
+    warnings = chain_warnings(chain)
+    yield make(
+        "chain", session, **where,
+        base=chain.base,
+        restore_points=len(points),
+        complete=bool(points) and all(p.complete for p in points) and not warnings,
+        disks=sorted({d for p in points for d in p.disks}),
+        size=sum(f.size for f in chain.data),
+        warnings=warnings,
+        path=str(chain.path),
+    )
+    for p in points:
+        yield point_record(vm, p, where, session)
+
+
+def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str | None) -> Record:
+    return make(
+        "restore_point", session, **where,
+        index=p.index,
+        checkpoint=p.checkpoint,
+        date=p.date,
+        kind=p.kind,
+        disks=sorted(p.disks),
+        complete=p.complete,
+        problems=list(p.problems),
+        size=p.own_size,
+        path=str(p.chain.path),
+    )
+
+
+def _has_tpm(chain: Chain) -> bool:
+    return any((c.path / n).exists() for c in (chain, *chain.archives) for n in ("tpm-state", ".tpm-backup-marker"))
+
+
+def _has_nvram(chain: Chain | None) -> bool:
+    if chain is None or not chain.vmconfigs:
+        return False
+    try:
+        xml = (chain.path / chain.vmconfigs[-1]).read_text(errors="replace")
+        return bool(parse_domain_xml(xml)["firmware"]["nvram"])
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,213 @@
+"""The restore points of one chain, and what makes a point incomplete.
+
+A full chain (vmrestore guide, 4.3) holds checkpoints ``virtnbdbackup.0``
+(the full) .. ``virtnbdbackup.N``; restore point *n* is the full plus the
+incrementals 1..n of every disk backed up at checkpoint *n*, so its index
+is the checkpoint number.  A copy chain has one point, 0 (``COPY``).  A raw
+disk of a full chain (``<dev>.copy.data`` beside ``.full.data``, see
+`vmbk.policy.disks`) was read whole at the start of the chain and belongs,
+unchanged, to every point.
+
+Which disks a point should have comes from the checkpoint's
+``vmconfig.virtnbdbackup.<n>.xml``: a disk removed mid-chain is absent
+from the later configs and later points (guide, 9.4 "Disk Configuration
+Changes Between Checkpoints"), while a disk the config still lists but
+without a data file is a hole left by an interrupted backup.  A point is
+*incomplete* (guide, 9.2) when a file it needs is missing or unreadable,
+when a ``.partial`` of it is left over, or when its checkpoint is not in
+``<vm>.cpt`` (the backup died before it finished); incomplete points are
+listed, flagged, and refused as restore targets unless
+``--include-incomplete``.
+
+Reads nothing but the vmconfig XMLs; the `Chain` carries the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from vmbk.tree.model import Chain, DataFile
+from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name
+
+FULL = "FULL"
+INCREMENTAL = "Incremental"
+COPY = "COPY"
+MAX_VMCONFIG = 16 << 20
+
+#: ``disks_of(chain, ident)``: the disk targets ``vmconfig.<ident>.xml``
+#: lists (device "disk" only), or None when there is no readable config.
+ConfigDisks = Callable[[Chain, str], "set[str] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePoint:
+    """One point of a chain: which files rebuild which disk, and its flaws.
+
+    ``disks`` maps a disk target to its data files, oldest first (the
+    order `vmbk.stream.merge_chain` wants).  ``problems`` empty means the
+    point is complete.
+    """
+
+    chain: Chain
+    index: int
+    checkpoint: str | None
+    kind: str
+    date: str | None
+    disks: Mapping[str, tuple[DataFile, ...]]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    @property
+    def ident(self) -> str:
+        """The ``<ident>`` of this point's side files (vmconfig, qcow.json, NVRAM)."""
+        return self.checkpoint or "copy"
+
+    def paths(self, disk: str) -> list[Path]:
+        return [self.chain.path / f.name for f in self.disks[disk]]
+
+    @property
+    def own_size(self) -> int:
+        """Bytes of the data files this point added to the chain."""
+        own = [fs[-1] for fs in self.disks.values() if fs]
+        return sum(f.size for f in own if self.index == 0 or f.level != "copy")
+
+
+def vmconfig_disks(chain: Chain, ident: str) -> set[str] | None:
+    """Disk targets of ``vmconfig.<ident>.xml`` (cdrom, floppy, LUN excluded)."""
+    name = f"vmconfig.{ident}.xml"
+    if name not in chain.vmconfigs:
+        return None
+    try:
+        with open(chain.path / name, "rb") as fh:
+            root = ET.fromstring(fh.read(MAX_VMCONFIG))
+    except (OSError, ET.ParseError):
+        return None
+    out: set[str] = set()
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        if disk.get("device", "disk") == "disk" and target is not None and target.get("dev"):
+            out.add(str(target.get("dev")))
+    return out
+
+
+def chain_warnings(chain: Chain) -> list[str]:
+    """Flaws of the chain as a whole (they do not by themselves refuse a point)."""
+    out: list[str] = []
+    if chain.partials:
+        out.append(f"leftover partial file(s) of an interrupted backup: {', '.join(chain.partials)}")
+    if chain.cpt_error:
+        out.append(f"checkpoint list unreadable: {chain.cpt_error}")
+    elif chain.cpt is None and chain.base == "full":
+        out.append("the chain has no checkpoint list (.cpt)")
+    elif chain.cpt is not None and chain.base == "full" and chain.cpt != chain.file_checkpoints:
+        out.append(f"checkpoint list {list(chain.cpt)} does not match the data files "
+                   f"(they hold {list(chain.file_checkpoints)})")
+    odd = [f.name for f in chain.data if f.level in ("inc", "diff") and f.number is None]
+    if odd:
+        out.append(f"data files with a checkpoint name vmbk does not know: {', '.join(odd)}")
+    return out
+
+
+def restore_points(chain: Chain, disks_of: ConfigDisks = vmconfig_disks) -> list[RestorePoint]:
+    """Every restore point of ``chain``, oldest first (empty: no data files)."""
+    if not chain.data:
+        return []
+    if chain.base == "copy":
+        return [_copy_point(chain)]
+    return _full_points(chain, disks_of)
+
+
+def _date(files: list[DataFile]) -> str | None:
+    for f in files:
+        if f.date:
+            return f.date[:19]
+    if files:
+        return _dt.datetime.fromtimestamp(files[0].mtime).isoformat(timespec="seconds")
+    return None
+
+
+def _file_problems(f: DataFile, disk: str, name: str | None, n: int) -> list[str]:
+    if f.error:
+        return [f"{f.name}: unreadable stream header: {f.error}"]
+    out = []
+    if f.meta_disk is not None and f.meta_disk != disk:
+        out.append(f"{f.name}: stream header names disk {f.meta_disk!r}")
+    if name is not None and f.level != "copy":
+        if f.meta_checkpoint is not None and f.meta_checkpoint != name:
+            out.append(f"{f.name}: stream header names checkpoint {f.meta_checkpoint!r}, expected {name}")
+        elif n > 0 and f.meta_parent is not None and f.meta_parent != checkpoint_name(n - 1):
+            out.append(f"{f.name}: stream header names parent {f.meta_parent!r}, expected {checkpoint_name(n - 1)}")
+    return out
+
+
+def _partials_by_point(chain: Chain) -> dict[int | None, list[str]]:
+    """Leftover ``.partial`` data files by the point they belong to (None: all)."""
+    out: dict[int | None, list[str]] = {}
+    for p in chain.partials:
+        parsed = parse_data_name(p[: -len(".partial")]) if p.endswith(".data.partial") else None
+        if parsed is None:
+            continue
+        key = None if parsed.level == "copy" else (0 if parsed.level == "full" else parsed.number)
+        out.setdefault(key, []).append(p)
+    return out
+
+
+def _copy_point(chain: Chain) -> RestorePoint:
+    copies = sorted((f for f in chain.data if f.level == "copy"), key=lambda f: f.disk)
+    problems = [p for f in copies for p in _file_problems(f, f.disk, None, 0)]
+    leftovers = [p for ps in _partials_by_point(chain).values() for p in ps]
+    if leftovers:
+        problems.append(f"leftover partial file(s): {', '.join(leftovers)}")
+    return RestorePoint(chain, 0, None, COPY, _date(copies), {f.disk: (f,) for f in copies}, tuple(problems))
+
+
+def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
+    full = {f.disk: f for f in chain.data if f.level == "full"}
+    copies = {f.disk: f for f in chain.data if f.level == "copy"}
+    incs = {(f.disk, f.number): f for f in chain.data if f.level in ("inc", "diff") and f.number is not None}
+    listed = {n for n in map(checkpoint_number, chain.cpt or ()) if n is not None}
+    numbers = sorted({0} | {n for _, n in incs} | listed)
+    partials = _partials_by_point(chain)
+    points = []
+    for n in numbers:
+        name = checkpoint_name(n)
+        problems: list[str] = []
+        if not full:
+            problems.append("the chain has no full backup (.full.data)")
+        present = sorted(d for d in full if n == 0 or (d, n) in incs)
+        configured = disks_of(chain, name)
+        expected = set(full) if configured is None else set(full) & configured
+        problems += [f"{d} has no data file for {name}" for d in sorted(expected - set(present))]
+        if full and not present and not expected:
+            problems.append(f"no data file for {name}")
+        disks: dict[str, tuple[DataFile, ...]] = {}
+        for d in present:
+            files: list[DataFile] = [full[d]]
+            for k in range(1, n + 1):
+                f = incs.get((d, k))
+                if f is None:
+                    problems.append(f"{d} has no data file for {checkpoint_name(k)}, which this point needs")
+                else:
+                    files.append(f)
+            for f in files:
+                problems += _file_problems(f, d, checkpoint_name(f.number or 0), f.number or 0)
+            disks[d] = tuple(files)
+        for d, f in sorted(copies.items()):
+            problems += _file_problems(f, d, None, 0)
+            disks.setdefault(d, (f,))
+        if chain.cpt is not None and present and name not in chain.cpt:
+            problems.append(f"{name} is not in {chain.cpt_file} (its backup did not finish)")
+        leftovers = partials.get(n, []) + partials.get(None, [])
+        if leftovers:
+            problems.append(f"leftover partial file(s) of its backup: {', '.join(leftovers)}")
+        own = [incs[(d, n)] if n else full[d] for d in present]
+        points.append(RestorePoint(chain, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks,
+                                   tuple(dict.fromkeys(problems))))
+    return points

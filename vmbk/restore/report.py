@@ -1,0 +1,96 @@
+"""The records of a restore: one ``restore_disk`` per disk, one ``restore``.
+
+Both carry enough to act on without the tree at hand (DESIGN, "A record is
+self-contained"): which chain and point, the streams each disk came from,
+the files written, the clone's domain, the warnings.  A dry run emits the
+same records with ``outcome: "dry-run"`` and, in ``blocked``, every check
+that would refuse the restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from vmbk.records import Record, make
+from vmbk.restore import image
+from vmbk.restore.plan import Plan
+
+log = logging.getLogger("vmbk.restore")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the writing produced (empty for a dry run)."""
+
+    built: list[image.Built] = dataclasses.field(default_factory=list)
+    unchecked: list[Path] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    domain: dict[str, Any] | None = None
+    saved: list[Path] = dataclasses.field(default_factory=list)
+
+
+def disk_record(plan: Plan, job: image.DiskJob, session: str | None, outcome: str,
+                 built: image.Built | None) -> Record:
+    extra: dict[str, Any] = {}
+    if built is not None:
+        extra = {"seconds": round(built.seconds, 3), "mb_per_s": _rate(built.data_bytes, built.seconds)}
+    return make(
+        "restore_disk", session,
+        vm=plan.source.vm,
+        disk=job.disk,
+        target=str(job.target),
+        chain=plan.point.chain.rel,
+        restore_point=plan.point.index,
+        checkpoint=plan.point.checkpoint,
+        sources=[p.name for p in job.sources],
+        virtual_size=job.virtual_size,
+        data_bytes=job.data_bytes,
+        qcow_options=list(job.qcow_options),
+        outcome=outcome,
+        **extra,
+    )
+
+
+def summary(plan: Plan, session: str | None, outcome: str, out: Outcome, seconds: float,
+             blocked: list[str] | None = None) -> Record:
+    point = plan.point
+    data = sum(j.data_bytes for j in plan.jobs)
+    rec = make(
+        "restore", session,
+        vm=plan.source.vm,
+        mode=plan.mode,
+        name=plan.name,
+        restore_path=str(plan.restore_path),
+        period=point.chain.period,
+        chain=point.chain.rel,
+        chain_path=str(point.chain.path),
+        restore_point=point.index,
+        checkpoint=point.checkpoint,
+        kind=point.kind,
+        date=point.date,
+        disks=[j.disk for j in plan.jobs],
+        files=[str(p) for p in plan.targets],
+        nvram=str(plan.nvram_target) if plan.nvram_target else None,
+        saved_aside=[str(p) for p in out.saved],
+        domain=out.domain,
+        needed_bytes=plan.needed_bytes,
+        free_bytes=plan.free_bytes,
+        data_bytes=data,
+        warnings=[*plan.warnings, *out.warnings],
+        unchecked=[str(p) for p in out.unchecked],
+        outcome=outcome,
+        duration=round(seconds, 3),
+        mb_per_s=_rate(data, seconds),
+    )
+    if blocked is not None:
+        rec["blocked"] = blocked
+    for w in rec["warnings"]:
+        log.warning("%s: %s", plan.source.vm, w)
+    return rec
+
+
+def _rate(nbytes: int, seconds: float) -> float | None:
+    return round(nbytes / seconds / 1e6, 1) if seconds > 0 else None

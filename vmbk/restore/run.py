@@ -1,0 +1,219 @@
+"""One restore, start to end: lock, plan, checks, write, commit, define, record.
+
+Order and why:
+
+1. the VM's lock (`vmbk.lock`, the file vmbackup/vmrestore use; guide, 2
+   "Concurrency"), so a backup cannot archive or extend the chain being
+   read; the tree is scanned under it.  A read-only backup mount (a
+   recovery host) cannot hold a lock file and cannot be written by a
+   backup either: the restore then goes on without one;
+2. the plan and its checks (`vmbk.restore.plan`), then the ones that need
+   libvirt: output files that are disks of defined domains, a clone name
+   already taken (`vmbk.restore.livedisks`, `vmbk.restore.clone`);
+3. the ``.chksum`` of every stream the restore reads, before the first
+   byte is written: a flipped payload byte is otherwise invisible;
+4. every disk built as ``.partial`` (`vmbk.restore.image`), the clone's
+   NVRAM and XML staged the same way; any failure or signal removes all
+   of them, so nothing half-written is left;
+5. commit (renames), then define the clone;
+6. a ``restore_sessions`` row (`vmbk.restore.history`) when the catalogue
+   exists, whatever the outcome.  ``--dry-run`` takes no lock, writes
+   nothing and raises the first failed check after its records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from vmbk.catalogue import now_iso
+from vmbk.errors import StorageError, VmbkError
+from vmbk.lock import VmLock, lock_dir
+from vmbk.records import Record
+from vmbk.restore import define, domainxml, history, image, livedisks, report
+from vmbk.restore.plan import Options, Plan, check_existing, check_space, make_plan
+from vmbk.restore.source import SourceRef, load
+from vmbk.virt.connection import LibvirtError, open_connection
+
+log = logging.getLogger("vmbk.restore")
+
+Emit = Callable[[Record], None]
+
+
+def restore(ref: SourceRef, opts: Options, *, uri: str | None, session: str | None, emit: Emit) -> None:
+    """Restore as ``opts`` says, emitting ``restore_disk`` and ``restore`` records."""
+    if opts.dry_run:
+        _dry_run(ref, opts, uri=uri, session=session, emit=emit)
+        return
+    started_at, t0 = now_iso(), time.monotonic()
+    plan: Plan | None = None
+    try:
+        with _lock(ref):
+            plan = make_plan(load(ref), opts)
+            with _connection(uri, required=opts.defines) as conn:
+                replace = _preflight(plan, conn, opts)
+                outcome = _execute(plan, conn, opts, replace)
+    except BaseException as e:
+        history.record(ref, opts, plan, started_at, t0, e)
+        raise
+    history.record(ref, opts, plan, started_at, t0, None)
+    seconds = time.monotonic() - t0
+    for job, built in zip(plan.jobs, outcome.built, strict=True):
+        emit(report.disk_record(plan, job, session, "ok", built))
+    emit(report.summary(plan, session, "ok", outcome, seconds))
+
+
+def _dry_run(ref: SourceRef, opts: Options, *, uri: str | None, session: str | None, emit: Emit) -> None:
+    """The whole plan as records; the first failed check is raised afterwards."""
+    plan = make_plan(load(ref), opts)
+    failed: list[VmbkError] = []
+    with _connection(uri, required=False) as conn:
+        try:
+            _preflight(plan, conn, opts)
+        except VmbkError as e:
+            failed.append(e)
+    for job in plan.jobs:
+        emit(report.disk_record(plan, job, session, "dry-run", None))
+    emit(report.summary(plan, session, "dry-run", report.Outcome(), 0.0, blocked=[str(e) for e in failed]))
+    if failed:
+        raise failed[0]
+
+
+@contextlib.contextmanager
+def _lock(ref: SourceRef) -> Iterator[None]:
+    probe = lock_dir(ref.backup_path)
+    while not probe.exists() and probe != ref.backup_path:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        log.warning("%s is not writable (a read-only backup mount?): restoring without the VM lock", probe)
+        yield
+        return
+    with VmLock(ref.backup_path, ref.vm, purpose="restore"):
+        yield
+
+
+@contextlib.contextmanager
+def _connection(uri: str | None, *, required: bool) -> Iterator[Any]:
+    """libvirt, read-write when the restore defines a domain, else optional."""
+    conn = None
+    if uri is not None:
+        if required:
+            conn = open_connection(uri)
+        else:
+            try:
+                conn = open_connection(uri, readonly=True)
+            except VmbkError as e:
+                log.warning("%s: files of defined domains are not checked", e)
+    try:
+        yield conn
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def _preflight(plan: Plan, conn: Any, opts: Options) -> bool:
+    """All checks; True when a shut-off namesake must be undefined first.
+
+    The VM's name first (a VM problem), then files of domains, then files
+    that exist, then space (storage problems).
+    """
+    replace = False
+    if conn is not None:
+        if opts.defines:
+            uuid = plan.config.uuid if plan.mode == "dr" and plan.config is not None else None
+            replace = define.check_defined(conn, plan.name, force=opts.force, uuid=uuid)
+        replaceable = plan.name if opts.defines else plan.source.vm
+        livedisks.check_targets(plan.targets, livedisks.files_in_use(conn), replaceable=replaceable,
+                                force=opts.force)
+    check_existing(plan, force=opts.force)
+    check_space(plan)
+    return replace
+
+
+def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outcome:
+    out = report.Outcome()
+    if opts.verify:
+        out.unchecked = image.verify_sources(p for j in plan.jobs for p in j.sources)
+    staged: list[tuple[Path, Path]] = []
+    xml = ""
+    try:
+        _make_dirs(plan.restore_path)
+        for job in plan.jobs:
+            out.built.append(image.build(job))
+        nvram_src, nvram_dst = plan.nvram_source, plan.nvram_target
+        if nvram_src is not None and nvram_dst is not None:
+            _stage(staged, nvram_dst, lambda p: shutil.copyfile(nvram_src, p))
+        if opts.defines and plan.config is not None and plan.xml_target is not None:
+            xml, out.warnings = domainxml.restored_xml(
+                plan.config.xml, disks={j.disk: j.target for j in plan.jobs}, nvram=plan.nvram_target,
+                new_name=plan.name if plan.mode == "clone" else None)
+            _stage(staged, plan.xml_target, lambda p: p.write_text(xml, encoding="utf-8"))
+        out.saved = _save_aside(plan.aside)
+        if replace:
+            define.undefine(conn, plan.name, keep_state=plan.mode == "dr")
+    except BaseException as e:
+        image.discard(plan.jobs)
+        for partial in [p for p, _final in staged] + out.saved:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+        if isinstance(e, OSError):
+            raise StorageError(f"{e.filename or plan.restore_path}: {e.strerror or e}") from None
+        raise
+    try:
+        image.commit(plan.jobs)
+        for partial, final in staged:
+            os.replace(partial, final)
+    except OSError as e:
+        raise StorageError(f"renaming the restored files in {plan.restore_path}: {e.strerror or e}") from None
+    if opts.defines:
+        try:
+            out.domain = define.define(conn, xml, plan.name)
+        except LibvirtError as e:
+            raise LibvirtError(f"{e}; the restored files are kept in {plan.restore_path} "
+                               f"(virsh define {plan.xml_target} once the cause is fixed)", vm=e.vm) from None
+    return out
+
+
+def _save_aside(paths: tuple[Path, ...]) -> list[Path]:
+    """Copy each existing file to ``<file>.before-restore.<timestamp>`` (guide, 12)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    saved = []
+    for path in paths:
+        if path.exists():
+            copy = path.with_name(f"{path.name}.before-restore.{stamp}")
+            shutil.copy2(path, copy)
+            saved.append(copy)
+    return saved
+
+
+def _make_dirs(path: Path) -> None:
+    """Create the restore path, traversable (0755) whatever the umask.
+
+    QEMU runs as another user (libvirt-qemu) and must reach the images;
+    libvirt's dynamic ownership gives it the 0600 images themselves when
+    the domain starts, but not the directories above them.
+    """
+    missing = []
+    probe = Path(os.path.abspath(path))
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o755)
+            os.chmod(d, 0o755)
+
+
+def _stage(staged: list[tuple[Path, Path]], final: Path, write: Callable[[Path], object]) -> None:
+    """Write ``final.partial`` (listed first, so a failed write is cleaned up too)."""
+    partial = final.with_name(final.name + ".partial")
+    staged.append((partial, final))
+    write(partial)
+    os.chmod(partial, image.IMAGE_MODE)
