@@ -8,30 +8,21 @@ TPM keys; unchanged state is not written again.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 from pathlib import Path
 
-import orjson
 import pytest
-
-from vmbk.commands.backup import main as backup_main
+from backup_helpers import backup_ok
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
-
-
-def backup(root: Path, name: str) -> dict:
-    out = io.StringIO()
-    assert backup_main(["--json", "--backup-path", str(root), "--vm", name], io.StringIO(""), out) == 0, out.getvalue()
-    return orjson.loads(out.getvalue())
 
 
 def test_nvram_per_checkpoint_and_private_tpm_state(test_guest, vm_workdir):
     guest = test_guest(uefi=True, tpm=True)
     root = vm_workdir / "backups"
     root.mkdir()
-    first = backup(root, guest.name)
+    first = backup_ok(root, guest.name)
     chain = Path(first["target_dir"])
     vm = guest.dom.XMLDesc(0)
     nvram = vm.split("<nvram")[1].split(">", 1)[1].split("</nvram>")[0]
@@ -48,7 +39,7 @@ def test_nvram_per_checkpoint_and_private_tpm_state(test_guest, vm_workdir):
         assert stat.S_IMODE(fst.st_mode) == 0o600 and (fst.st_uid, fst.st_gid) == (0, 0), f
     before = {f: f.stat().st_mtime_ns for f in files}
 
-    second = backup(root, guest.name)
+    second = backup_ok(root, guest.name)
     assert second["action"] == "inc"
     assert (chain / f"{os.path.basename(nvram)}.virtnbdbackup.1").exists()
     assert {f: f.stat().st_mtime_ns for f in files} == before  # unchanged state not stored twice

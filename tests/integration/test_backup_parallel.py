@@ -3,30 +3,18 @@ interrupt while several are in flight."""
 
 from __future__ import annotations
 
-import io
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import orjson
 import pytest
+from backup_helpers import finish, run_backup, slow_backup, wait_for_partials
 
 from vmbk.catalogue import Catalogue
-from vmbk.commands.backup import main as backup_main
 from vmbk.stream import reconstruct_raw
 
 pytestmark = pytest.mark.libvirt
-ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-
-
-def run_backup(root: Path, *argv: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    code = backup_main(["--json", "--backup-path", str(root), *argv], io.StringIO(""), out)
-    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
 
 
 def same(raw: Path, image: Path) -> bool:
@@ -85,23 +73,10 @@ def test_sigterm_with_jobs_cleans_up_every_vm(nos_domain, vm_workdir, tmp_path):
     vms = [nos_domain(1, size="1G", writes=[(0x5A, 0, 300 * MiB)]) for _ in range(2)]
     root = vm_workdir / "b"
     root.mkdir()
-    (tmp_path / "default.toml").write_text('compression = "lz4"\ncompression_level = 16\n')
-    env = {**os.environ, "VMBK_CONFIG_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-backup"), "--json", "--jobs", "2",
-                          "--backup-path", str(root), "--vm", ",".join(v.name for v in vms)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.data.partial"))) < 2:
-            assert p.poll() is None, p.stderr.read().decode()
-            assert time.monotonic() < deadline, "both backups never got under way"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 143
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    p = slow_backup(root, [v.name for v in vms], tmp_path / "etc", "--jobs", "2")
+    wait_for_partials(p, root, count=2)
+    p.send_signal(signal.SIGTERM)
+    assert finish(p) == 143
     for v in vms:
         assert [f for f in (root / v.name).rglob("*") if f.is_file()] == []
         assert v.dom.listAllCheckpoints(0) == []

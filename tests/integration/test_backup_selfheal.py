@@ -8,7 +8,6 @@ that the newest restore point equals the disk.
 
 from __future__ import annotations
 
-import io
 import subprocess
 from pathlib import Path
 
@@ -16,24 +15,14 @@ import libvirt
 import libvirt_qemu
 import orjson
 import pytest
+from backup_helpers import backup_ok
 
-from vmbk.commands.backup import main as backup_main
 from vmbk.stream import reconstruct_raw
 
 pytestmark = pytest.mark.libvirt
 
 VDA = "/machine/peripheral/virtio-disk0/virtio-backend"
 MiB = 1 << 20
-
-
-def backup(root: Path, name: str) -> dict:
-    out = io.StringIO()
-    code = backup_main(["--json", "--backup-path", str(root), "--vm", name], io.StringIO(""), out)
-    recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
-    assert code == 0, [r.get("message") for r in recs]
-    (rec,) = recs
-    assert rec["type"] == "backup" and rec["outcome"] == "ok", rec
-    return rec
 
 
 def write(dom, cmd: str) -> None:
@@ -55,7 +44,7 @@ def vm(nos_domain, vm_workdir):
     nd = nos_domain(1, size="64M", writes=[(0x11, 0, MiB), (0x22, 8 * MiB, MiB)])
     root = vm_workdir / "backups"
     root.mkdir()
-    first = backup(root, nd.name)
+    first = backup_ok(root, nd.name)
     assert first["action"] == "full"
     return nd, root, first
 
@@ -64,7 +53,7 @@ def test_lost_checkpoint_metadata_is_redefined_and_the_chain_goes_on(vm, tmp_pat
     nd, root, first = vm
     nd.dom.checkpointLookupByName("virtnbdbackup.0").delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     write(nd.dom, "write -P 0x33 2M 256k")
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert rec["action"] == "inc" and rec["checkpoint"] == "virtnbdbackup.1"
     assert any(e["event"] == "redefined" for e in rec["events"])
     assert rec["disks"][0]["data_size"] == 256 * 1024
@@ -75,7 +64,7 @@ def test_lost_metadata_and_bitmap_falls_back_to_a_full_in_the_same_run(vm, tmp_p
     nd, root, first = vm
     nd.dom.checkpointLookupByName("virtnbdbackup.0").delete(0)  # metadata and bitmap
     write(nd.dom, "write -P 0x44 3M 64k")
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert rec["action"] == "full" and rec["checkpoint"] == "virtnbdbackup.0"
     assert "redefining the chain's checkpoints failed" in rec["reasons"][0]
     assert any(e["event"] == "archived" for e in rec["events"])
@@ -87,7 +76,7 @@ def test_bitmap_removed_while_off_means_archive_and_full(vm, tmp_path):
     nd.dom.destroy()
     subprocess.run(["qemu-img", "bitmap", "--remove", str(nd.disks[0]), "virtnbdbackup.0"], check=True)
     nd.dom.create()
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert rec["action"] == "full"
     assert any("bitmap" in r for r in rec["reasons"])
     archived = [e for e in rec["events"] if e["event"] == "archived"]
@@ -98,7 +87,7 @@ def test_bitmap_removed_while_off_means_archive_and_full(vm, tmp_path):
 def test_corrupt_cpt_means_archive_and_full(vm):
     nd, root, first = vm
     (Path(first["target_dir"]) / f"{nd.name}.cpt").write_text("{garbage")
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert rec["action"] == "full" and any(e["event"] == "archived" for e in rec["events"])
 
 
@@ -106,7 +95,7 @@ def test_leftover_partial_is_cleaned_and_recorded(vm):
     nd, root, first = vm
     leftover = Path(first["target_dir"]) / "vda.inc.virtnbdbackup.1.data.partial"
     leftover.write_bytes(b"half a backup")
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert not leftover.exists()
     assert any(e["event"] == "cleaned" for e in rec["events"])
     assert rec["action"] == "full" and any(e["event"] == "archived" for e in rec["events"])
@@ -117,7 +106,7 @@ def test_resized_disk_means_a_new_full(vm, tmp_path):
     nd, root, first = vm
     nd.dom.blockResize("vda", 96 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
     write(nd.dom, "write -P 0x55 80M 64k")
-    rec = backup(root, nd.name)
+    rec = backup_ok(root, nd.name)
     assert rec["action"] == "full" and any("resized" in r for r in rec["reasons"])
     assert rec["disks"][0]["virtual_size"] == 96 * MiB
     assert latest_point_equals_disk(rec, nd.disks[0], tmp_path)

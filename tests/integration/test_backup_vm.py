@@ -9,7 +9,6 @@ reference.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -17,17 +16,15 @@ from pathlib import Path
 
 import orjson
 import pytest
+from backup_helpers import run_backup
 
-from vmbk.commands.backup import main as backup_main
 from vmbk.stream import reconstruct_raw, scan, verify_checksum
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
 
 def backup(backup_path: Path, name: str, *extra: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    code = backup_main(["--json", "--backup-path", str(backup_path), "--vm", name, *extra], io.StringIO(""), out)
-    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+    return run_backup(backup_path, "--vm", name, *extra)
 
 
 def paused_backup(guest, backup_path: Path, dest: Path) -> tuple[int, list[dict]]:

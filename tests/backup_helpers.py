@@ -1,0 +1,66 @@
+"""Running vmbk-backup from tests: in-process, or as a slowed-down process.
+
+In-process (`run_backup`, `backup_ok`) is the default; a real process
+(`slow_backup`) is for signals and crashes, slowed with LZ4-HC so a test
+can act while a stream is being written (`wait_for_partials`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from vmbk.commands.backup import main as backup_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_backup(root: Path, *argv: str) -> tuple[int, list[dict[str, Any]]]:
+    """``vmbk-backup --json --backup-path ROOT ARGV...``: (exit code, records)."""
+    out = io.StringIO()
+    code = backup_main(["--json", "--backup-path", str(root), *argv], io.StringIO(""), out)
+    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def backup_ok(root: Path, name: str, *argv: str) -> dict[str, Any]:
+    """Back up one VM that must succeed; its single ``backup`` record."""
+    code, recs = run_backup(root, "--vm", name, *argv)
+    assert code == 0, [r.get("message") for r in recs]
+    (rec,) = recs
+    assert rec["type"] == "backup" and rec["outcome"] == "ok", rec
+    return rec
+
+
+def slow_backup(root: Path, names: list[str], config_dir: Path, *argv: str) -> subprocess.Popen[bytes]:
+    """A ``vmbk-backup`` process made slow by LZ4-HC level 16 compression."""
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / "default.toml").write_text('compression = "lz4"\ncompression_level = 16\n')
+    env = {**os.environ, "VMBK_CONFIG_DIR": str(config_dir), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-backup"), "--json", "--backup-path", str(root),
+                             "--vm", ",".join(names), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def wait_for_partials(p: subprocess.Popen[bytes], root: Path, count: int = 1, timeout: float = 60) -> None:
+    """Until ``count`` streams are being written under ``root``."""
+    deadline = time.monotonic() + timeout
+    while len(list(root.rglob("*.data.partial"))) < count:
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
+        assert time.monotonic() < deadline, "the backup never started writing"
+        time.sleep(0.05)
+
+
+def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """The exit code; the process is killed if it does not end in time."""
+    try:
+        return p.wait(timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
