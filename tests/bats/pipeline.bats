@@ -50,3 +50,32 @@ teardown() {
   [ "$status" -eq 5 ]
   [ "$(jq -r .stage <<<"$output")" = vmbk-discover ]
 }
+
+@test "discover | plan --now: a planned copy in the week's period, session carried" {
+  printf 'policy = "weekly"\n' > "$VMBK_CONFIG_DIR/default.toml"
+  mkdir -p "$BATS_TEST_TMPDIR/backups"
+  run --separate-stderr bash -c 'vmbk-discover --json --vm "$1" | vmbk-plan --json --backup-path "$2" --now 2026-11-18T01:00:00Z' \
+    _ "$NAME" "$BATS_TEST_TMPDIR/backups"
+  [ "$status" -eq 0 ]
+  [ "$(jq -r .type <<<"$output")" = plan ]
+  [ "$(jq -r .name <<<"$output")" = "$NAME" ]
+  [ "$(jq -r .action <<<"$output")" = copy ]
+  [ "$(jq -r .period <<<"$output")" = 2026-W47 ]
+  [ "$(jq -r .target_dir <<<"$output")" = "$BATS_TEST_TMPDIR/backups/$NAME/2026-W47" ]
+  [ "$(jq -r '.disks[0].mode' <<<"$output")" = copy ]
+  [ "$(jq -r '.vm.name' <<<"$output")" = "$NAME" ]
+  [ "$(jq -r .session <<<"$output")" = "$(jq -r .vm.session <<<"$output")" ]
+  # plan writes nothing
+  [ -z "$(ls -A "$BATS_TEST_TMPDIR/backups")" ]
+}
+
+@test "on a terminal: a readable table; --json forces JSON lines" {
+  export VMNAME="$NAME"  # through the environment: the name has quotes
+  run script -qec 'vmbk-discover --vm "$VMNAME"' /dev/null
+  [ "$status" -eq 0 ]
+  [[ "$output" == *NAME*STATE*POLICY* ]]
+  [[ "$output" == *"shut off"* ]]
+  [[ "$output" != *"{"* ]]
+  run script -qec 'vmbk-discover --json --vm "$VMNAME"' /dev/null
+  [[ "$output" == *'"type":"vm"'* ]]
+}
