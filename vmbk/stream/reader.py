@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lz4.frame
 
+from vmbk.stream.checksum import adler32
 from vmbk.stream.format import (
     FRAME_LEN,
     KIND_COMP,
@@ -656,7 +656,7 @@ def file_checksum(path: str | os.PathLike[str], *, buffer_size: int = 8 << 20) -
                 n = f.readinto(view)
                 if not n:
                     return value
-                value = zlib.adler32(view[:n], value)
+                value = adler32(view[:n], value)
                 pos += n
     except OSError as e:
         raise StreamError(p, pos, f"reading for checksum: {e.strerror or e}") from e

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
@@ -51,6 +50,7 @@ from typing import BinaryIO
 import lz4.frame
 
 from vmbk.errors import StorageError
+from vmbk.stream.checksum import adler32
 from vmbk.stream.format import (
     KIND_COMP,
     KIND_DATA,
@@ -340,7 +340,7 @@ class StreamWriter:
         cs = self._checksum
         total = 0
         for b in bufs:
-            cs = zlib.adler32(b, cs)
+            cs = adler32(b, cs)
             total += len(b)
         pending_sum: Future[int] | None = None
         if payload is not None:
@@ -350,9 +350,9 @@ class StreamWriter:
             if n >= _PARALLEL_CHECKSUM_MIN:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="vmbk-adler32")
-                pending_sum = self._pool.submit(zlib.adler32, payload, cs)
+                pending_sum = self._pool.submit(adler32, payload, cs)
             else:
-                cs = zlib.adler32(payload, cs)
+                cs = adler32(payload, cs)
         try:
             try:
                 if self._fd is not None:
