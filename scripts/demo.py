@@ -30,7 +30,7 @@ import libvirt  # noqa: E402
 import orjson  # noqa: E402
 from guest.agent import Guest  # noqa: E402
 from guest.build import build_guest  # noqa: E402
-from guest.domain import guest_domain_xml, make_qcow2, start_domain  # noqa: E402
+from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain  # noqa: E402
 
 
 NAME = os.environ.get("VMBK_DEMO_NAME", "vmbk-demo")
@@ -103,12 +103,9 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
 
 def remove_clone(conn: libvirt.virConnect, name: str) -> None:
     try:
-        dom = conn.lookupByName(name)
+        remove_domain(conn.lookupByName(name))
     except libvirt.libvirtError:
-        return
-    if dom.isActive():
-        dom.destroy()
-    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        pass  # no such domain
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from guest.domain import remove_domain
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,9 +33,6 @@ def test_demo_backs_up_restores_a_clone_and_verifies_it(libvirt_conn, vm_workdir
     finally:
         for n in (name, f"{name}-clone"):
             try:
-                dom = libvirt_conn.lookupByName(n)
+                remove_domain(libvirt_conn.lookupByName(n))
             except libvirt.libvirtError:
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                pass  # never created, or already gone
