@@ -182,15 +182,6 @@ def _isatty(out: IO[Any]) -> bool:
         return False
 
 
-def session_of(records: Iterable[Record]) -> str | None:
-    """The first session id seen in some records (used by tests and status)."""
-    for rec in records:
-        s = rec.get("session")
-        if isinstance(s, str):
-            return s
-    return None
-
-
 def stdin_is_pipe(stdin: IO[Any]) -> bool:
     """True when stdin carries records (a pipe or a file), not a terminal."""
     try:
@@ -211,6 +202,5 @@ __all__ = [
     "make",
     "new_session_id",
     "read_records",
-    "session_of",
     "stdin_is_pipe",
 ]

@@ -45,11 +45,13 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import BinaryIO
 
 import lz4.frame
 
 from vmbk.errors import StorageError
+from vmbk.fsutil import fsync_dir
 from vmbk.stream.checksum import adler32
 from vmbk.stream.format import (
     KIND_COMP,
@@ -399,14 +401,6 @@ def _write_all(f: BinaryIO, buf: Buffer) -> None:
         mv = mv[n:]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -475,7 +469,7 @@ def write_stream_atomic(
         if checksum_file:
             os.rename(chk_partial, chk)
         if fsync:
-            _fsync_dir(final)
+            fsync_dir(Path(os.path.abspath(final)).parent)
     except BaseException:
         writer.abort()
         _unlink_quiet(partial)

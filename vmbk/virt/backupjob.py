@@ -166,6 +166,3 @@ def redefine_checkpoint(dom: Any, xml: str) -> None:
     except libvirt.libvirtError as e:
         raise RedefineFailed(f"cannot redefine checkpoint: {e.get_error_message()}", vm=dom.name()) from None
 
-
-def checkpoint_names(dom: Any) -> list[str]:
-    return sorted(c.getName() for c in dom.listAllCheckpoints(0))

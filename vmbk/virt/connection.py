@@ -21,7 +21,8 @@ class LibvirtError(VmbkError):
     kind = "libvirt"
 
 
-def _libvirt() -> Any:
+def libvirt_module() -> Any:
+    """The libvirt binding, with its stderr error printing silenced."""
     try:
         import libvirt
     except ImportError:
@@ -31,7 +32,7 @@ def _libvirt() -> Any:
 
 
 def open_connection(uri: str, *, readonly: bool = False) -> Any:
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         return libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -47,6 +48,3 @@ def connection(uri: str, *, readonly: bool = False) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             conn.close()
 
-
-def libvirt_module() -> Any:
-    return _libvirt()
