@@ -21,16 +21,23 @@ class Cancelled(BaseException):
 
 
 class Cancel:
-    def __init__(self) -> None:
+    """A cancel token; one with a ``parent`` is also set when the parent is.
+
+    A VM's disk copies share a child of the run's token: the first failing
+    disk cancels its siblings only, an interrupt cancels everything.
+    """
+
+    def __init__(self, parent: Cancel | None = None) -> None:
         self._event = threading.Event()
+        self.parent = parent
 
     def set(self) -> None:
         self._event.set()
 
     @property
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or (self.parent is not None and self.parent.is_set)
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.is_set:
             raise Cancelled()

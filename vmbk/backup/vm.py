@@ -14,10 +14,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,11 +74,11 @@ def _all_disks(jobs: Sequence[Callable[[Cancel], DiskResult]], outer: Cancel | N
     Each copy holds a small fixed buffer pool, so memory grows with the
     number of disks, not their size.  Results keep the jobs' order.
     """
-    local = Cancel()
+    local = Cancel(parent=outer)
 
     def run(job: Callable[[Cancel], DiskResult]) -> DiskResult:
         try:
-            return job(_Either(local, outer))
+            return job(local)
         except BaseException:
             local.set()
             raise
@@ -99,22 +99,6 @@ def _all_disks(jobs: Sequence[Callable[[Cancel], DiskResult]], outer: Cancel | N
     if errors:
         raise (real or errors)[0]
     return [f.result() for f in futures]
-
-
-class _Either(Cancel):
-    """Cancelled when either the VM's own token or the run's is set."""
-
-    def __init__(self, a: Cancel, b: Cancel | None) -> None:
-        super().__init__()
-        self.a, self.b = a, b
-
-    @property
-    def is_set(self) -> bool:
-        return self.a.is_set or (self.b is not None and self.b.is_set)
-
-    def check(self) -> None:
-        if self.is_set:
-            raise Cancelled()
 
 
 @dataclasses.dataclass
