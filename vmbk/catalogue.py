@@ -190,12 +190,17 @@ class Catalogue:
 
     # -- writes -------------------------------------------------------------------
     def insert(self, table: str, row: Mapping[str, Any]) -> int:
+        """Insert one row: in the open `transaction`, else in its own."""
         if table not in _TABLES:
             raise ValueError(f"unknown table {table}")
         cols = list(row)
         sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
-        with self.transaction():
-            cur = self.db.execute(sql, [row[c] for c in cols])
+        with self._lock:
+            if self.db.in_transaction:
+                cur = self.db.execute(sql, [row[c] for c in cols])
+            else:
+                with self.transaction():
+                    cur = self.db.execute(sql, [row[c] for c in cols])
         return int(cur.lastrowid or 0)
 
     def start_session(self, session: str, command: str, host: str | None = None) -> None:

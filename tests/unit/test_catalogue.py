@@ -80,3 +80,16 @@ def test_rows_and_sessions(tmp_path):
         with pytest.raises(ValueError):
             cat.insert("sqlite_master; DROP TABLE sessions", {"a": 1})
     assert Catalogue.open_existing(tmp_path / "nowhere") is None
+
+
+def test_inserts_inside_a_transaction_are_all_or_nothing(tmp_path):
+    with Catalogue.open(tmp_path) as cat:
+        cat.start_session("S1", "vmbk-backup")
+        with pytest.raises(RuntimeError):
+            with cat.transaction():
+                vb = cat.insert("vm_backups", {"session_id": "S1", "vm": "a", "action": "full",
+                                               "outcome": "ok", "started_at": "t"})
+                cat.insert("data_files", {"vm_backup_id": vb, "path": "p", "disk": "vda", "level": "full"})
+                raise RuntimeError("the second half failed")
+        assert cat.query("SELECT count(*) FROM vm_backups")[0][0] == 0
+        assert cat.query("SELECT count(*) FROM data_files")[0][0] == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from collections.abc import Callable
 
 import orjson
 
@@ -23,48 +23,45 @@ class History:
         self.cat = catalogue
         self.started: set[str] = set()
 
-    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+    def _guard(self, what: str, fn: Callable[[Catalogue], object]) -> None:
         if self.cat is None:
-            return None
+            return
         try:
-            return fn(*args)
+            fn(self.cat)
         except Exception as e:  # never let the index break a backup
             log.warning("catalogue: cannot record %s: %s", what, e)
-            return None
 
     def session(self, session: str) -> None:
         if session not in self.started:
             self.started.add(session)
-            cat = self.cat
-            if cat is not None:
-                self._guard("session", lambda: cat.start_session(session, "vmbk-backup", socket.gethostname()))
+            self._guard("session", lambda cat: cat.start_session(session, "vmbk-backup", socket.gethostname()))
 
     def end(self, session: str, code: int) -> None:
-        cat = self.cat
-        if cat is not None:
-            self._guard("session end", lambda: cat.end_session(session, code))
+        self._guard("session end", lambda cat: cat.end_session(session, code))
 
     def backup(self, session: str, plan: Record, rec: Record, error: str | None = None) -> None:
-        def write() -> None:
-            assert self.cat is not None
-            vb = self.cat.insert("vm_backups", {
-                "session_id": session, "vm": plan["name"], "vm_uuid": plan.get("uuid"), "action": plan["action"],
-                "policy": plan.get("policy"), "period": plan.get("period"), "directory": plan.get("target_dir"),
-                "checkpoint": plan.get("checkpoint"), "parent": plan.get("parent"),
-                "consistency": rec.get("consistency"), "outcome": rec.get("outcome", "failed"), "error": error,
-                "reasons": orjson.dumps(plan.get("reasons") or []).decode(), "started_at": now_iso(),
-                "duration_s": rec.get("duration"), "bytes": rec.get("bytes"),
-            })
-            for d in rec.get("disks") or []:
-                if "path" not in d:
-                    continue
-                self.cat.insert("data_files", {
-                    "vm_backup_id": vb, "path": d["path"], "disk": d["target"], "level": d["level"],
-                    "checkpoint": plan.get("checkpoint") if d["level"] != "copy" else None,
-                    "virtual_size": d["virtual_size"], "data_size": d["data_size"], "stored_size": d["stored_size"],
-                    "checksum": str(d["checksum"]), "read_s": d["seconds"], "write_s": None,
+        def write(cat: Catalogue) -> None:
+            # One transaction: a VM's rows are recorded whole or not at all.
+            with cat.transaction():
+                vb = cat.insert("vm_backups", {
+                    "session_id": session, "vm": plan["name"], "vm_uuid": plan.get("uuid"), "action": plan["action"],
+                    "policy": plan.get("policy"), "period": plan.get("period"), "directory": plan.get("target_dir"),
+                    "checkpoint": plan.get("checkpoint"), "parent": plan.get("parent"),
+                    "consistency": rec.get("consistency"), "outcome": rec.get("outcome", "failed"), "error": error,
+                    "reasons": orjson.dumps(plan.get("reasons") or []).decode(), "started_at": now_iso(),
+                    "duration_s": rec.get("duration"), "bytes": rec.get("bytes"),
                 })
-            for ev in rec.get("events") or []:
-                self.cat.insert("chain_events", {"session_id": session, "vm": plan["name"], "at": now_iso(), **ev})
+                for d in rec.get("disks") or []:
+                    if "path" not in d:
+                        continue
+                    cat.insert("data_files", {
+                        "vm_backup_id": vb, "path": d["path"], "disk": d["target"], "level": d["level"],
+                        "checkpoint": plan.get("checkpoint") if d["level"] != "copy" else None,
+                        "virtual_size": d["virtual_size"], "data_size": d["data_size"],
+                        "stored_size": d["stored_size"], "checksum": str(d["checksum"]), "read_s": d["seconds"],
+                        "write_s": None,
+                    })
+                for ev in rec.get("events") or []:
+                    cat.insert("chain_events", {"session_id": session, "vm": plan["name"], "at": now_iso(), **ev})
 
         self._guard("backup of " + plan["name"], write)
