@@ -38,6 +38,16 @@ def backup_ok(root: Path, name: str, *argv: str) -> dict[str, Any]:
     return rec
 
 
+def chain_files(chain: Path, until: int | None = None, disk: str = "vda") -> list[Path]:
+    """The stream files of ``disk`` in the chain in ``chain``, up to restore
+    point ``until`` (all of them when None): the copy, or full + incs."""
+    if (chain / f"{disk}.copy.data").exists():
+        return [chain / f"{disk}.copy.data"]
+    names = orjson.loads(next(chain.glob("*.cpt")).read_bytes())
+    names = names if until is None else names[: until + 1]
+    return [chain / f"{disk}.full.data"] + [chain / f"{disk}.inc.{c}.data" for c in names[1:]]
+
+
 def slow_backup(root: Path, names: list[str], config_dir: Path, *argv: str) -> subprocess.Popen[bytes]:
     """A ``vmbk-backup`` process made slow by LZ4-HC level 16 compression."""
     config_dir.mkdir(exist_ok=True)

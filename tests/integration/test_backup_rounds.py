@@ -11,15 +11,14 @@ lives in the VM directory and is archived at its limit.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
+from backup_helpers import backup_ok, chain_files
 
-from vmbk.commands.backup import main as backup_main
 from vmbk.stream import reconstruct_raw
 
 pytestmark = pytest.mark.libvirt
@@ -27,33 +26,9 @@ pytestmark = pytest.mark.libvirt
 MiB = 1 << 20
 
 
-def backup(root: Path, name: str, now: str, config_dir: Path) -> dict:
-    out = io.StringIO()
-    os.environ["VMBK_CONFIG_DIR"] = str(config_dir)
-    try:
-        code = backup_main(["--json", "--backup-path", str(root), "--vm", name, "--now", now], io.StringIO(""), out)
-    finally:
-        del os.environ["VMBK_CONFIG_DIR"]
-    recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
-    assert code == 0, [r.get("message") for r in recs]
-    (rec,) = recs
-    assert rec["outcome"] == "ok"
-    return rec
-
-
 def snapshot(disk: Path, dest: Path) -> Path:
     subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(dest)], check=True)
     return dest
-
-
-def chain_files(chain: Path, until: int | None = None) -> list[Path]:
-    """The stream files of the chain in ``chain`` up to restore point ``until``."""
-    if (chain / "vda.copy.data").exists():
-        return [chain / "vda.copy.data"]
-    cpt = next(chain.glob("*.cpt"))
-    names = orjson.loads(cpt.read_bytes())
-    names = names if until is None else names[: until + 1]
-    return [chain / "vda.full.data"] + [chain / f"vda.inc.{c}.data" for c in names[1:]]
 
 
 def restores_to(files: list[Path], ref: Path, tmp: Path) -> bool:
@@ -64,10 +39,11 @@ def restores_to(files: list[Path], ref: Path, tmp: Path) -> bool:
 
 
 @pytest.mark.guest
-def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir, tmp_path):
+def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir, tmp_path, monkeypatch):
     cfg = tmp_path / "etc"
     cfg.mkdir()
     (cfg / "default.toml").write_text('policy = "weekly"\n')
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(cfg))
     root = vm_workdir / "backups"
     root.mkdir()
     guest = test_guest()
@@ -80,7 +56,7 @@ def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir
         guest.dom.suspend()  # the reference is the disk at the backup's instant
         try:
             refs[day] = snapshot(disk, tmp_path / f"{day}.raw")
-            return backup(root, guest.name, now, cfg)
+            return backup_ok(root, guest.name, "--now", now)
         finally:
             guest.dom.resume()
 
@@ -92,7 +68,7 @@ def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir
     guest.write_file("/mnt/vda/wed", os.urandom(300_000))
     guest.shutdown()
     refs["wed"] = snapshot(disk, tmp_path / "wed.raw")
-    wed = backup(root, guest.name, "2026-11-18T01:30:00+00:00", cfg)
+    wed = backup_ok(root, guest.name, "--now", "2026-11-18T01:30:00+00:00")
     assert wed["action"] == "copy" and wed["consistency"] == "offline"
     assert [e["event"] for e in wed["events"]] == ["archived"]
 
@@ -116,13 +92,14 @@ def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir
     assert restores_to(chain_files(root / guest.name / "2026-W48"), refs["next-mon"], tmp_path), "next Mon (W48)"
 
 
-def test_accumulate_grows_one_chain_and_archives_it_at_the_limit(nos_domain, vm_workdir, tmp_path):
+def test_accumulate_grows_one_chain_and_archives_it_at_the_limit(nos_domain, vm_workdir, tmp_path, monkeypatch):
     import libvirt_qemu
 
     nd = nos_domain(1, size="64M", writes=[(0x31, 0, MiB)])
     cfg = tmp_path / "etc"
     cfg.mkdir()
     (cfg / "default.toml").write_text(f'[vm."{nd.name}"]\npolicy = "accumulate"\n[retention]\naccumulate_limit = 3\n')
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(cfg))
     root = vm_workdir / "backups"
     root.mkdir()
     actions = []
@@ -130,7 +107,7 @@ def test_accumulate_grows_one_chain_and_archives_it_at_the_limit(nos_domain, vm_
         libvirt_qemu.qemuMonitorCommand(
             nd.dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x4{day} {day}M 64k"',
             libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        rec = backup(root, nd.name, f"2026-11-{day:02d}T01:30:00+00:00", cfg)
+        rec = backup_ok(root, nd.name, "--now", f"2026-11-{day:02d}T01:30:00+00:00")
         actions.append((rec["action"], rec["checkpoint"], bool(rec["events"])))
         assert Path(rec["target_dir"]) == root / nd.name  # accumulate: the VM directory itself
     assert actions[0] == ("full", "virtnbdbackup.0", False)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import libvirt
 import libvirt_qemu
-import orjson
 import pytest
-from backup_helpers import backup_ok
+from backup_helpers import backup_ok, chain_files
 
 from vmbk.stream import reconstruct_raw
 
@@ -31,11 +30,8 @@ def write(dom, cmd: str) -> None:
 
 
 def latest_point_equals_disk(rec: dict, disk: Path, tmp: Path) -> bool:
-    chain = Path(rec["target_dir"])
-    cpt = orjson.loads((chain / f"{rec['name']}.cpt").read_bytes())
-    files = [chain / "vda.full.data"] + [chain / f"vda.inc.{c}.data" for c in cpt[1:]]
     raw = tmp / "restored.raw"
-    reconstruct_raw(files, raw)
+    reconstruct_raw(chain_files(Path(rec["target_dir"])), raw)
     return subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", "raw", "-F", "qcow2", str(raw), str(disk)]).returncode == 0
 
 
