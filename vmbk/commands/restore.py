@@ -5,13 +5,18 @@ Usage:
   vmbk-restore --list-restore-points VM [options]
   vmbk-restore --verify VM [options]
   vmbk-restore --dump VM [options]
-  vmbk-restore --vm VM --restore-path DIR [options]
+  vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [options]
   vmbk-restore (-h | --help | --version)
 
 Restores what vmbk-backup, vmbackup or virtnbdbackup wrote: disaster
 recovery (the default: the VM defined again with its name, UUID and MACs),
 clone (--name: new UUID and MACs), disks only (--disk, --skip-config),
 point in time (--period, --restore-point).  The flags are vmrestore's.
+A --disk restore without --restore-path replaces those disks of the
+defined, shut off VM in place: each is built beside its file first, then all are
+swapped at once, the old files kept as FILE.pre-restore (refused if one
+exists; --no-pre-restore keeps none); the definition, NVRAM and TPM state
+are untouched, and a disk the VM opens as raw is restored raw.
 VM is a name under the backup path, or a path: its basename is the VM name
 and its dirname the backup path; a path to a .archives/chain-* directory
 restores that archived chain.
@@ -24,9 +29,11 @@ file names and puts the NVRAM back (the current file saved as
 FILE.before-restore.TIME); a clone's files are NAME.qcow2 (one disk) or
 NAME-DEV.qcow2 and NAME_VARS.fd, NAME being --name; disks restored without
 a definition are named like a clone's after the VM.  A defined VM of that
-name is replaced only with --force and only when shut off.  In-place disk
-replacement (--disk without a VM definition change, .pre-restore) and TPM
-state are not implemented yet.
+name is replaced only with --force and only when shut off.  TPM state
+(tpm-state/tpm2 of the chain) goes to /var/lib/libvirt/swtpm/UUID/tpm2,
+the VM's current state there moved to tpm2.pre-restore-EPOCH; if that
+fails after the disks are restored, the restore is partial (exit 9).  The
+storage pool holding the restored files is refreshed.
 
 Records: backup_vm (--list); chain and restore_point (--list-restore-points);
 verify and dump; restore_disk and restore (a restore or --dry-run).
@@ -104,10 +111,16 @@ class Args:
             if name is not None and (not name or "/" in name or "\0" in name or name in (".", "..")):
                 raise UsageError(f"--name {name!r} is not a usable VM name")
             disks = parse_disks(args.get("--disk"))
-            if name is not None and disks is not None:
+            disk_restore = args.get("--disk") is not None
+            if name is not None and disk_restore:
                 raise UsageError("--disk cannot be combined with --name: a clone takes every disk")
+            raw_path = args.get("--restore-path")
+            if raw_path is None and not disk_restore:
+                raise UsageError("--restore-path is required (only --disk restores in place without it)")
+            if args.get("--no-pre-restore") and (raw_path is not None or not disk_restore):
+                raise UsageError("--no-pre-restore goes with an in-place --disk restore (no --restore-path)")
             options = Options(
-                restore_path=Path(os.path.abspath(args["--restore-path"])),
+                restore_path=Path(os.path.abspath(raw_path)) if raw_path is not None else None,
                 period=args.get("--period"),
                 restore_point=parse_restore_point(args.get("--restore-point")),
                 disks=disks,
@@ -118,6 +131,8 @@ class Args:
                 skip_tpm=bool(args.get("--skip-tpm")),
                 include_incomplete=bool(args.get("--include-incomplete")),
                 verify=not args.get("--no-verify"),
+                disk_restore=disk_restore,
+                pre_restore=not args.get("--no-pre-restore"),
             )
         elif args.get("--restore-point") is not None or args.get("--restore-path") is not None:
             raise UsageError("--restore-point and --restore-path go with --vm")

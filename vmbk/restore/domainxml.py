@@ -54,10 +54,6 @@ def restored_xml(xml: str, *, disks: Mapping[str, Path], nvram: Path | None,
     devices = root.find("devices")
     if devices is not None:
         _disks(devices, disks, warnings)
-        if devices.find("tpm") is not None:
-            warnings.append("TPM state is not restored yet: "
-                            + ("the clone starts with an empty TPM" if new_name is not None
-                               else "the VM keeps whatever TPM state the host has for its UUID"))
     return ET.tostring(root, encoding="unicode"), warnings
 
 

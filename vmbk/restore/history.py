@@ -46,7 +46,7 @@ def record(ref: SourceRef, opts: Options, plan: Plan | None, started_at: str, t0
         "vm": ref.vm,
         "mode": opts.mode,
         "source": str(plan.point.chain.path) if plan else str(ref.chain_dir or ref.backup_path / ref.vm),
-        "target": str(opts.restore_path),
+        "target": str(plan.restore_path if plan else opts.restore_path),
         "restore_point": f"{plan.point.chain.rel}:{plan.point.index}" if plan else None,
         "started_at": started_at,
         "duration_s": round(time.monotonic() - t0, 3),

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from vmbk.errors import StorageError, UsageError, VmError
+from vmbk.restore import inplace, tpm
 from vmbk.restore.image import DiskJob, measure, qcow_options
+from vmbk.restore.inplace import CurrentDisk
 from vmbk.restore.points import RestorePoint, chain_warnings
 from vmbk.restore.select import choose_chain, choose_disks, choose_point
 from vmbk.restore.source import Source
@@ -44,7 +47,8 @@ HEADROOM = 1.10
 class Options:
     """What the user asked for, typed (the command layer builds it)."""
 
-    restore_path: Path
+    #: None only for an in-place disk restore (``--disk`` without ``--restore-path``).
+    restore_path: Path | None
     period: str | None = None
     restore_point: int | None = None
     disks: tuple[str, ...] | None = None
@@ -55,16 +59,21 @@ class Options:
     skip_tpm: bool = False
     include_incomplete: bool = False
     verify: bool = True
+    #: ``--disk`` was given (``--disk all`` too, where ``disks`` is None).
+    disk_restore: bool = False
+    #: In place: keep each replaced file as ``<file>.pre-restore``.
+    pre_restore: bool = True
     #: Backup roots (configured ones) the restore path must stay out of.
     protected: tuple[Path, ...] = ()
 
     @property
     def mode(self) -> str:
-        """``clone`` (--name), ``disk`` (--disk), ``data`` (--skip-config) or ``dr``."""
+        """``clone`` (--name), ``inplace`` (--disk, no --restore-path), ``disk`` (--disk),
+        ``data`` (--skip-config) or ``dr``."""
         if self.name:
             return "clone"
-        if self.disks:
-            return "disk"
+        if self.disk_restore or self.disks:
+            return "inplace" if self.restore_path is None else "disk"
         return "data" if self.skip_config else "dr"
 
     @property
@@ -89,6 +98,14 @@ class Plan:
     warnings: tuple[str, ...] = ()
     #: Files the restore replaces after saving them aside (DR: the NVRAM).
     aside: tuple[Path, ...] = ()
+    #: Disks written as raw images (in place, where the VM opens them raw).
+    raw: frozenset[str] = frozenset()
+    #: In place: the replaced files are kept as ``<file>.pre-restore``.
+    pre_restore: bool = False
+    #: ``tpm-state/tpm2`` of the chain, when the restore brings TPM state back.
+    tpm_source: Path | None = None
+    #: Bytes needed per directory written to (`check_space`).
+    needed: dict[Path, int] = dataclasses.field(default_factory=dict)
 
     @property
     def targets(self) -> list[Path]:
@@ -126,17 +143,16 @@ def _idents(point: RestorePoint, disk: str) -> list[str]:
     return ["copy" if f.level == "copy" else checkpoint_name(f.number or 0) for f in point.disks[disk]]
 
 
-def make_plan(source: Source, opts: Options) -> Plan:
-    """Choose, name and measure; VmbkError when the restore cannot be done."""
-    # absolute: qemu-img reads "proto:..." as a protocol, libvirt needs absolute sources
-    opts = dataclasses.replace(opts, restore_path=Path(os.path.abspath(opts.restore_path)))
-    check_restore_path(opts.restore_path, (source.backup_path, *opts.protected))
+def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] | None = None) -> Plan:
+    """Choose, name and measure; VmbkError when the restore cannot be done.
+
+    ``current``: the VM's disks as libvirt defines them now, which an
+    in-place restore (``opts.restore_path`` None) replaces.
+    """
     chain = choose_chain(source, opts.period)
     point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm)
     disks = choose_disks(point, opts.disks, vm=source.vm)
     warnings = chain_warnings(chain) + [f"incomplete point restored on request: {p}" for p in point.problems]
-    if not opts.skip_tpm and opts.mode != "disk" and (chain.path / "tpm-state").exists():
-        warnings.append("the backup holds TPM state; restoring it is not implemented yet")
     config = point_config(point) if opts.defines else None
     if opts.defines and config is None:
         raise VmError(f"{chain.path} holds no readable domain XML (vmconfig.*.xml): "
@@ -144,13 +160,28 @@ def make_plan(source: Source, opts: Options) -> Plan:
     if config is not None and not config.exact:
         warnings.append(f"no vmconfig.{point.ident}.xml: the domain is defined from {config.path.name}")
     name = opts.name or (config.name if config is not None and config.name else source.vm)
-    names = _file_names(point, disks, name, config if opts.mode == "dr" else None)
+    roots = (source.backup_path, *opts.protected)
+    raw: frozenset[str] = frozenset()
+    if opts.restore_path is None:
+        now = inplace.targets(source.vm, disks, dict(current or {}))
+        paths = {d: Path(os.path.abspath(c.path or "")) for d, c in now.items()}
+        raw = frozenset(d for d, c in now.items() if c.fmt == "raw")
+        restore_path = paths[disks[0]].parent
+        for p in paths.values():
+            check_restore_path(p.parent, roots)
+        warnings.append("the VM's checkpoints no longer match the replaced disks: its next vmbk-backup "
+                        "archives the chain and starts a full")
+    else:
+        # absolute: qemu-img reads "proto:..." as a protocol, libvirt needs absolute sources
+        restore_path = Path(os.path.abspath(opts.restore_path))
+        check_restore_path(restore_path, roots)
+        names = _file_names(point, disks, name, config if opts.mode == "dr" else None)
+        paths = {d: restore_path / names[d] for d in disks}
     jobs = []
     for disk in disks:
-        paths = point.paths(disk)
-        vsize, data = measure(paths)
-        jobs.append(DiskJob(disk, tuple(paths), opts.restore_path / names[disk], vsize, data,
-                            qcow_options(chain.path, disk, point.ident, _idents(point, disk))))
+        vsize, data = measure(point.paths(disk))
+        qcow = () if disk in raw else qcow_options(chain.path, disk, point.ident, _idents(point, disk))
+        jobs.append(DiskJob(disk, tuple(point.paths(disk)), paths[disk], vsize, data, qcow))
     nvram_src = nvram_dst = xml_dst = None
     aside: tuple[Path, ...] = ()
     if config is not None:
@@ -160,15 +191,44 @@ def make_plan(source: Source, opts: Options) -> Plan:
                 nvram_dst = Path(config.nvram)
                 aside = (nvram_dst,)
             elif nvram_src is not None:
-                nvram_dst = opts.restore_path / f"{name}_VARS.fd"
+                nvram_dst = restore_path / f"{name}_VARS.fd"
             elif config.nvram is None:  # else domainxml says so
                 warnings.append(f"no NVRAM saved for {point.ident}: the VM gets fresh UEFI variables")
-        xml_dst = opts.restore_path / f"{name}.xml"
-    largest = max((j.data_bytes for j in jobs), default=0)
-    needed = sum(j.data_bytes + j.virtual_size // 4096 for j in jobs) + largest
-    needed += nvram_src.stat().st_size if nvram_src is not None else 0
-    return Plan(source, point, opts.mode, name, opts.restore_path, tuple(jobs), config, nvram_src, nvram_dst,
-                xml_dst, needed, free_space(opts.restore_path), tuple(warnings), aside)
+        xml_dst = restore_path / f"{name}.xml"
+    tpm_src = None
+    if opts.defines:
+        tpm_src, tpm_warning = tpm.backup_state(chain.path, config)
+        warnings += [tpm_warning] if tpm_warning else []
+        if opts.skip_tpm and tpm_src is not None:
+            tpm_src = None
+            warnings.append("--skip-tpm: the backup's TPM state is not restored"
+                            + ("; the clone starts with an empty TPM" if opts.mode == "clone" else ""))
+    needed = _needed(jobs, raw, nvram_src)
+    return Plan(source, point, opts.mode, name, restore_path, tuple(jobs), config, nvram_src, nvram_dst,
+                xml_dst, sum(needed.values()), free_space(restore_path), tuple(warnings), aside, raw,
+                opts.pre_restore and opts.mode == "inplace", tpm_src, needed)
+
+
+def _needed(jobs: list[DiskJob], raw: frozenset[str], nvram: Path | None) -> dict[Path, int]:
+    """Bytes the restore needs per directory it writes to.
+
+    Each image (data plus metadata), and, on each file system, the raw
+    scratch file of its largest qcow2 disk, which exists beside the image
+    while that disk is converted.
+    """
+    out: dict[Path, int] = {}
+    largest: dict[Path, int] = {}
+    for j in jobs:
+        d = j.target.parent
+        out[d] = out.get(d, 0) + j.data_bytes + j.virtual_size // 4096
+        if j.disk not in raw:
+            largest[d] = max(largest.get(d, 0), j.data_bytes)
+    for d, n in largest.items():
+        out[d] += n
+    if nvram is not None and jobs:
+        d = jobs[0].target.parent
+        out[d] = out.get(d, 0) + nvram.stat().st_size
+    return out
 
 
 def _file_names(point: RestorePoint, disks: tuple[str, ...], name: str, dr: DomainConfig | None) -> dict[str, str]:
@@ -187,6 +247,10 @@ def _file_names(point: RestorePoint, disks: tuple[str, ...], name: str, dr: Doma
 def check_existing(plan: Plan, *, force: bool) -> None:
     if plan.restore_path.exists() and not plan.restore_path.is_dir():
         raise StorageError(f"--restore-path {plan.restore_path} exists and is not a directory")
+    if plan.mode == "inplace":
+        if plan.pre_restore:
+            inplace.check_pre_restore([j.target for j in plan.jobs])
+        return
     for target in plan.targets:
         if target in plan.aside:
             continue
@@ -197,12 +261,26 @@ def check_existing(plan: Plan, *, force: bool) -> None:
 
 
 def check_space(plan: Plan) -> None:
-    if plan.free_bytes is None:
-        return
-    wanted = int(plan.needed_bytes * HEADROOM)
-    if plan.free_bytes < wanted:
-        raise StorageError(f"insufficient space: the restore needs {_human(plan.needed_bytes)} plus 10 % headroom "
-                           f"but only {_human(plan.free_bytes)} is available for {plan.restore_path}")
+    """StorageError (4) when a file system lacks the bytes it gets, plus 10 %."""
+    per_fs: dict[int, tuple[Path, int, int | None]] = {}
+    for d, n in (plan.needed or {plan.restore_path: plan.needed_bytes}).items():
+        dev = _device(d)
+        _, total, free = per_fs.get(dev, (d, 0, free_space(d)))
+        per_fs[dev] = (d, total + n, free)
+    for d, needed, free in per_fs.values():
+        if free is not None and free < int(needed * HEADROOM):
+            raise StorageError(f"insufficient space: the restore needs {_human(needed)} plus 10 % headroom "
+                               f"but only {_human(free)} is available for {d}")
+
+
+def _device(path: Path) -> int:
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.stat(probe).st_dev
+    except OSError:
+        return -1
 
 
 def _human(n: int) -> str:

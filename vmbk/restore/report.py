@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vmbk.errors import VmbkError
 from vmbk.records import Record, make
-from vmbk.restore import image
+from vmbk.restore import image, inplace
 from vmbk.restore.plan import Plan
 
 log = logging.getLogger("vmbk.restore")
@@ -30,13 +31,25 @@ class Outcome:
     warnings: list[str] = dataclasses.field(default_factory=list)
     domain: dict[str, Any] | None = None
     saved: list[Path] = dataclasses.field(default_factory=list)
+    #: In place: disk -> the file replaced and its ``.pre-restore`` copy.
+    swapped: dict[str, inplace.Swapped] = dataclasses.field(default_factory=dict)
+    tpm: Path | None = None
+    tpm_saved: Path | None = None
+    tpm_error: VmbkError | None = None
+    pools: list[str] = dataclasses.field(default_factory=list)
 
 
 def disk_record(plan: Plan, job: image.DiskJob, session: str | None, outcome: str,
-                 built: image.Built | None) -> Record:
+                 built: image.Built | None, swapped: inplace.Swapped | None = None) -> Record:
     extra: dict[str, Any] = {}
     if built is not None:
         extra = {"seconds": round(built.seconds, 3), "mb_per_s": _rate(built.data_bytes, built.seconds)}
+    if plan.mode == "inplace":
+        pre = swapped.pre_restore if swapped is not None else (
+            inplace.pre_restore_path(job.target) if plan.pre_restore else None)
+        extra["pre_restore"] = str(pre) if pre is not None else None
+        if swapped is not None and swapped.pre_restore_size is not None:
+            extra["pre_restore_size"] = swapped.pre_restore_size
     return make(
         "restore_disk", session,
         vm=plan.source.vm,
@@ -48,6 +61,7 @@ def disk_record(plan: Plan, job: image.DiskJob, session: str | None, outcome: st
         sources=[p.name for p in job.sources],
         virtual_size=job.virtual_size,
         data_bytes=job.data_bytes,
+        format="raw" if job.disk in plan.raw else "qcow2",
         qcow_options=list(job.qcow_options),
         outcome=outcome,
         **extra,
@@ -75,6 +89,10 @@ def summary(plan: Plan, session: str | None, outcome: str, out: Outcome, seconds
         files=[str(p) for p in plan.targets],
         nvram=str(plan.nvram_target) if plan.nvram_target else None,
         saved_aside=[str(p) for p in out.saved],
+        pre_restore=[{"path": str(s.pre_restore), "size": s.pre_restore_size}
+                     for s in out.swapped.values() if s.pre_restore is not None],
+        tpm=_tpm(plan, out, outcome),
+        pools=out.pools,
         domain=out.domain,
         needed_bytes=plan.needed_bytes,
         free_bytes=plan.free_bytes,
@@ -90,6 +108,18 @@ def summary(plan: Plan, session: str | None, outcome: str, out: Outcome, seconds
     for w in rec["warnings"]:
         log.warning("%s: %s", plan.source.vm, w)
     return rec
+
+
+def _tpm(plan: Plan, out: Outcome, outcome: str) -> dict[str, Any] | None:
+    """What became of the backup's TPM state (None: the restore has none to bring back)."""
+    if plan.tpm_source is None:
+        return None
+    if outcome == "dry-run":
+        return {"source": str(plan.tpm_source), "restored": None}
+    if out.tpm_error is not None:
+        return {"source": str(plan.tpm_source), "restored": False, "error": out.tpm_error.message}
+    return {"source": str(plan.tpm_source), "restored": True, "path": str(out.tpm),
+            "saved_aside": str(out.tpm_saved) if out.tpm_saved else None}
 
 
 def _rate(nbytes: int, seconds: float) -> float | None:

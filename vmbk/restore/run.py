@@ -15,7 +15,10 @@ Order and why:
 4. every disk built as ``.partial`` (`vmbk.restore.image`), the clone's
    NVRAM and XML staged the same way; any failure or signal removes all
    of them, so nothing half-written is left;
-5. commit (renames), then define the clone;
+5. commit (renames; in place: `vmbk.restore.inplace.swap`, all disks or
+   none), define the VM, put its TPM state back (`vmbk.restore.tpm`: a
+   failure there makes the restore partial, exit 9, the disks stay), and
+   refresh the storage pool that holds the files (`vmbk.restore.pools`);
 6. a ``restore_sessions`` row (`vmbk.restore.history`) when the catalogue
    exists, whatever the outcome.  ``--dry-run`` takes no lock, writes
    nothing and raises the first failed check after its records.
@@ -33,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.catalogue import now_iso
-from vmbk.errors import StorageError, VmbkError
+from vmbk.errors import StorageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
-from vmbk.records import Record
-from vmbk.restore import define, domainxml, history, image, livedisks, report
+from vmbk.records import Record, error_record
+from vmbk.restore import define, domainxml, history, image, inplace, livedisks, pools, report, tpm
 from vmbk.restore.plan import Options, Plan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt.connection import LibvirtError, open_connection
@@ -55,25 +58,34 @@ def restore(ref: SourceRef, opts: Options, *, uri: str | None, session: str | No
     plan: Plan | None = None
     try:
         with _lock(ref):
-            plan = make_plan(load(ref), opts)
-            with _connection(uri, required=opts.defines) as conn:
+            source = load(ref)
+            with _connection(uri, required=opts.defines or opts.mode == "inplace", write=True) as conn:
+                plan = make_plan(source, opts, _current(conn, source.vm, opts))
                 replace = _preflight(plan, conn, opts)
                 outcome = _execute(plan, conn, opts, replace)
+                _after(plan, conn, outcome)
     except BaseException as e:
         history.record(ref, opts, plan, started_at, t0, e)
         raise
-    history.record(ref, opts, plan, started_at, t0, None)
+    history.record(ref, opts, plan, started_at, t0, outcome.tpm_error)
     seconds = time.monotonic() - t0
     for job, built in zip(plan.jobs, outcome.built, strict=True):
-        emit(report.disk_record(plan, job, session, "ok", built))
-    emit(report.summary(plan, session, "ok", outcome, seconds))
+        emit(report.disk_record(plan, job, session, "ok", built, outcome.swapped.get(job.disk)))
+    emit(report.summary(plan, session, "partial" if outcome.tpm_error else "ok", outcome, seconds))
+    if outcome.tpm_error is not None:
+        emit(error_record(outcome.tpm_error, stage="restore", session=session, vm=plan.source.vm))
+
+
+def _current(conn: Any, vm: str, opts: Options) -> dict[str, inplace.CurrentDisk] | None:
+    return inplace.current_disks(conn, vm) if opts.mode == "inplace" else None
 
 
 def _dry_run(ref: SourceRef, opts: Options, *, uri: str | None, session: str | None, emit: Emit) -> None:
     """The whole plan as records; the first failed check is raised afterwards."""
-    plan = make_plan(load(ref), opts)
+    source = load(ref)
     failed: list[VmbkError] = []
-    with _connection(uri, required=False) as conn:
+    with _connection(uri, required=opts.mode == "inplace", write=False) as conn:
+        plan = make_plan(source, opts, _current(conn, source.vm, opts))
         try:
             _preflight(plan, conn, opts)
         except VmbkError as e:
@@ -99,17 +111,24 @@ def _lock(ref: SourceRef) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _connection(uri: str | None, *, required: bool) -> Iterator[Any]:
-    """libvirt, read-write when the restore defines a domain, else optional."""
+def _connection(uri: str | None, *, required: bool, write: bool) -> Iterator[Any]:
+    """libvirt: read-write when the restore needs it, else optional.
+
+    ``write``: read-write if it can be had (a storage pool refresh needs
+    it), read-only else; ``required``: no connection is an error.
+    """
     conn = None
     if uri is not None:
         if required:
-            conn = open_connection(uri)
+            conn = open_connection(uri, readonly=not write)
         else:
-            try:
-                conn = open_connection(uri, readonly=True)
-            except VmbkError as e:
-                log.warning("%s: files of defined domains are not checked", e)
+            for readonly in (False, True) if write else (True,):
+                try:
+                    conn = open_connection(uri, readonly=readonly)
+                    break
+                except VmbkError as e:
+                    if readonly:
+                        log.warning("%s: files of defined domains are not checked", e)
     try:
         yield conn
     finally:
@@ -131,7 +150,7 @@ def _preflight(plan: Plan, conn: Any, opts: Options) -> bool:
             replace = define.check_defined(conn, plan.name, force=opts.force, uuid=uuid)
         replaceable = plan.name if opts.defines else plan.source.vm
         livedisks.check_targets(plan.targets, livedisks.files_in_use(conn), replaceable=replaceable,
-                                force=opts.force)
+                                force=opts.force or plan.mode == "inplace")
     check_existing(plan, force=opts.force)
     check_space(plan)
     return replace
@@ -144,9 +163,10 @@ def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outc
     staged: list[tuple[Path, Path]] = []
     xml = ""
     try:
-        _make_dirs(plan.restore_path)
+        if plan.mode != "inplace":
+            _make_dirs(plan.restore_path)
         for job in plan.jobs:
-            out.built.append(image.build(job))
+            out.built.append(inplace.build_raw(job) if job.disk in plan.raw else image.build(job))
         nvram_src, nvram_dst = plan.nvram_source, plan.nvram_target
         if nvram_src is not None and nvram_dst is not None:
             _stage(staged, nvram_dst, lambda p: shutil.copyfile(nvram_src, p))
@@ -166,6 +186,9 @@ def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outc
         if isinstance(e, OSError):
             raise StorageError(f"{e.filename or plan.restore_path}: {e.strerror or e}") from None
         raise
+    if plan.mode == "inplace":
+        out.swapped = {s.disk: s for s in inplace.swap(plan.jobs, keep=plan.pre_restore)}
+        return out
     try:
         image.commit(plan.jobs)
         for partial, final in staged:
@@ -179,6 +202,24 @@ def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outc
             raise LibvirtError(f"{e}; the restored files are kept in {plan.restore_path} "
                                f"(virsh define {plan.xml_target} once the cause is fixed)", vm=e.vm) from None
     return out
+
+
+def _after(plan: Plan, conn: Any, out: report.Outcome) -> None:
+    """Once the files are in place: TPM state, then the storage pool."""
+    if plan.tpm_source is not None:
+        uuid = (out.domain or {}).get("uuid") or (plan.config.uuid if plan.config else None)
+        try:
+            if not uuid:
+                raise VmError("the restored VM's UUID is unknown", vm=plan.source.vm)
+            out.tpm, out.tpm_saved = tpm.restore(plan.tpm_source, uuid)
+        except (OSError, ValueError, VmbkError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            out.tpm_error = StorageError(
+                f"the disks are restored but the TPM state is not ({why}): a guest with BitLocker will ask for "
+                f"its recovery key (tpm-state/bitlocker-recovery-keys.txt in the backup, if it was saved)",
+                vm=plan.source.vm)
+    refreshed, warnings = pools.refresh(conn, plan.targets)
+    out.pools, out.warnings = refreshed, out.warnings + warnings
 
 
 def _save_aside(paths: tuple[Path, ...]) -> list[Path]:
