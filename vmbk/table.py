@@ -17,7 +17,7 @@ COLUMNS: dict[str, list[str]] = {
     "error": ["vm", "stage", "kind", "code", "message"],
     # vmbk-restore
     "backup_vm": ["vm", "layout", "policy", "periods", "restore_points", "incomplete_points",
-                  "archived_chains", "disks", "tags", "size", "last_backup"],
+                  "archived_chains", "disks", "tags", "size", "last_backup", "health"],
     "chain": ["vm", "chain", "base", "restore_points", "complete", "disks", "size", "warnings"],
     "restore_point": ["chain", "index", "date", "kind", "disks", "complete", "size", "problems"],
     "verify": ["chain", "file", "structure", "checksum", "ok", "problems"],

@@ -2,7 +2,8 @@
 
 vmrestore guide, 9.1: one line per VM with its layout, restore point count
 (summed over its periods), archived chains, size and tags (TPM,
-multi-disk).  9.2: every period with its numbered restore points (date,
+multi-disk), and the catalogue's health line when there is a catalogue
+(`vmbk.restore.health`).  9.2: every period with its numbered restore points (date,
 type FULL/Incremental/COPY, disk set) and the archived chains expanded
 inline; incomplete chains flagged.  Here each chain is a ``chain`` record
 followed by its ``restore_point`` records, archives after the chain they
@@ -20,6 +21,7 @@ from typing import Any
 
 from vmbk.errors import StorageError, VmError
 from vmbk.records import Record, make
+from vmbk.restore import health
 from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
@@ -35,17 +37,22 @@ def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
         entries = sorted(os.scandir(backup_path), key=lambda e: e.name)
     except OSError as e:
         raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
-    for entry in entries:
-        if entry.name.startswith(("_", ".")) or entry.name in SKIP_DIRS or not entry.is_dir(follow_symlinks=False):
-            continue
-        source = locate_name(backup_path, entry.name)
-        chains = active_chains(source)
-        if not chains:
-            continue
-        yield vm_record(source, chains, session)
+    catalogue = health.Health(backup_path)
+    try:
+        for entry in entries:
+            if entry.name.startswith(("_", ".")) or entry.name in SKIP_DIRS or not entry.is_dir(follow_symlinks=False):
+                continue
+            source = locate_name(backup_path, entry.name)
+            chains = active_chains(source)
+            if not chains:
+                continue
+            yield vm_record(source, chains, session, catalogue.of(source.vm))
+    finally:
+        catalogue.close()
 
 
-def vm_record(source: Source, chains: list[Chain], session: str | None) -> Record:
+def vm_record(source: Source, chains: list[Chain], session: str | None,
+              facts: dict[str, Any] | None = None) -> Record:
     tree = source.tree
     points = {c.rel: restore_points(c) for c in chains}
     latest = tree.latest()
@@ -69,6 +76,8 @@ def vm_record(source: Source, chains: list[Chain], session: str | None) -> Recor
         size=_du(tree.path),
         last_backup=_iso(tree.last_backup),
         uuid=latest.uuid if latest is not None else None,
+        health=health.line(facts) if facts else None,
+        catalogue=facts,
     )
 
 
