@@ -91,6 +91,28 @@ def test_a_week_of_weekly_backups_restores_at_every_point(test_guest, vm_workdir
     assert restores_to(chain_files(w47), refs["thu"], tmp_path), "Thu (current W47 full)"
     assert restores_to(chain_files(root / guest.name / "2026-W48"), refs["next-mon"], tmp_path), "next Mon (W48)"
 
+    # the same through vmbk-restore: the archived chain listed inline, and restored by its path
+    code, recs = restore("--backup-path", str(root), "--list-restore-points", guest.name, "--period", "2026-W47")
+    assert code == 0 and [r["chain"] for r in recs if r["type"] == "chain"] == [
+        "2026-W47", "2026-W47/.archives/chain-2026-11-18", "2026-W47/.archives/chain-2026-11-19"], recs
+    out = tmp_path / "tue"
+    code, recs = restore("--vm", str(monday_chain), "--restore-point", "1", "--restore-path", str(out),
+                         "--skip-config")
+    assert code == 0 and recs[-1]["chain"] == "2026-W47/.archives/chain-2026-11-18", recs
+    image = Path(recs[-1]["files"][0])
+    assert subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(image),
+                           str(refs["tue"])]).returncode == 0
+
+
+def restore(*argv: str) -> tuple[int, list[dict]]:
+    import io
+
+    from vmbk.commands.restore import main
+
+    out = io.StringIO()
+    code = main(["--json", *argv], io.StringIO(""), out)
+    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+
 
 def test_accumulate_grows_one_chain_and_archives_it_at_the_limit(nos_domain, vm_workdir, tmp_path, monkeypatch):
     import libvirt_qemu
