@@ -18,7 +18,9 @@ domain XML); a clone, and disks restored without a VM definition, are
 ``{name}.qcow2`` when the point has one disk and ``{name}-{dev}.qcow2``
 per disk otherwise, ``{name}`` being the clone's name or the VM's.  A
 clone's NVRAM is ``{name}_VARS.fd`` beside its disks; disaster recovery
-puts the NVRAM back where it was, the file there saved aside first as
+puts the NVRAM back where it was (with firmware auto-selection, where
+libvirt keeps the NVRAM it names: ``/var/lib/libvirt/qemu/nvram/`` and
+the saved copy's basename), the file there saved aside first as
 ``<file>.before-restore.<timestamp>`` (guide, 12).  The domain XML that
 is defined is also written as ``{name}.xml``.
 """
@@ -41,6 +43,8 @@ from vmbk.restore.vmconfig import DomainConfig, nvram_backup, point_config
 from vmbk.tree.names import checkpoint_name
 
 HEADROOM = 1.10
+#: Where libvirt's QEMU driver keeps NVRAM files it names itself.
+NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +191,10 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
     if config is not None:
         if config.nvram or config.uefi:
             nvram_src = nvram_backup(point, config.nvram)
-            if nvram_src is not None and opts.mode == "dr" and config.nvram:
-                nvram_dst = Path(config.nvram)
+            if nvram_src is not None and opts.mode == "dr":
+                # the original path; with firmware auto-selection the XML names
+                # none and libvirt's is <nvram dir>/<the saved file's basename>
+                nvram_dst = Path(config.nvram) if config.nvram else NVRAM_DIR / _original_name(nvram_src, point)
                 aside = (nvram_dst,)
             elif nvram_src is not None:
                 nvram_dst = restore_path / f"{name}_VARS.fd"
@@ -207,6 +213,11 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
     return Plan(source, point, opts.mode, name, restore_path, tuple(jobs), config, nvram_src, nvram_dst,
                 xml_dst, sum(needed.values()), free_space(restore_path), tuple(warnings), aside, raw,
                 opts.pre_restore and opts.mode == "inplace", tpm_src, needed)
+
+
+def _original_name(saved: Path, point: RestorePoint) -> str:
+    suffix = f".{point.ident}"
+    return saved.name[: -len(suffix)] if saved.name.endswith(suffix) else saved.name
 
 
 def _needed(jobs: list[DiskJob], raw: frozenset[str], nvram: Path | None) -> dict[Path, int]:

@@ -169,6 +169,7 @@ def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outc
             out.built.append(inplace.build_raw(job) if job.disk in plan.raw else image.build(job))
         nvram_src, nvram_dst = plan.nvram_source, plan.nvram_target
         if nvram_src is not None and nvram_dst is not None:
+            _make_dirs(nvram_dst.parent)
             _stage(staged, nvram_dst, lambda p: shutil.copyfile(nvram_src, p))
         if opts.defines and plan.config is not None and plan.xml_target is not None:
             xml, out.warnings = domainxml.restored_xml(
