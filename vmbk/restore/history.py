@@ -41,6 +41,8 @@ def record(ref: SourceRef, opts: Options, plan: Plan | None, started_at: str, t0
         log.warning("restore not recorded: %s", e)
         return
     if cat is None:
+        log.warning("no catalogue under %s: the restore is not recorded (the backup tree alone is enough)",
+                    ref.backup_path)
         return
     row = {
         "vm": ref.vm,
