@@ -304,3 +304,22 @@ def test_now_must_be_iso(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     rc = plan_cmd.cli.run(plan_cmd.__doc__ or "", plan_cmd.body, ["--now", "yesterday", "--backup-path", str(tmp_path)],
                           io.StringIO(""), io.StringIO(), prog=plan_cmd.PROG, stderr=err)
     assert rc == 7 and "ISO 8601" in err.getvalue()
+
+
+def test_periods_follow_the_hosts_calendar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """01:30 on Monday in Sydney is still Sunday in UTC: vmbackup (``date``) uses Monday's week."""
+    import time
+
+    from vmbk.tree.names import period_id
+
+    monkeypatch.setenv("TZ", "Australia/Sydney")
+    time.tzset()
+    try:
+        now = plan_cmd.parse_now("2026-11-23T01:30:00")  # a Monday, local time
+        assert now.utcoffset() is not None and period_id("weekly", now) == "2026-W48"
+        assert period_id("weekly", plan_cmd.parse_now("2026-11-22T14:30:00+00:00")) == "2026-W48"  # same instant
+        assert period_id("daily", plan_cmd.parse_now("2026-11-30T23:30:00+00:00")) == "20261201"
+        assert period_id("monthly", plan_cmd.parse_now("2026-11-30T23:30:00+00:00")) == "202612"
+    finally:
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()

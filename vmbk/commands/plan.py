@@ -14,7 +14,7 @@ reasons.  Other records pass through.  Never writes anything.
   vmbk-plan --now 2026-03-02T22:00:00Z < saved-vm-records.jsonl
 
 Options:
-  --now ISO8601            Decide as if it were then (default now; no offset: UTC).
+  --now ISO8601            Decide as if it were then (default now; no offset: local time).
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
   --json                   JSON lines even on a terminal.
@@ -39,14 +39,20 @@ PROG = "vmbk-plan"
 
 
 def parse_now(value: str | None) -> _dt.datetime:
-    """``--now``: ISO 8601; a time without an offset is UTC."""
+    """``--now``: ISO 8601, as a time of the host's time zone.
+
+    Periods follow the host's calendar, as vmbackup's ``date +%Y%m`` and
+    ``+%G-W%V`` do: a backup at 01:30 on a Monday in Sydney belongs to
+    that Monday's week, not to the Sunday it still is in UTC.  A time
+    without an offset is local time; one with an offset is converted.
+    """
     if value is None:
-        return _dt.datetime.now(_dt.timezone.utc)
+        return _dt.datetime.now().astimezone()
     try:
         now = _dt.datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(f"--now must be an ISO 8601 time such as 2026-03-02T22:00:00Z, not {value!r}") from None
-    return now if now.tzinfo is not None else now.replace(tzinfo=_dt.timezone.utc)
+    return now.astimezone()
 
 
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
