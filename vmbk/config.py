@@ -168,6 +168,24 @@ def load(
     return cfg
 
 
+def all_backup_paths(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The backup paths of every instance in the configuration directory.
+
+    A restore must not write into any of them (vmrestore guide, 7), not
+    only into the one of the instance it reads from.  An instance that
+    does not parse is skipped here; using it says why.
+    """
+    out = []
+    for path in sorted(Path(config_dir(env)).glob("*.toml")):
+        try:
+            cfg = parse(path, path.stem)
+        except ConfigError:
+            continue
+        if cfg.backup_path is not None:
+            out.append(cfg.backup_path)
+    return tuple(out)
+
+
 def parse(path: Path, instance: str) -> Config:
     try:
         with open(path, "rb") as f:

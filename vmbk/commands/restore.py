@@ -168,7 +168,7 @@ def _dispatch(a: Args, cfg: _config.Config, emitter: Emitter, session: str) -> i
     ref = resolve(a.vm, lambda: _root(cfg))
     if a.action == "restore":
         assert a.options is not None
-        protected = (cfg.backup_path,) if cfg.backup_path is not None else ()
+        protected = ((cfg.backup_path,) if cfg.backup_path is not None else ()) + _config.all_backup_paths()
         opts = dataclasses.replace(a.options, protected=protected)
         restore(ref, opts, uri=a.common.uri(cfg), session=session, emit=emitter.emit)
         return emitter.exit_code()
