@@ -481,3 +481,46 @@ def test_dr_without_a_domain_xml_points_at_skip_config(tree, tmp_path):
     code, recs = restore(root, HOSTILE, tmp_path / "o")
     assert code == Exit.VM and "--skip-config" in recs[0]["message"]
     assert restore(root, HOSTILE, tmp_path / "o", "--skip-config")[0] == 0
+
+
+TPM_XML = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+
+
+def _with_tpm(chain) -> None:
+    (chain.path / "vmconfig.virtnbdbackup.2.xml").write_text(vmconfig(HOSTILE, ["vda"], extra=TPM_XML))
+    state = chain.path / "tpm-state" / "tpm2"
+    state.mkdir(parents=True)
+    (state / "tpm2-00.permall").write_bytes(b"sealed secrets")
+
+
+def test_dr_puts_the_tpm_state_under_the_uuid_and_keeps_the_current_one(tree, tmp_path, monkeypatch):
+    from vmbk.restore import tpm
+
+    root, chain = tree
+    _with_tpm(chain)
+    monkeypatch.setattr(tpm, "SWTPM_ROOT", tmp_path / "swtpm")
+    current = tmp_path / "swtpm" / "6b3c4a2e-1111-2222-3333-444455556666" / "tpm2"
+    current.mkdir(parents=True)
+    (current / "tpm2-00.permall").write_bytes(b"state of today")
+    code, recs = restore(root, HOSTILE, tmp_path / "dr")
+    assert code == 0, recs
+    t = recs[-1]["tpm"]
+    assert (t["restored"], t["path"]) == (True, str(current))
+    assert (current / "tpm2-00.permall").read_bytes() == b"sealed secrets"
+    assert (Path(t["saved_aside"]) / "tpm2-00.permall").read_bytes() == b"state of today"
+
+
+def test_a_tpm_state_that_cannot_be_restored_makes_the_restore_partial(tree, tmp_path, monkeypatch):
+    from vmbk.restore import tpm
+
+    root, chain = tree
+    _with_tpm(chain)
+    blocker = tmp_path / "not a directory"
+    blocker.write_bytes(b"")
+    monkeypatch.setattr(tpm, "SWTPM_ROOT", blocker)
+    code, recs = restore(root, HOSTILE, tmp_path / "dr")
+    assert code == Exit.PARTIAL, recs
+    summary, err = recs[-2:]
+    assert summary["outcome"] == "partial" and summary["tpm"]["restored"] is False
+    assert err["type"] == "error" and "recovery key" in err["message"]
+    assert (tmp_path / "dr" / "vda.qcow2").exists()  # the disks are restored all the same
