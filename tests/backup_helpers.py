@@ -1,4 +1,4 @@
-"""Running vmbk-backup from tests: in-process, or as a slowed-down process.
+"""Running vmbk-backup (and vmbk-restore) from tests: in-process, or as a slowed-down process.
 
 In-process (`run_backup`, `backup_ok`) is the default; a real process
 (`slow_backup`) is for signals and crashes, slowed with LZ4-HC so a test
@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from vmbk.commands.backup import main as backup_main
+from vmbk.commands.restore import main as restore_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,15 @@ def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> int:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def run_restore(*argv: str) -> tuple[int, list[dict[str, Any]]]:
+    """``vmbk-restore --json ARGV...`` in-process: (exit code, records)."""
+    out = io.StringIO()
+    code = restore_main(["--json", *argv], io.StringIO(""), out)
+    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def tree_files(d: Path) -> dict[str, bytes]:
+    """Every file below ``d`` (relative name -> content)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}

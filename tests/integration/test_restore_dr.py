@@ -11,19 +11,18 @@ point's content, not a neighbour's.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from pathlib import Path
 
 import libvirt
-import orjson
 import pytest
 from backup_helpers import backup_ok
+from backup_helpers import run_restore as run
+from backup_helpers import tree_files as files
 from guest.agent import AgentError, Guest
 from guest.domain import remove_domain
 
-from vmbk.commands.restore import main as restore_main
 from vmbk.restore.tpm import SWTPM_ROOT
 from vmbk.virt.domain import parse_domain_xml
 
@@ -32,14 +31,6 @@ MAC = "52:54:00:5a:17:c3"
 NIC = f"<interface type='user'><mac address='{MAC}'/><model type='virtio'/></interface>"
 
 
-def run(*argv: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    code = restore_main(["--json", *argv], io.StringIO(""), out)
-    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
-
-
-def files(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_lost_vm_comes_back_with_its_identity_then_one_disk_goes_back_in_time(test_guest, vm_workdir,

@@ -11,22 +11,15 @@ from __future__ import annotations
 import io
 
 import libvirt
-import orjson
 import pytest
+from backup_helpers import run_restore as restore
 from guest.domain import remove_domain
 
 from vmbk.commands.backup import main as backup_main
-from vmbk.commands.restore import main as restore_main
 from vmbk.errors import Exit
 
 pytestmark = pytest.mark.libvirt
 MiB = 1 << 20
-
-
-def restore(*argv: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    code = restore_main(["--json", *argv], io.StringIO(""), out)
-    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
 
 
 def test_each_instance_has_its_own_backups_and_restores_from_them(nos_domain, vm_workdir, tmp_path, monkeypatch,

@@ -8,18 +8,17 @@ swtpm's user, with whatever was there before kept aside.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 from pathlib import Path
 
 import libvirt
-import orjson
 import pytest
 from backup_helpers import backup_ok
+from backup_helpers import run_restore as run
+from backup_helpers import tree_files as files
 from guest.domain import remove_domain
 
-from vmbk.commands.restore import main as restore_main
 from vmbk.restore.tpm import SWTPM_ROOT, swtpm_owner
 
 pytestmark = pytest.mark.libvirt
@@ -27,14 +26,6 @@ MiB = 1 << 20
 TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
-def run(*argv: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    code = restore_main(["--json", *argv], io.StringIO(""), out)
-    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
-
-
-def files(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.errors import StorageError, VmError
-from vmbk.fsutil import fsync_dir
+from vmbk.fsutil import fsync_dir, fsync_path
 from vmbk.restore import image
 from vmbk.virt.connection import libvirt_module
 from vmbk.virt.domain import parse_domain_xml
@@ -141,7 +141,7 @@ def swap(jobs: Sequence[image.DiskJob], *, keep: bool) -> list[Swapped]:
     try:
         for job in jobs:
             _take_over_ownership(job.partial, job.target)
-            _fsync(job.partial)
+            fsync_path(job.partial)
             pre = pre_restore_path(job.target) if keep and job.target.exists() else None
             if pre is not None:
                 if pre.exists():  # appeared since the check: never overwrite a rollback copy
@@ -189,11 +189,3 @@ def _take_over_ownership(new: Path, old: Path) -> None:
     if os.geteuid() == 0:
         os.chown(new, st.st_uid, st.st_gid)
     os.chmod(new, st.st_mode & 0o7777)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
