@@ -25,7 +25,13 @@ import orjson
 import pytest
 from fixtures.guest import WORKDIR_BASE, unique_name
 from guest.agent import AgentError, Guest
-from guest.domain import guest_domain_xml, make_qcow2, nos_domain_xml, remove_domain, start_domain
+from guest.domain import (
+    guest_domain_xml,
+    make_qcow2,
+    nos_domain_xml,
+    remove_domain,
+    start_domain,
+)
 
 from vmbk.commands.backup import main as backup_main
 from vmbk.commands.restore import main as restore_main

@@ -250,14 +250,15 @@ def test_failure_while_writing_removes_every_partial(tmp_path, monkeypatch):
     root = tmp_path / "b"
     c = Chain(root / "vm" / "202603", "vm")
     c.point({d: ([(0, b"x" * 4096)], []) for d in ("vda", "vdb")})
-    real = image._qemu_img
+    real = image.write_qcow2
 
-    def fail_second_convert(argv, what, *rest):
-        if argv[0] == "convert" and "vdb" in what:
-            raise image.ToolError("simulated convert failure")
-        return real(argv, what, *rest)
+    def fail_second_disk(sources, target, *rest, **kw):
+        if "vdb" in target.name:
+            real(sources, target, *rest, **kw)  # its .partial exists, then the failure
+            raise image.ToolError("simulated write failure")
+        return real(sources, target, *rest, **kw)
 
-    monkeypatch.setattr(image, "_qemu_img", fail_second_convert)
+    monkeypatch.setattr(image, "write_qcow2", fail_second_disk)
     code, recs = restore(root, "vm", tmp_path / "o", "--skip-config")
     assert code == Exit.TOOL and failed(recs, Exit.TOOL) and files(tmp_path / "o") == []
 
@@ -412,7 +413,7 @@ def test_restore_path_that_is_a_file_is_a_storage_error(tree, tmp_path):
     assert code == Exit.STORAGE and failed(recs, Exit.STORAGE)
 
 
-def test_sigterm_while_converting_leaves_nothing(tree, tmp_path, monkeypatch):
+def test_sigterm_while_checking_leaves_nothing(tree, tmp_path, monkeypatch):
     from vmbk.errors import Terminated
     from vmbk.restore import image
 
@@ -420,7 +421,7 @@ def test_sigterm_while_converting_leaves_nothing(tree, tmp_path, monkeypatch):
     Catalogue.open(root).close()
 
     def terminated(argv, what, *rest):
-        assert (tmp_path / "o" / f"{HOSTILE}.qcow2.raw.partial").exists()
+        assert (tmp_path / "o" / f"{HOSTILE}.qcow2.partial").exists()
         raise Terminated()
 
     monkeypatch.setattr(image, "_qemu_img", terminated)

@@ -5,46 +5,52 @@ first (`vmbk.stream.merge_chain`, newest frame wins), so every byte of the
 target is written once whatever the length of the chain; zeroes become
 holes, so the image stays thin.  The steps, each file beside the target:
 
-1. ``<target>.raw.partial``: a sparse raw file of the disk's virtual size;
-   the merged data segments are written into it at their offsets, zero
-   segments and never-written ranges stay holes (`write_raw`);
-2. ``qemu-img convert -W -f raw -O qcow2`` into ``<target>.partial`` (``-W``,
-   out-of-order writes into the fresh image, halves the convert time), with the
-   source image's qcow2 options when the backup kept them in
-   ``<dev>.<ident>.qcow.json`` (compat, cluster size, lazy refcounts: what
-   virtnbdrestore's ``getQcowConfig`` applies); convert skips the holes;
+1. ``<target>.partial``: the qcow2, written directly (`write_qcow2`:
+   `vmbk.restore.chainread` assembles the chain's non-zero clusters in
+   disk order, `vmbk.restore.qcow2` lays them out and writes the
+   metadata), with the source image's qcow2 options when the backup kept
+   them in ``<dev>.<ident>.qcow.json`` (compat, cluster size, lazy
+   refcounts: what virtnbdrestore's ``getQcowConfig`` applies).  One pass
+   over the data: the former ``.raw.partial`` + ``qemu-img convert`` wrote
+   the disk twice and took 2.5-3x as long (bench/restore.py);
+2. with ``build(verify=True)`` the streams' ``.chksum`` are checked by a
+   thread meanwhile (`vmbk.restore.checker`) instead of in a pass of their
+   own before (`verify_sources`); the build fails if one does not match;
 3. ``qemu-img check`` of the ``.partial`` (vmrestore guide, 14: a failed
-   check aborts the restore, exit 4); the raw file is removed.
+   check aborts the restore, exit 4).
 
 The rename to the final name is `commit`, done by the caller once every
 disk of the restore is ready, so a failure leaves no half-restored set:
 `discard` removes whatever this module wrote.  Nothing is ever written
-next to the source streams.
+next to the source streams.  `write_raw` is the raw variant (in-place
+restore of a raw disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vmbk.errors import DependencyError, StorageError, ToolError, VmbkError
 from vmbk.fsutil import fsync_dir
-from vmbk.stream import StreamReader, merge_chain, scan, verify_checksum
-from vmbk.stream.chain import Segment
+from vmbk.restore import qcow2
+from vmbk.restore.chainread import ChainImage, pwrite_all, scan_cached
+from vmbk.restore.checker import SourceCheck
+from vmbk.stream import merge_chain, verify_checksum
 from vmbk.stream.format import KIND_DATA
 
 log = logging.getLogger("vmbk.restore")
 
 IMAGE_MODE = 0o600
 MAX_QCOW_JSON = 1 << 20
+RAW_UNIT = 64 << 10  # write_raw leaves holes of this granularity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +78,12 @@ class Built:
     disk: str
     seconds: float
     data_bytes: int
+    unchecked: tuple[Path, ...] = ()  # sources without a .chksum (build with verify=True)
 
 
 def measure(sources: Sequence[Path]) -> tuple[int, int]:
     """(virtual size, bytes of data the merged chain writes), from headers only."""
-    maps = [scan(p) for p in sources]
+    maps = [scan_cached(p) for p in sources]
     segments = merge_chain(maps)
     return maps[-1].meta.virtual_size, sum(s.length for s in segments if s.kind == KIND_DATA)
 
@@ -129,64 +136,44 @@ def verify_sources(paths: Iterable[Path]) -> list[Path]:
 
 
 def write_raw(sources: Sequence[Path], target: Path) -> int:
-    """The merged chain as a sparse raw file; returns the data bytes written.
+    """The merged chain as a sparse raw file; returns the bytes written.
 
-    Each data segment is written once (newest frame wins).  An
-    uncompressed payload goes file to file with ``copy_file_range`` (no
-    copy through Python; a reflink where the filesystem can); compressed
-    ones, or kernels/filesystems that refuse it, go through
-    `StreamReader.iter_chunks` and ``pwrite``.
+    Runs of 64 KiB units that hold data (`ChainImage.runs`) are written at
+    their offsets into a fresh file of the disk's size; everything else,
+    zero frames and data that is all zeroes included, stays a hole.
     """
-    maps = [scan(p) for p in sources]
-    segments = merge_chain(maps)
-    readers = [StreamReader(p, m) for p, m in zip(sources, maps, strict=True)]
-    fds: list[int] = []
-    written = 0
-    try:
-        fds += [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in sources]
+    with ChainImage(sources) as img:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, IMAGE_MODE)
         try:
-            os.ftruncate(fd, maps[-1].meta.virtual_size)
-            fast = True
-            for seg in segments:
-                if seg.kind != KIND_DATA:
-                    continue
-                if fast and not seg.frame.pieces:
-                    fast = _copy_range(fds[seg.source], maps[seg.source].path, seg, fd)
-                    if fast:
-                        written += seg.length
-                        continue
-                for off, chunk in readers[seg.source].iter_chunks(seg.frame, seg.frame_offset, seg.length):
-                    view = memoryview(chunk)
-                    while view.nbytes:
-                        n = os.pwrite(fd, view, off)
-                        view, off = view[n:], off + n
-                written += seg.length
+            os.ftruncate(fd, img.virtual_size)
+            written = 0
+            for off, view in img.runs(RAW_UNIT):
+                view = view[:img.virtual_size - off]
+                pwrite_all(fd, view, off)
+                written += view.nbytes
         finally:
             os.close(fd)
-    finally:
-        for r in readers:
-            r.close()
-        for src_fd in fds:
-            os.close(src_fd)
     return written
 
 
-def _copy_range(src_fd: int, path: str, seg: Segment, fd: int) -> bool:
-    """Copy an uncompressed segment in the kernel; False when it cannot be done."""
-    src, dst, left = seg.frame.file_pos + seg.frame_offset, seg.offset, seg.length
-    try:
-        while left:
-            n = os.copy_file_range(src_fd, fd, left, src, dst)
-            if n <= 0:
-                raise StorageError(f"{path}: file ends inside a data payload at byte {src}")
-            src, dst, left = src + n, dst + n, left - n
-    except OSError as e:
-        if left != seg.length or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise StorageError(f"copying {path} into the restored image: {e.strerror}") from None
-        log.debug("copy_file_range: %s; copying through memory", e)
-        return False
-    return True
+def write_qcow2(sources: Sequence[Path], target: Path, options: Sequence[str] = (),
+                check: Callable[[], None] | None = None) -> int:
+    """The merged chain as a new qcow2 (`vmbk.restore.qcow2`); returns the bytes of data written.
+
+    ``options``: as `qcow_options` returns them; ``check`` is called
+    between windows (it raises to stop the write).
+    """
+    opts = qcow2.Options.parse(options)
+    with ChainImage(sources) as img:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, IMAGE_MODE)
+        try:
+            out = qcow2.Writer(fd, img.virtual_size, opts)
+            for off, view in img.runs(opts.cluster_size, check=check):
+                out.write(off, view)
+            out.finish()
+        finally:
+            os.close(fd)
+    return out.data_clusters * opts.cluster_size
 
 
 def _qemu_img(argv: list[str], what: str, error: type[VmbkError] = ToolError) -> None:
@@ -199,24 +186,47 @@ def _qemu_img(argv: list[str], what: str, error: type[VmbkError] = ToolError) ->
         raise error(f"qemu-img {what} failed ({r.returncode}): {lines[-1] if lines else 'no message'}")
 
 
-def build(job: DiskJob) -> Built:
-    """Write ``job.partial``: a checked qcow2 of the merged chain (not yet renamed)."""
+def build(job: DiskJob, *, verify: bool = False) -> Built:
+    """Write ``job.partial``: a checked qcow2 of the merged chain (not yet renamed).
+
+    ``verify``: check the sources' ``.chksum`` meanwhile (`SourceCheck`),
+    instead of `verify_sources` before; a mismatch fails the build (and
+    wins over the error it may have caused in the writer), the streams
+    without a ``.chksum`` are `Built.unchecked`.
+    """
     started = time.monotonic()
+    checker = SourceCheck(job.sources) if verify else None
     try:
-        write_raw(job.sources, job.raw)
-        opts = ["-o", ",".join(job.qcow_options)] if job.qcow_options else []
-        _qemu_img(["convert", "-q", "-W", "-f", "raw", "-O", "qcow2", *opts, "--", str(job.raw), str(job.partial)],
-                  f"convert of {job.disk}")
+        try:
+            write_qcow2(job.sources, job.partial, _writable_options(job),
+                        check=checker.raise_if_failed if checker is not None else None)
+        except Exception:
+            if checker is not None:  # a corrupt stream: say what its checksum says
+                checker.result()
+            raise
+        unchecked = tuple(checker.result()) if checker is not None else ()
         _qemu_img(["check", "-q", "-f", "qcow2", "--", str(job.partial)], f"check of the restored {job.disk}",
                   StorageError)
         os.chmod(job.partial, IMAGE_MODE)
     except BaseException:
+        if checker is not None:
+            checker.stop()
         discard([job])
         raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(job.raw)
-    return Built(job.disk, time.monotonic() - started, job.data_bytes)
+    return Built(job.disk, time.monotonic() - started, job.data_bytes, unchecked)
+
+
+def _writable_options(job: DiskJob) -> tuple[str, ...]:
+    """job.qcow_options without the ones the writer cannot make (warned about)."""
+    keep = []
+    for opt in job.qcow_options:
+        try:
+            qcow2.Options.parse([opt])
+        except ValueError as e:
+            log.warning("%s: %s; qemu-img's default is used", job.disk, e)
+            continue
+        keep.append(opt)
+    return tuple(keep)
 
 
 def commit(jobs: Sequence[DiskJob]) -> None:
