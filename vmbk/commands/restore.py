@@ -24,7 +24,8 @@ restores that archived chain.
 Each disk of the restore point is rebuilt once from the merged chain (the
 newest data wins), written thin as qcow2 next to its final name, checked
 with qemu-img check and renamed only when every disk is done; every
-stream's .chksum is checked first.  Disaster recovery keeps the original
+stream's .chksum is checked while it is read, and a mismatch fails the
+restore before anything is renamed.  Disaster recovery keeps the original
 file names and puts the NVRAM back (the current file saved as
 FILE.before-restore.TIME); a clone's files are NAME.qcow2 (one disk) or
 NAME-DEV.qcow2 and NAME_VARS.fd, NAME being --name; disks restored without

@@ -8,9 +8,8 @@ the bytes the restore writes, and the checks that refuse it:
   guide, 7 and 15: writing there could overwrite the very files being
   read);
 * output files that exist need ``--force`` (exit 4);
-* free space with 10 % headroom (exit 4; guide, 15 "Pre-Flight Free Space
-  Check"): the images, plus the raw scratch file of the largest disk,
-  which exists next to them while that disk is converted.
+* free space with 10 % headroom on each file system written to (exit 4;
+  guide, 15 "Pre-Flight Free Space Check"): the images, written thin.
 
 Output names are vmrestore's (guide, 6 "How Disk Naming Works"): disaster
 recovery keeps the original file names (the basenames of the point's
@@ -209,7 +208,7 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
             tpm_src = None
             warnings.append("--skip-tpm: the backup's TPM state is not restored"
                             + ("; the clone starts with an empty TPM" if opts.mode == "clone" else ""))
-    needed = _needed(jobs, raw, nvram_src)
+    needed = _needed(jobs, nvram_src)
     return Plan(source, point, opts.mode, name, restore_path, tuple(jobs), config, nvram_src, nvram_dst,
                 xml_dst, sum(needed.values()), free_space(restore_path), tuple(warnings), aside, raw,
                 opts.pre_restore and opts.mode == "inplace", tpm_src, needed)
@@ -220,22 +219,13 @@ def _original_name(saved: Path, point: RestorePoint) -> str:
     return saved.name[: -len(suffix)] if saved.name.endswith(suffix) else saved.name
 
 
-def _needed(jobs: list[DiskJob], raw: frozenset[str], nvram: Path | None) -> dict[Path, int]:
-    """Bytes the restore needs per directory it writes to.
-
-    Each image (data plus metadata), and, on each file system, the raw
-    scratch file of its largest qcow2 disk, which exists beside the image
-    while that disk is converted.
-    """
+def _needed(jobs: list[DiskJob], nvram: Path | None) -> dict[Path, int]:
+    """Bytes the restore needs per directory it writes to: each image,
+    data plus metadata (qcow2 tables: well under 1/4096 of the disk)."""
     out: dict[Path, int] = {}
-    largest: dict[Path, int] = {}
     for j in jobs:
         d = j.target.parent
         out[d] = out.get(d, 0) + j.data_bytes + j.virtual_size // 4096
-        if j.disk not in raw:
-            largest[d] = max(largest.get(d, 0), j.data_bytes)
-    for d, n in largest.items():
-        out[d] += n
     if nvram is not None and jobs:
         d = jobs[0].target.parent
         out[d] = out.get(d, 0) + nvram.stat().st_size

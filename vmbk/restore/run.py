@@ -10,8 +10,10 @@ Order and why:
 2. the plan and its checks (`vmbk.restore.plan`), then the ones that need
    libvirt: output files that are disks of defined domains, a clone name
    already taken (`vmbk.restore.livedisks`, `vmbk.restore.clone`);
-3. the ``.chksum`` of every stream the restore reads, before the first
-   byte is written: a flipped payload byte is otherwise invisible;
+3. the ``.chksum`` of every stream the restore reads, checked while the
+   disk is written (a thread beside the writer, `vmbk.restore.checker`;
+   raw images: before): a flipped payload byte is otherwise invisible,
+   and a mismatch fails the disk before anything is committed;
 4. every disk built as ``.partial`` (`vmbk.restore.image`), the clone's
    NVRAM and XML staged the same way; any failure or signal removes all
    of them, so nothing half-written is left;
@@ -158,15 +160,17 @@ def _preflight(plan: Plan, conn: Any, opts: Options) -> bool:
 
 def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outcome:
     out = report.Outcome()
-    if opts.verify:
-        out.unchecked = image.verify_sources(p for j in plan.jobs for p in j.sources)
+    if opts.verify:  # raw images first; qcow2 ones are checked while they are written
+        out.unchecked = image.verify_sources(p for j in plan.jobs if j.disk in plan.raw for p in j.sources)
     staged: list[tuple[Path, Path]] = []
     xml = ""
     try:
         if plan.mode != "inplace":
             _make_dirs(plan.restore_path)
         for job in plan.jobs:
-            out.built.append(inplace.build_raw(job) if job.disk in plan.raw else image.build(job))
+            built = inplace.build_raw(job) if job.disk in plan.raw else image.build(job, verify=opts.verify)
+            out.built.append(built)
+            out.unchecked += [p for p in built.unchecked if p not in out.unchecked]
         nvram_src, nvram_dst = plan.nvram_source, plan.nvram_target
         if nvram_src is not None and nvram_dst is not None:
             _make_dirs(nvram_dst.parent)
