@@ -424,13 +424,54 @@ def test_reader_settles_for_the_connections_the_server_greets(tmp_path, qemu_nbd
         collect(r, [(0, 512)])
 
 
-def test_reader_stopped_early_can_read_again(nbdkit) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_reader_stopped_early_can_read_again(nbdkit, connections: int) -> None:
     srv = nbdkit("pattern", "size=32M", read_only=True)
-    with Reader(srv.address, connections=2, request_size=MiB, buffers=4) as r:
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
         it = r.read([(0, 32 * MiB)])
         assert bytes(next(it).data or b"") == pattern(0, MiB)
         it.close()  # waits for reads in flight; buffers are free again
         assert collect(r, [(5 * MiB, 3 * MiB)])[0][5 * MiB : 8 * MiB] == pattern(5 * MiB, 3 * MiB)
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_reader_process_runs_where_the_data_arrived(nbdkit, connections: int) -> None:
+    """One connection: in the caller's thread (no workers); more: on the workers."""
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+
+    def process(offset: int, data: memoryview) -> tuple[int, bool, str]:
+        return offset, bytes(data) == pattern(offset, len(data)), threading.current_thread().name
+
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
+        assert r.connections == connections
+        chunks = list(r.read([(0, 6 * MiB), Extent(6 * MiB, 2 * MiB, Z), (8 * MiB, 8 * MiB)], process))
+    results = [c.result for c in chunks if c.data is not None]
+    assert [o for o, _, _ in results] == [c.offset for c in chunks if c.data is not None]
+    assert len(results) == 14 and all(ok for _, ok, _ in results)
+    assert [c.result for c in chunks if c.data is None] == [None]
+    threads = {name for _, _, name in results}
+    if connections == 1:
+        assert threads == {threading.current_thread().name}
+    else:
+        assert threads == {f"nbd-{i}" for i in range(connections)}
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_reader_process_error_is_raised_in_turn(nbdkit, connections: int) -> None:
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+
+    def process(offset: int, data: memoryview) -> int:
+        if offset == 5 * MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return offset
+
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
+        got = []
+        with pytest.raises(OSError, match="No space"):
+            for chunk in r.read([(0, 16 * MiB)], process):
+                got.append(chunk.result)
+        assert got == [i * MiB for i in range(5)]
+        assert collect(r, [(0, 2 * MiB)])[0][: 2 * MiB] == pattern(0, 2 * MiB)  # still usable
 
 
 def test_requests_in_flight_are_bounded(fake_nbd) -> None:
@@ -482,7 +523,8 @@ def test_pipelined_replies_out_of_order(fake_nbd) -> None:
 # --- errors ---
 
 
-def test_request_error_keeps_connection_usable(tmp_path, nbdkit) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_request_error_keeps_connection_usable(tmp_path, nbdkit, connections: int) -> None:
     flag = tmp_path / "inject"
     srv = nbdkit("pattern", "size=8M", "error=EIO", "error-pread-rate=100%", f"error-pread-file={flag}",
                  filters=["error"], read_only=True)
@@ -493,7 +535,7 @@ def test_request_error_keeps_connection_usable(tmp_path, nbdkit) -> None:
         assert e.value.errno == errno.EIO and e.value.command == "READ"
         flag.unlink()
         assert c.read(0, 4096) == pattern(0, 4096)
-    with Reader(srv.address, connections=2, request_size=MiB, buffers=4) as r:
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
         flag.touch()
         with pytest.raises(RequestError):
             collect(r, [(0, 8 * MiB)])
@@ -571,7 +613,8 @@ def test_block_status_answers_long_and_short(fake_nbd) -> None:
         assert list(c.extents()) == [Extent(0, 4096, Z), Extent(4096, MiB - 4096, 0)]
 
 
-def test_reply_timeout(nbdkit) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_reply_timeout(nbdkit, connections: int) -> None:
     srv = nbdkit("memory", "size=1M", "rdelay=5", filters=["delay"])
     with Client(srv.address, timeout=0.3, connect_timeout=10) as c:
         start = time.monotonic()
@@ -580,16 +623,17 @@ def test_reply_timeout(nbdkit) -> None:
         assert time.monotonic() - start < 2
         with pytest.raises(ProtocolError):
             c.read(0, 4096)
-    with Reader(srv.address, connections=2, timeout=0.3) as r:
+    with Reader(srv.address, connections=connections, timeout=0.3) as r:
         start = time.monotonic()
         with pytest.raises(NbdTimeout):
             collect(r, [(0, MiB)])
         assert time.monotonic() - start < 2
 
 
-def test_server_killed_mid_transfer(nbdkit) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_server_killed_mid_transfer(nbdkit, connections: int) -> None:
     srv = nbdkit("pattern", "size=256M", "rdelay=50ms", filters=["delay"], read_only=True)
-    with Reader(srv.address, connections=2, request_size=MiB, buffers=4, timeout=30) as r:
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4, timeout=30) as r:
         start = time.monotonic()
         it = r.read([(0, 256 * MiB)])
         first = next(it)
@@ -602,10 +646,11 @@ def test_server_killed_mid_transfer(nbdkit) -> None:
         assert time.monotonic() - start < 10
 
 
-def test_broken_connection_fails_the_reader_fast(nbdkit) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_broken_connection_fails_the_reader_fast(nbdkit, connections: int) -> None:
     """One connection breaks: the others' slow reads are not waited for."""
     srv = nbdkit("pattern", "size=64M", "rdelay=3", filters=["delay"], read_only=True)
-    with Reader(srv.address, connections=2, request_size=MiB, buffers=4, timeout=30) as r:
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4, timeout=30) as r:
         threading.Timer(0.3, r.client.abort).start()
         start = time.monotonic()
         with pytest.raises(ProtocolError, match="aborted"):

@@ -25,3 +25,13 @@ def test_same_value_as_zlib(data, a, b):
     seed = (b << 16) | a
     assert adler32(data, seed) == zlib.adler32(data, seed)
     assert adler32(memoryview(data), seed) == zlib.adler32(data, seed)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=5000), st.binary(max_size=5000), st.integers(0, 200_000))
+def test_combine_is_the_checksum_of_the_concatenation(x, y, zeros):
+    from vmbk.stream.checksum import adler32_combine
+
+    y = y + bytes(zeros)  # long pieces: len(y) beyond the modulus
+    assert adler32_combine(zlib.adler32(x), zlib.adler32(y), len(y)) == zlib.adler32(x + y)
+    assert adler32_combine(zlib.adler32(x), 1, 0) == zlib.adler32(x)

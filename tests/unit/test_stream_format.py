@@ -746,7 +746,7 @@ def test_error_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["path", "fileobj"])
 def test_checksum_of_large_payloads(tmp_path: Path, target: str) -> None:
-    """Large payloads are checksummed on a helper thread: the order must hold."""
+    """Every frame is summed on its own and combined: the order must hold."""
     blobs = [os.urandom(3 << 20), b"\x01" * 100, os.urandom(1 << 20)]
     m = meta(virtual_size=16 << 20, data_size=sum(map(len, blobs)))
     p = tmp_path / "big.data"
@@ -757,3 +757,113 @@ def test_checksum_of_large_payloads(tmp_path: Path, target: str) -> None:
             w.write_data(5 << 20, blobs[1])
             w.write_data(8 << 20, memoryview(blobs[2]))
     assert w.checksum == zlib.adler32(p.read_bytes()) == file_checksum(p)
+
+
+# -- reserve / fill / commit: frames filled on other threads ---------------------
+
+
+def _frames_for(vsize: int, seed: int) -> list[tuple[str, int, bytes | int]]:
+    """Data frames of random and compressible bytes, zero frames between."""
+    rnd = __import__("random").Random(seed)
+    frames: list[tuple[str, int, bytes | int]] = []
+    pos = 0
+    while pos < vsize - 70_000:
+        n = rnd.randint(1, 60_000)
+        if rnd.random() < 0.3:
+            frames.append(("zero", pos, n))
+        else:
+            frames.append(("data", pos, os.urandom(n // 2) + b"z" * (n - n // 2)))
+        pos += n + rnd.choice([0, 0, 512])
+    return frames
+
+
+@pytest.mark.parametrize("compressed", [False, 2], ids=["plain", "lz4"])
+@pytest.mark.parametrize("target", ["path", "fileobj"])
+def test_fill_on_threads_in_any_order_writes_the_same_bytes(
+    tmp_path: Path, compressed: bool | int, target: str
+) -> None:
+    """reserve in order, fill on a pool in random order, commit in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = _frames_for(4 << 20, 7)
+    m = meta(virtual_size=4 << 20, data_size=sum(len(p) for k, _, p in frames if k == "data"),
+             compressed=compressed)
+    ref = write(tmp_path / "ref.data", m, frames)
+    p = tmp_path / "par.data"
+    with open(p, "wb") as f, ThreadPoolExecutor(4) as pool, StreamWriter(p if target == "path" else f, m) as w:
+        window: list = []
+        for kind, off, payload in frames:
+            if kind == "zero":
+                assert isinstance(payload, int)
+                w.write_zero(off, payload)
+                continue
+            assert isinstance(payload, bytes)
+            w.reserve(off, len(payload))
+            window.append(pool.submit(w.fill, off, payload))
+            if len(window) == 6:  # several frames reserved ahead, as the backup does
+                w.commit(window.pop(0).result())
+        for fut in window:
+            w.commit(fut.result())
+    assert p.read_bytes() == (tmp_path / "ref.data").read_bytes()
+    assert w.checksum == ref.checksum == zlib.adler32(p.read_bytes())
+    assert (w.size, w.data_size, w.stored_size, w.frames, w.zero_frames) == (
+        ref.size, ref.data_size, ref.stored_size, ref.frames, ref.zero_frames)
+
+
+def test_zero_frames_alone_are_flushed_in_order(tmp_path: Path) -> None:
+    """Many zero frames and no data: queued headers are written as they pile up."""
+    m = meta(virtual_size=1 << 30, data_size=5)
+    p = tmp_path / "z.data"
+    with StreamWriter(p, m) as w:
+        for i in range(5000):
+            w.write_zero(i * 4096, 1024)
+        w.write_data(5000 * 4096, b"12345")
+    sm = scan(p)
+    assert len(sm.frames) == 5001 and w.checksum == zlib.adler32(p.read_bytes())
+
+
+def test_reserve_fill_commit_misuse(tmp_path: Path) -> None:
+    m = meta(virtual_size=1000, data_size=10)
+    w = StreamWriter(tmp_path / "x", m)
+    w.reserve(0, 5)
+    w.reserve(10, 5)
+    with pytest.raises(ValueError, match="no data frame reserved"):
+        w.fill(5, b"12345")
+    with pytest.raises(ValueError, match="reserved for 5 bytes, got 3"):
+        w.fill(10, b"123")
+    second = w.fill(10, b"12345")
+    with pytest.raises(ValueError, match="order reserved"):
+        w.commit(second)
+    w.commit(w.fill(0, b"abcde"))
+    with pytest.raises(ValueError, match="not committed"):
+        w.close()
+    assert w.closed
+    with pytest.raises(ValueError, match="aborted"):
+        w.fill(10, b"12345")
+
+
+def test_a_failed_write_is_reported_by_every_later_fill(tmp_path: Path, monkeypatch) -> None:
+    """Frames are filled out of order: whichever comes first in the file says why."""
+    import errno
+
+    import vmbk.stream.writer as writer_mod
+
+    m = meta(virtual_size=1 << 20, data_size=3000)
+    w = StreamWriter(tmp_path / "x", m)
+    for off in (0, 1000, 2000):
+        w.reserve(off, 1000)
+    real = os.pwritev
+
+    def pwritev(fd: int, bufs: list, pos: int) -> int:
+        if any(bytes(b[:4]) == b"data" and b" 00000000000007d0 " in bytes(b) for b in bufs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, pos)
+
+    monkeypatch.setattr(writer_mod.os, "pwritev", pwritev)
+    with pytest.raises(VmbkError, match="No space"):
+        w.fill(2000, bytes(1000))
+    with pytest.raises(VmbkError, match="No space"):
+        w.fill(0, bytes(1000))
+    w.abort()
+    with pytest.raises(ValueError, match="aborted"):
+        w.close()

@@ -7,6 +7,12 @@ it; virtnbdbackup does the same from a full extent list) and once to copy.
 Walking block status is cheap (metadata only), and two walks keep memory
 bounded where one stored list of extents would grow with fragmentation.
 
+The second walk lays the stream out as it goes, one request ahead of the
+reader: zero frames are written and every data request gets its frame
+reserved (its place in the file) before it is sent.  The reader's
+connection threads then fill each frame as its data arrives (write it in
+place, checksum or compress it), and this thread commits them in order.
+
 What goes into the stream:
 
 * full / copy: every allocated extent as data, every other range as a
@@ -18,6 +24,7 @@ What goes into the stream:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,7 +33,8 @@ from pathlib import Path
 
 from vmbk.cancel import Cancel
 from vmbk.nbd import Address, Extent, Reader
-from vmbk.stream import StreamMeta, write_stream_atomic
+from vmbk.nbd.extents import split
+from vmbk.stream import StreamMeta, StreamWriter, write_stream_atomic
 
 log = logging.getLogger("vmbk.backup")
 
@@ -73,6 +81,26 @@ def _plan_extents(reader: Reader, level: str) -> Iterator[Extent]:
         yield from reader.extents()
 
 
+def _lay_out(
+    writer: StreamWriter, extents: Iterator[Extent], request_size: int, cancel: Cancel | None
+) -> Iterator[Extent]:
+    """The reads to send, one per data frame, each reserved in ``writer``.
+
+    Zero extents become zero frames here (checking ``cancel``: a long run
+    of them reaches no read); data extents are cut at the request size so
+    that every read fills exactly one reserved frame.
+    """
+    for e in extents:
+        if e.zero:
+            if cancel is not None:
+                cancel.check()
+            writer.write_zero(e.offset, e.length)
+            continue
+        for offset, length in split([e], request_size):
+            writer.reserve(offset, length)
+            yield Extent(offset, length)
+
+
 def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
     if job.level not in LEVELS:
         raise ValueError(f"unknown backup level {job.level!r}")
@@ -93,20 +121,18 @@ def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
             incremental=job.level == "inc",
             compressed=job.compression if job.compression is not None else False,
         )
-        zeros = 0
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
-            for chunk in reader.read(_plan_extents(reader, job.level)):
-                if job.cancel is not None:
-                    job.cancel.check()
-                if chunk.data is None:
-                    writer.write_zero(chunk.offset, chunk.length)
-                    zeros += 1
-                    continue
-                writer.write_data(chunk.offset, chunk.data)
-                done += chunk.length
-                if progress is not None:
-                    progress(done, data_size)
+            reads = _lay_out(writer, _plan_extents(reader, job.level), reader.request_size, job.cancel)
+            # closing(): no fill may run once the writer is aborted
+            with contextlib.closing(reader.read(reads, process=writer.fill)) as chunks:
+                for chunk in chunks:
+                    if job.cancel is not None:
+                        job.cancel.check()
+                    writer.commit(chunk.result)
+                    done += chunk.length
+                    if progress is not None:
+                        progress(done, data_size)
         result = DiskResult(
             target=job.target,
             path=job.path,
@@ -115,7 +141,7 @@ def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
             data_size=writer.data_size,
             stored_size=writer.size,
             checksum=writer.checksum,
-            zero_frames=zeros,
+            zero_frames=writer.zero_frames,
             seconds=time.monotonic() - started,
         )
     log.info("%s: %s backup, %d of %d bytes in %.2f s", job.target, job.level, result.data_size, size, result.seconds)

@@ -6,16 +6,26 @@ the order the extents went in, whatever order the server answers in.
     caller thread                 worker thread k (one per connection)
     -------------                 ------------------------------------
     take a free buffer            start_read() every task queued to it
-    queue task to worker i % N    wait for its oldest task, mark it done
-    wait for the oldest task,     ...
-    yield it, free its buffer
+    queue task to worker i % N    wait for its oldest task, process() it,
+    wait for the oldest task,       mark it done
+    yield it, free its buffer     ...
 
 Memory is the buffer pool (``buffers`` x ``request_size``), whatever the
-disk size.  Every connection has a worker, the first one too, so the
-caller's processing of one buffer overlaps receiving the next.  Block
-status queries go to the first worker as calls, since only the thread
-owning a connection may touch it; a `read` may thus consume a lazy
-``reader.extents()`` walk while reading.
+disk size.  With several connections every one has a worker, the first
+one too, so the caller's processing of one buffer overlaps receiving the
+next.  Block status queries go to the first worker as calls, since only
+the thread owning a connection may touch it; a `read` may thus consume a
+lazy ``reader.extents()`` walk while reading.
+
+``process``, given to `read`, runs on the worker that received the data,
+right after it did: work on the data that may run in any order (the
+backup's stream writer copies it into its place in the file, checksums
+or compresses it there), spread over as many threads as connections.
+
+With one connection there are no threads: the caller's thread sends the
+requests and receives the replies itself, several in flight, so no
+thread hand-over costs time per request.  That is faster when the caller
+does little with each chunk (bench/README.md: 1 connection to null).
 """
 
 from __future__ import annotations
@@ -39,12 +49,18 @@ log = logging.getLogger("vmbk.nbd")
 #: 512 KiB, not more: QEMU allocates a bounce buffer per request, and from
 #: 1 MiB up glibc hands it fresh mmap'd pages every time, so qemu takes a
 #: page fault per 4 KiB and throughput drops 3-4x (4 x 4 MiB: ~0.9 GB/s,
-#: 4 x 512 KiB: ~3.5 GB/s, nbdcopy ~2.5 GB/s).  Eight buffers over four
-#: connections keep two requests in flight on each; more in flight made
-#: qemu fault again.  The pool is 4 MiB whatever the disk size.
+#: 4 x 512 KiB: ~3.5 GB/s, nbdcopy ~2.5 GB/s).  Sixteen buffers over four
+#: connections keep four requests in flight on each.  A buffer is free
+#: again only once its chunk is handed over, in order, and with eight a
+#: backup's connections sat idle while the oldest frame was still being
+#: written (bench/README.md).  The price: qemu's heap churns more (~40,000
+#: page faults per 3.5 GB, ~0 with eight), which the backup more than
+#: makes up for.  Handing buffers back out of order as soon as processed
+#: kept eight busy but woke the caller's thread per buffer, which cost
+#: more CPU than it saved.  The pool is 8 MiB whatever the disk size.
 DEFAULT_CONNECTIONS = 4
 DEFAULT_REQUEST_SIZE = 512 * 1024
-DEFAULT_BUFFERS = 8
+DEFAULT_BUFFERS = 16
 
 #: Extra connections that do not complete the handshake this fast are
 #: given up: qemu-nbd --shared=N advertises multi-conn but stops accepting
@@ -62,18 +78,24 @@ class Chunk(NamedTuple):
     offset: int
     length: int
     data: memoryview | None
+    #: What `Reader.read`'s ``process`` returned for this chunk.
+    result: Any = None
+
+
+Process = Callable[[int, memoryview], Any]
 
 
 class _Task:
-    __slots__ = ("offset", "length", "buf", "view", "done", "error", "cmd", "call", "result")
+    __slots__ = ("offset", "length", "buf", "view", "done", "error", "cmd", "call", "process", "result")
 
-    def __init__(self, offset: int, length: int, buf: memoryview | None) -> None:
+    def __init__(self, offset: int, length: int, buf: memoryview | None, process: Process | None = None) -> None:
         self.offset, self.length, self.buf = offset, length, buf
         self.view = buf[:length] if buf is not None else None
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cmd: Any = None
         self.call: Callable[[Client], Any] | None = None
+        self.process = process
         self.result: Any = None
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -85,17 +107,19 @@ class Reader(ExtentQueries):
     """Read many extents of one export, pipelined over up to N connections.
 
         with Reader(url, dirty_bitmap="b0") as r:
-            for offset, length, data in r.read(e for e in r.changed_extents() if e.dirty):
-                if data is None:
-                    out.zero(offset, length)     # dirty and reads as zeroes
+            for c in r.read(e for e in r.changed_extents() if e.dirty):
+                if c.data is None:
+                    out.zero(c.offset, c.length)     # dirty and reads as zeroes
                 else:
-                    out.write(offset, data)      # data: a view, valid until next
+                    out.write(c.offset, c.data)      # data: a view, valid until next
 
     Connects several times only when the server advertises
     NBD_FLAG_CAN_MULTI_CONN, and settles for fewer connections if the
     server does not greet the extra ones.  ``dirty_bitmap`` is negotiated
     on the first connection, for `changed_extents`.  ``request_size`` is
     capped by the server's maximum payload.  One `read` at a time.
+    With one connection the reader uses no threads (see the module's
+    docstring).
     """
 
     def __init__(
@@ -130,7 +154,9 @@ class Reader(ExtentQueries):
             self.request_size = max(size - size % first.min_block_size, first.min_block_size)
             count = max(buffers, len(self._clients))
             self._pool = [memoryview(bytearray(self.request_size)) for _ in range(count)]
-            for i, client in enumerate(self._clients):
+            #: One connection: the caller's thread drives it (no workers).
+            self._inline = len(self._clients) == 1
+            for i, client in enumerate([] if self._inline else self._clients):
                 q: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
                 th = threading.Thread(target=self._work, args=(client, q), name=f"nbd-{i}", daemon=True)
                 self._queues.append(q)
@@ -165,6 +191,9 @@ class Reader(ExtentQueries):
 
     def block_status(self, offset: int, length: int) -> dict[str, list[Extent]]:
         """`Client.block_status` on the first connection, via its worker."""
+        if self._inline:
+            self._check_usable()
+            return self.client.block_status(offset, length)  # reads in flight are routed on the way
         task = _Task(offset, length, None)
         task.call = lambda c: c.block_status(offset, length)
         self._submit(0, task)
@@ -173,14 +202,21 @@ class Reader(ExtentQueries):
             raise task.error
         return task.result
 
-    def read(self, extents: Iterable[Extent | tuple[int, int]]) -> Generator[Chunk, None, None]:
+    def read(
+        self, extents: Iterable[Extent | tuple[int, int]], process: Process | None = None
+    ) -> Generator[Chunk, None, None]:
         """Chunks covering ``extents`` in their order; zero extents not read.
 
         Extents with the ZERO flag come out as one Chunk with data None;
-        the others as Chunks of at most ``request_size`` bytes.  Pieces of
-        one request are read into one buffer, in flight on all connections.
+        the others as Chunks of at most ``request_size`` bytes (an extent
+        no longer than that is one Chunk).  Pieces of one request are read
+        into one buffer, in flight on all connections.  ``process(offset,
+        data)`` is called for every data Chunk, in any order, on the thread
+        that received it, as soon as it arrived; what it returns is the
+        Chunk's ``result``, what it raises is raised here in its turn.
         Stopping early (``close()``, or leaving a for loop) lets the reads
-        in flight finish, so the reader stays usable.
+        in flight finish, so the reader stays usable; when the generator
+        is done or closed, no ``process`` call is running.
         """
         if self._reading:
             raise NbdError("Reader.read() is already running: one at a time")
@@ -201,9 +237,13 @@ class Reader(ExtentQueries):
                 for offset, length in () if e.zero else split([e], self.request_size):
                     while not free:
                         yield from self._pop(pending, free)
-                    task = _Task(offset, length, free.pop())
-                    self._submit(rr, task)
-                    rr = (rr + 1) % len(self._queues)
+                    task = _Task(offset, length, free.pop(), process)
+                    if self._inline:
+                        self._check_usable()
+                        self._start(self.client, task)
+                    else:
+                        self._submit(rr, task)
+                        rr = (rr + 1) % len(self._queues)
                     pending.append(task)
                 while pending and pending[0].done.is_set():
                     yield from self._pop(pending, free)
@@ -220,7 +260,7 @@ class Reader(ExtentQueries):
             ):
                 self._abort(failed)
             for task in pending:  # no buffer may be written after we return
-                task.done.wait()
+                self._wait(task)
             self._reading = False
 
     def copy(
@@ -237,23 +277,31 @@ class Reader(ExtentQueries):
                 total += chunk.length
         return total
 
-    @staticmethod
-    def _pop(pending: collections.deque[_Task], free: list[memoryview]) -> Iterator[Chunk]:
+    def _pop(self, pending: collections.deque[_Task], free: list[memoryview]) -> Iterator[Chunk]:
         """Yield the oldest task's data, then recycle its buffer."""
         task = pending[0]
-        task.done.wait()
+        self._wait(task)
         if task.error is not None:
             raise task.error
-        yield Chunk(task.offset, task.length, task.view)
+        yield Chunk(task.offset, task.length, task.view, task.result)
         pending.popleft()
         if task.buf is not None:
             free.append(task.buf)
 
-    def _submit(self, i: int, task: _Task) -> None:
+    def _wait(self, task: _Task) -> None:
+        """Until ``task`` is done; inline, by receiving its reply here."""
+        if self._inline and not task.done.is_set():
+            self._complete(self.client, task)
+        task.done.wait()
+
+    def _check_usable(self) -> None:
         if self._closed:
             raise NbdError("reader is closed")
         if self._broken is not None:
             raise ProtocolError(f"reader unusable after: {self._broken}")
+
+    def _submit(self, i: int, task: _Task) -> None:
+        self._check_usable()
         self._queues[i].put(task)
 
     def _work(self, client: Client, q: queue.SimpleQueue[_Task | None]) -> None:
@@ -274,20 +322,29 @@ class Reader(ExtentQueries):
                 except BaseException as e:
                     task.finish(e)
                 continue
-            try:
-                assert task.view is not None
-                task.cmd = client.start_read(task.offset, task.view)
-            except BaseException as e:
-                task.finish(e)
-                continue
-            inflight.append(task)
+            if self._start(client, task):
+                inflight.append(task)
         for task in inflight:
             self._complete(client, task)
 
+    def _start(self, client: Client, task: _Task) -> bool:
+        """Send the task's READ; False if that failed (the task is done)."""
+        try:
+            assert task.view is not None
+            task.cmd = client.start_read(task.offset, task.view)
+            return True
+        except BaseException as e:
+            task.finish(e)
+            return False
+
     @staticmethod
     def _complete(client: Client, task: _Task) -> None:
+        """Receive the task's reply, process() it, mark it done."""
         try:
             client.wait(task.cmd)
+            if task.process is not None:
+                assert task.view is not None
+                task.result = task.process(task.offset, task.view)
             task.finish()
         except BaseException as e:
             task.finish(e)

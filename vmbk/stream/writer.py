@@ -2,17 +2,37 @@
 
 :class:`StreamWriter` produces the exact bytes virtnbdbackup produces for
 the same extents (meta JSON aside: its ``date`` differs), so virtnbdrestore
-restores vmbk's files and vice versa.  It is built for speed:
+restores vmbk's files and vice versa.
 
-* an uncompressed data frame is one ``os.writev(header, payload)``: the
-  payload memoryview goes to the kernel untouched, no copy, no join; the
-  CRLF that ends the frame and small headers (``zero`` frames) are queued
-  and go out with the next writev;
-* the adler32 of the file is kept as a running value over everything
-  written, so the ``.chksum`` file (virtnbdbackup >= 1.9.40 writes one,
-  ``virtnbdrestore -o verify`` checks it) costs no second pass; for large
-  payloads it is computed on a helper thread while the kernel copies the
-  same buffer.
+It is built to write from several threads at once.  A data frame goes
+through three steps:
+
+* :meth:`~StreamWriter.reserve` -- the caller's thread, in disk order:
+  checks the order and gives the frame its place in the file.  An
+  uncompressed frame's size is known before its data arrives
+  (40-byte header + payload + CRLF), so its file offset is too;
+* :meth:`~StreamWriter.fill` -- any thread, in any order: builds the
+  frame's bytes (compresses the payload if the stream is compressed),
+  takes their adler32, and when the frame's file offset is known writes
+  them there with one ``os.pwritev`` (header and payload memoryview
+  handed to the kernel as they are: no copy, no join);
+* :meth:`~StreamWriter.commit` -- the caller's thread, in the order of
+  reservation: writes what ``fill`` could not place (compressed frames,
+  whose size is known only once compressed, and everything when the
+  target is a file object), and folds the frame's adler32 into the
+  file's with ``adler32_combine``.
+
+The backup calls ``fill`` on the NBD reader's connection threads (the
+``process`` hook of vmbk.nbd.Reader), so copying into the page cache,
+checksumming and compressing run on every core next to receiving; the
+caller's thread only keeps order.  :meth:`~StreamWriter.write_data` does
+the three steps in a row.
+
+The ``.chksum`` (virtnbdbackup >= 1.9.40 writes one, ``virtnbdrestore -o
+verify`` checks it) is the adler32 of the whole file, so it costs no
+second pass.  Small pieces (the meta, ``zero`` frame headers, the stop
+frame) are queued and go out, and are summed, with the next data frame,
+or on their own when no data frame is on its way.
 
 Compressed frames follow virtnbdbackup exactly (the details are part of
 the format, since virtnbdrestore depends on them):
@@ -28,11 +48,10 @@ the format, since virtnbdrestore depends on them):
   entry's form from the frame length with the same ``>=`` test, so the
   threshold cannot be changed.
 
-Frames must be written in increasing, non-overlapping disk order and
-``dataSize`` of the meta must equal the bytes given to :meth:`write_data`:
-the meta goes first in the file, so it cannot be fixed up afterwards.
-Breaking either rule raises ``ValueError`` (a programming error, not bad
-input).
+Frames must be reserved in increasing, non-overlapping disk order and
+``dataSize`` of the meta must equal the bytes of the data frames: the meta
+goes first in the file, so it cannot be fixed up afterwards.  Breaking
+either rule raises ``ValueError`` (a programming error, not bad input).
 
 :func:`write_stream_atomic` adds the ``.partial`` / rename / ``.chksum``
 protocol, see its docstring for the order of operations.
@@ -40,11 +59,11 @@ protocol, see its docstring for the order of operations.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,8 +71,10 @@ import lz4.frame
 
 from vmbk.errors import StorageError
 from vmbk.fsutil import fsync_dir
-from vmbk.stream.checksum import adler32
+from vmbk.heap import keep_freed_memory
+from vmbk.stream.checksum import adler32, adler32_combine
 from vmbk.stream.format import (
+    FRAME_LEN,
     KIND_COMP,
     KIND_DATA,
     KIND_META,
@@ -66,12 +87,10 @@ from vmbk.stream.format import (
 )
 
 Buffer = bytes | bytearray | memoryview
+TrailerEntry = int | dict[str, list[int]]
 
-#: Flush queued small writes (headers, CRLFs) past this many bytes / items.
+#: Write queued small pieces on their own past this many bytes.
 _PENDING_BYTES = 64 * 1024
-_PENDING_ITEMS = 256
-#: Payloads from this size on are checksummed on a helper thread.
-_PARALLEL_CHECKSUM_MIN = 256 * 1024
 
 _STOP_HEADER = pack_header(KIND_STOP, 0, 0)
 
@@ -95,12 +114,32 @@ def compress_piece(data: Buffer, level: int) -> bytes:
     return out
 
 
+class DataFrame:
+    """A reserved data frame on its way from `reserve` through `fill` to `commit`.
+
+    ``lead`` is the queued small pieces that go in front of it.  After
+    ``fill``: ``size`` and ``checksum`` cover lead + frame, and ``bufs`` is
+    what `commit` still has to write (None: written in place).
+    """
+
+    __slots__ = ("bufs", "checksum", "entry", "lead", "length", "offset", "pos", "size", "stored")
+
+    def __init__(self, offset: int, length: int, pos: int | None, lead: bytes) -> None:
+        self.offset, self.length, self.pos, self.lead = offset, length, pos, lead
+        self.bufs: list[Buffer] | None = None
+        self.size = 0
+        self.checksum = 1
+        self.stored = 0
+        self.entry: TrailerEntry | None = None
+
+
 class StreamWriter:
     """Write one sparse stream to a path or a binary file object.
 
-    ``target`` as a path is created/truncated and written with ``os.writev``
-    (zero-copy); as a file object it is written with ``.write()`` and left
-    open.  The checksum then covers only what this writer wrote.
+    ``target`` as a path is created/truncated and written with
+    ``os.pwritev`` (zero-copy, from any thread); as a file object it is
+    written with ``.write()`` in :meth:`commit` and left open.  The checksum
+    then covers only what this writer wrote.
     """
 
     def __init__(
@@ -122,6 +161,8 @@ class StreamWriter:
         self.meta = meta
         self.piece_size = piece_size
         self._level = meta.compression_level if meta.is_compressed else None
+        if self._level is not None:
+            keep_freed_memory()  # lz4 allocates a fresh 512 KiB per frame: see vmbk.heap
         self._fd: int | None = None
         self._file: BinaryIO | None = None
         if isinstance(target, (str, os.PathLike)):
@@ -135,20 +176,24 @@ class StreamWriter:
         else:
             self._file = target
             self.path = str(getattr(target, "name", "<stream>"))
+        #: Frames are written by `fill` where they belong in the file.
+        self._in_place = self._fd is not None and self._level is None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._checksum = 1  # zlib.adler32's seed, as virtnbdbackup
-        self._written = 0
+        self._written = 0  # bytes of all committed frames and flushed pieces
+        self._end = 0  # where the queued pieces go: after the reserved frames
+        self._reserved: dict[int, DataFrame] = {}  # offset -> reserved, not filled
+        self._order: collections.deque[DataFrame] = collections.deque()  # not committed
         self._next_offset = 0
         self._data_size = 0
         self._stored_size = 0
         self._frames = 0
-        self._trailer: list[int | dict[str, list[int]]] | None = (
-            [] if self._level is not None else None
-        )
+        self._zero_frames = 0
+        self._trailer: list[TrailerEntry] | None = [] if self._level is not None else None
         self._closed = False
         self._aborted = False
-        self._pool: ThreadPoolExecutor | None = None
+        self._failed: StorageError | None = None
         payload = meta.to_json()
         self._queue(pack_header(KIND_META, 0, len(payload)))
         self._queue(payload)
@@ -159,13 +204,13 @@ class StreamWriter:
     @property
     def checksum(self) -> int:
         """adler32 (seed 1) of all bytes written so far; of the file after close()."""
-        if self._pending:
+        if self._pending or self._order:
             raise RuntimeError("checksum read with unflushed data; call close() first")
         return self._checksum
 
     @property
     def data_size(self) -> int:
-        """Sum of the lengths of the data frames written (the meta's dataSize)."""
+        """Sum of the lengths of the data frames committed (the meta's dataSize)."""
         return self._data_size
 
     @property
@@ -175,13 +220,18 @@ class StreamWriter:
 
     @property
     def size(self) -> int:
-        """Bytes written to the file so far (its size after close())."""
+        """Bytes of the committed frames and queued pieces (the file's size after close())."""
         return self._written + self._pending_bytes
 
     @property
     def frames(self) -> int:
-        """Number of data and zero frames written."""
+        """Number of data and zero frames reserved or written."""
         return self._frames
+
+    @property
+    def zero_frames(self) -> int:
+        """Number of zero frames written."""
+        return self._zero_frames
 
     @property
     def closed(self) -> bool:
@@ -214,35 +264,98 @@ class StreamWriter:
         Uncompressed, ``data`` is handed to the kernel as is (a memoryview
         into an NBD read buffer costs no copy).
         """
-        mv = _as_bytes_view(data)
-        length = mv.nbytes
+        self.reserve(offset, memoryview(data).nbytes)
+        return self.commit(self.fill(offset, data))
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Announce the data frame of ``length`` bytes at disk ``offset``.
+
+        In disk order, from the thread that commits.  Its data comes with
+        `fill`; frames reserved and not yet committed hold no memory but
+        their queued small pieces.
+        """
         self._check_range(offset, length)
-        header = pack_header(KIND_DATA, offset, length)
+        lead = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        frame = DataFrame(offset, length, self._end if self._in_place else None, lead)
+        self._end += len(lead) + FRAME_LEN + length + len(TERM)  # exact when uncompressed
+        self._reserved[offset] = frame
+        self._order.append(frame)
+
+    def fill(self, offset: int, data: Buffer) -> DataFrame:
+        """Build, checksum and, if its place is known, write a reserved frame.
+
+        Safe from any thread and in any order, as long as each reserved
+        frame is filled once and no fill runs during :meth:`close` or
+        :meth:`abort`.  ``data`` is not needed any more when this returns
+        unless the frame's ``bufs`` still hold it (a file-object target):
+        then it must stay valid until `commit`.
+        """
+        if self._failed is not None:  # another frame's write failed: say why
+            raise StorageError(str(self._failed))
+        if self._aborted or self._closed:
+            raise ValueError(f"{self.path}: stream was aborted, it is incomplete")
+        frame = self._reserved.get(offset)
+        if frame is None:
+            raise ValueError(f"{self.path}: no data frame reserved at offset {offset}")
+        mv = _as_bytes_view(data)
+        if mv.nbytes != frame.length:
+            raise ValueError(
+                f"{self.path}: frame at {offset} reserved for {frame.length} bytes, got {mv.nbytes}"
+            )
+        del self._reserved[offset]
+        header = pack_header(KIND_DATA, offset, frame.length)
         if self._level is None:
-            self._queue(header)
-            self._write_now(mv)
-            stored = length
+            bufs: list[Buffer] = [frame.lead, header, mv, TERM]
+            frame.stored = frame.length
         else:
-            self._queue(header)
-            if length >= MAX_REQUEST_SIZE:
-                sizes = []
-                for start in range(0, length, self.piece_size):
-                    piece = compress_piece(mv[start : start + self.piece_size], self._level)
-                    sizes.append(len(piece))
-                    self._write_now(piece)
-                stored = sum(sizes)
-                assert self._trailer is not None
-                self._trailer.append({str(stored): sizes})
-            else:
-                piece = compress_piece(mv, self._level)
-                stored = len(piece)
-                self._write_now(piece)
-                assert self._trailer is not None
-                self._trailer.append(stored)
-        self._queue(TERM)
-        self._data_size += length
-        self._stored_size += stored
-        return stored
+            pieces, frame.entry = self._compress(mv, self._level)
+            bufs = [frame.lead, header, *pieces, TERM]
+            frame.stored = sum(len(p) for p in pieces)
+        cs = 1
+        for b in bufs:
+            cs = adler32(b, cs)
+        frame.checksum = cs
+        frame.size = len(frame.lead) + FRAME_LEN + frame.stored + len(TERM)
+        if frame.pos is None:
+            frame.bufs = bufs
+        else:
+            self._put(bufs, frame.pos)
+        return frame
+
+    def _compress(self, mv: memoryview, level: int) -> tuple[list[bytes], TrailerEntry]:
+        if mv.nbytes < MAX_REQUEST_SIZE:
+            piece = compress_piece(mv, level)
+            return [piece], len(piece)
+        pieces = [
+            compress_piece(mv[start : start + self.piece_size], level)
+            for start in range(0, mv.nbytes, self.piece_size)
+        ]
+        sizes = [len(p) for p in pieces]
+        return pieces, {str(sum(sizes)): sizes}
+
+    def commit(self, frame: DataFrame) -> int:
+        """Finish a filled frame: write it if `fill` did not; returns stored bytes.
+
+        In the order the frames were reserved, from the thread that reserved.
+        """
+        if not self._order or self._order[0] is not frame:
+            raise ValueError(f"{self.path}: data frames must be committed in the order reserved")
+        if self._aborted or self._closed:
+            raise ValueError(f"{self.path}: stream was aborted, it is incomplete")
+        if frame.bufs is not None:
+            self._put(frame.bufs, self._written)
+            frame.bufs = None
+        self._order.popleft()
+        self._checksum = adler32_combine(self._checksum, frame.checksum, frame.size)
+        self._written += frame.size
+        self._data_size += frame.length
+        self._stored_size += frame.stored
+        if frame.entry is not None:
+            assert self._trailer is not None
+            self._trailer.append(frame.entry)
+        return frame.stored
 
     def write_zero(self, offset: int, length: int) -> None:
         """Write a zero frame: ``length`` bytes at ``offset`` read as zeroes.
@@ -252,21 +365,26 @@ class StreamWriter:
         became zero since the parent, and vmbk-restore applies them.
         """
         self._check_range(offset, length)
+        self._zero_frames += 1
         self._queue(pack_header(KIND_ZERO, offset, length))
-        if self._pending_bytes >= _PENDING_BYTES or len(self._pending) >= _PENDING_ITEMS:
+        if self._pending_bytes >= _PENDING_BYTES and not self._order:
             self._flush()
 
     def close(self, *, fsync: bool = False) -> None:
         """Write the stop frame (and the compression trailer) and close.
 
         Raises ``ValueError`` if the data frames do not add up to the
-        meta's dataSize (the file is then left without a stop frame), and
-        if the writer was aborted (by :meth:`abort` or a failed write).
+        meta's dataSize or a reserved frame was not committed (the file is
+        then left without a stop frame), and if the writer was aborted (by
+        :meth:`abort` or a failed write).
         """
         if self._aborted:
             raise ValueError(f"{self.path}: stream was aborted, it is incomplete")
         if self._closed:
             return
+        if self._order:
+            self.abort()
+            raise ValueError(f"{self.path}: {len(self._order)} reserved data frame(s) not committed")
         if self._data_size != self.meta.data_size:
             self.abort()
             raise ValueError(
@@ -294,18 +412,20 @@ class StreamWriter:
         self._release()
 
     def abort(self) -> None:
-        """Stop writing and close the file as it is (an incomplete stream)."""
+        """Stop writing and close the file as it is (an incomplete stream).
+
+        No `fill` may be running (the backup lets its reads finish first).
+        """
         if not self._closed:
             self._aborted = True
         self._pending.clear()
         self._pending_bytes = 0
+        self._reserved.clear()
+        self._order.clear()
         self._release()
 
     def _release(self) -> None:
         self._closed = True
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=True)
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -326,62 +446,41 @@ class StreamWriter:
         self._pending_bytes += len(small)
 
     def _flush(self) -> None:
-        if self._pending:
-            self._write_now(None)
-
-    def _write_now(self, payload: Buffer | None) -> None:
-        """Write the queued small buffers, then ``payload``, in one go.
-
-        The adler32 of a large payload runs on a helper thread while the
-        kernel copies the same buffer (both release the GIL), so the
-        checksum costs next to no wall time on two or more cores.
-        """
-        bufs: list[Buffer] = list(self._pending)
+        """Write the queued small pieces (no frame may be outstanding)."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        cs = self._checksum
-        total = 0
-        for b in bufs:
-            cs = adler32(b, cs)
-            total += len(b)
-        pending_sum: Future[int] | None = None
-        if payload is not None:
-            n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-            total += n
-            bufs.append(payload)
-            if n >= _PARALLEL_CHECKSUM_MIN:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="vmbk-adler32")
-                pending_sum = self._pool.submit(adler32, payload, cs)
-            else:
-                cs = adler32(payload, cs)
+        self._put([data], self._written)
+        self._checksum = adler32(data, self._checksum)
+        self._written += len(data)
+        self._end = self._written  # nothing outstanding: the layout ends here
+
+    def _put(self, bufs: list[Buffer], pos: int) -> None:
+        """Write ``bufs`` at file offset ``pos`` (a file object: at its end)."""
         try:
-            try:
-                if self._fd is not None:
-                    _writev_all(self._fd, bufs)
-                elif self._file is not None:
-                    for b in bufs:
-                        _write_all(self._file, b)
-                else:
-                    raise ValueError(f"{self.path}: stream is closed")
-            finally:
-                if pending_sum is not None:
-                    cs = pending_sum.result()  # also on error: never leave it running
+            if self._fd is not None:
+                _pwritev_all(self._fd, bufs, pos)
+            elif self._file is not None:
+                for b in bufs:
+                    _write_all(self._file, b)
+            else:
+                raise ValueError(f"{self.path}: stream is closed")
         except OSError as e:
-            self.abort()
-            raise StorageError(
-                f"{self.path}: writing at byte {self._written}: {e.strerror or e}"
-            ) from e
-        self._checksum = cs
-        self._written += total
+            error = StorageError(f"{self.path}: writing at byte {pos}: {e.strerror or e}")
+            self._aborted = True
+            self._failed = self._failed or error
+            raise error from e
 
 
-def _writev_all(fd: int, bufs: list[Buffer]) -> None:
+def _pwritev_all(fd: int, bufs: list[Buffer], pos: int) -> None:
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     while views:
-        n = os.writev(fd, views)
+        n = os.pwritev(fd, views, pos)
         if n <= 0:
             raise OSError(0, "write returned 0")
+        pos += n
         while n:
             first = views[0]
             if n >= first.nbytes:
