@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
+
+Buffer = bytes | bytearray | memoryview
 
 DIR_MODE = 0o2750
 FILE_MODE = 0o640
@@ -75,6 +77,28 @@ def partial_path(path: Path) -> Path:
 
 def fsync_dir(path: Path) -> None:
     fsync_path(path, os.O_DIRECTORY)
+
+
+def pwritev_all(fd: int, bufs: Sequence[Buffer], pos: int) -> None:
+    """Write every buffer at ``pos`` onwards, however short the kernel's writes."""
+    views = [memoryview(b).cast("B") for b in bufs if len(memoryview(b))]
+    while views:
+        n = os.pwritev(fd, views, pos)
+        if n <= 0:
+            raise OSError(0, "write returned 0")
+        pos += n
+        while n:
+            first = views[0]
+            if n >= first.nbytes:
+                n -= first.nbytes
+                views.pop(0)
+            else:
+                views[0] = first[n:]
+                n = 0
+
+
+def pwrite_all(fd: int, buf: Buffer, pos: int) -> None:
+    pwritev_all(fd, [buf], pos)
 
 
 def fsync_path(path: Path, flags: int = 0) -> None:

@@ -173,9 +173,3 @@ def _nonzero_runs(buf: bytearray, base: int, length: int, unit: int,
             start = u
     if start >= 0:
         yield base + start, mv[start:length]
-
-
-def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vmbk.errors import DependencyError, StorageError, ToolError, VmbkError
-from vmbk.fsutil import fsync_dir
+from vmbk.fsutil import fsync_dir, pwrite_all
 from vmbk.restore import qcow2
-from vmbk.restore.chainread import ChainImage, pwrite_all, scan_cached
+from vmbk.restore.chainread import ChainImage, scan_cached
 from vmbk.restore.checker import SourceCheck
 from vmbk.stream import merge_chain, verify_checksum
 from vmbk.stream.format import KIND_DATA

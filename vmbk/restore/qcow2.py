@@ -34,7 +34,7 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-from vmbk.restore.chainread import pwrite_all
+from vmbk.fsutil import pwrite_all
 
 MAGIC = 0x514649FB
 COPIED = 1 << 63

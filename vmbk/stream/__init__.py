@@ -1,7 +1,7 @@
 """virtnbdbackup's sparse stream format: write, scan, read, merge chains.
 
 ``format``: constants, headers, :class:`StreamMeta`, :class:`StreamError`;
-``writer``: :class:`StreamWriter`, :func:`write_stream_atomic`;
+``writer``: :class:`StreamWriter`; ``atomic``: :func:`write_stream_atomic`;
 ``reader``: :func:`scan`, :class:`StreamReader`, checksums;
 ``chain``: :func:`merge_chain` (newest frame wins) and helpers.
 """
@@ -22,7 +22,8 @@ from vmbk.stream.reader import (
     scan,
     verify_checksum,
 )
-from vmbk.stream.writer import StreamWriter, write_checksum_file, write_stream_atomic
+from vmbk.stream.atomic import write_checksum_file, write_stream_atomic
+from vmbk.stream.writer import StreamWriter
 
 __all__ = [
     "MAX_REQUEST_SIZE",

@@ -53,24 +53,21 @@ Frames must be reserved in increasing, non-overlapping disk order and
 goes first in the file, so it cannot be fixed up afterwards.  Breaking
 either rule raises ``ValueError`` (a programming error, not bad input).
 
-:func:`write_stream_atomic` adds the ``.partial`` / rename / ``.chksum``
-protocol, see its docstring for the order of operations.
+`vmbk.stream.atomic` adds the ``.partial`` / rename / ``.chksum``
+protocol around it.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 import lz4.frame
 
 from vmbk.errors import StorageError
-from vmbk.fsutil import fsync_dir
+from vmbk.fsutil import pwritev_all
 from vmbk.heap import keep_freed_memory
 from vmbk.stream.checksum import adler32, adler32_combine
 from vmbk.stream.format import (
@@ -461,7 +458,7 @@ class StreamWriter:
         """Write ``bufs`` at file offset ``pos`` (a file object: at its end)."""
         try:
             if self._fd is not None:
-                _pwritev_all(self._fd, bufs, pos)
+                pwritev_all(self._fd, bufs, pos)
             elif self._file is not None:
                 for b in bufs:
                     _write_all(self._file, b)
@@ -474,23 +471,6 @@ class StreamWriter:
             raise error from e
 
 
-def _pwritev_all(fd: int, bufs: list[Buffer], pos: int) -> None:
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while views:
-        n = os.pwritev(fd, views, pos)
-        if n <= 0:
-            raise OSError(0, "write returned 0")
-        pos += n
-        while n:
-            first = views[0]
-            if n >= first.nbytes:
-                n -= first.nbytes
-                views.pop(0)
-            else:
-                views[0] = first[n:]
-                n = 0
-
-
 def _write_all(f: BinaryIO, buf: Buffer) -> None:
     mv = memoryview(buf).cast("B")
     while mv.nbytes:
@@ -498,79 +478,3 @@ def _write_all(f: BinaryIO, buf: Buffer) -> None:
         if n is None or n <= 0:
             raise OSError(0, "non-blocking or failed write")
         mv = mv[n:]
-
-
-def _unlink_quiet(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def write_checksum_file(path: str | os.PathLike[str], checksum: int) -> None:
-    """Write ``<path>.chksum`` as virtnbdbackup does: the decimal adler32, no newline."""
-    with open(f"{os.fspath(path)}.chksum", "w", encoding="ascii") as f:
-        f.write(str(checksum))
-
-
-@contextlib.contextmanager
-def write_stream_atomic(
-    path: str | os.PathLike[str],
-    meta: StreamMeta,
-    *,
-    piece_size: int = MAX_REQUEST_SIZE,
-    checksum_file: bool = True,
-    fsync: bool = True,
-    mode: int = 0o600,
-) -> Iterator[StreamWriter]:
-    """Write the stream at ``path`` so that it exists only once complete.
-
-    Yields a :class:`StreamWriter` on ``<path>.partial``.  On a clean exit:
-
-    1. the stream is finished (stop frame, trailer) and fsynced;
-    2. the checksum goes to ``<path>.chksum.partial``, fsynced;
-    3. a stale ``<path>.chksum`` (from an older file of the same name) is
-       removed, so an old checksum can never be paired with new data;
-    4. ``<path>.partial`` is renamed to ``<path>``: from here on the data
-       file is complete, with or without a checksum;
-    5. ``<path>.chksum.partial`` is renamed to ``<path>.chksum``; the
-       directory is fsynced.
-
-    A crash before 4 leaves only ``*.partial`` files: nothing looks
-    complete.  A crash between 4 and 5 leaves a complete data file without
-    ``.chksum`` (verify then skips it, as virtnbdrestore does) and a
-    ``.chksum.partial`` that still names the right checksum; the stray
-    ``*.partial`` makes virtnbdbackup (and vmbk) treat the directory as
-    having a failed backup, which errs on the safe side.  The data file is
-    never renamed before it is complete and synced, and the ``.chksum``
-    never exists next to a data file it does not describe.
-
-    On an exception the partial files are removed and the exception
-    propagates.  virtnbdbackup itself renames the data and then writes
-    ``.chksum`` in place (not atomically).
-    """
-    final = os.fspath(path)
-    partial = f"{final}.partial"
-    chk = f"{final}.chksum"
-    chk_partial = f"{chk}.partial"
-    writer = StreamWriter(partial, meta, piece_size=piece_size, mode=mode)
-    try:
-        yield writer
-        writer.close(fsync=fsync)
-        if checksum_file:
-            fd = os.open(chk_partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-            try:
-                os.write(fd, str(writer.checksum).encode("ascii"))
-                if fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        _unlink_quiet(chk)
-        os.rename(partial, final)
-        if checksum_file:
-            os.rename(chk_partial, chk)
-        if fsync:
-            fsync_dir(Path(os.path.abspath(final)).parent)
-    except BaseException:
-        writer.abort()
-        _unlink_quiet(partial)
-        _unlink_quiet(chk_partial)
-        raise
