@@ -251,6 +251,24 @@ def make_qcow2(
     return path
 
 
+def make_raw(path: str | os.PathLike, size: int | str = "32M", *,
+             writes: Sequence[tuple[int, int, int]] = ()) -> Path:
+    """A sparse raw image with ``writes`` (pattern, offset, length), world-writable."""
+    path = Path(path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(size)], check=True, capture_output=True)
+    for pattern, offset, length in writes:
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -q -P {int(pattern):#x} {int(offset)} {int(length)}",
+                        str(path)], check=True, capture_output=True)
+    os.chmod(path, 0o666)
+    return path
+
+
+def file_disk_xml(path: str | os.PathLike, dev: str, fmt: str = "raw") -> str:
+    """A ``<disk>`` element for ``extra_devices``: a file image on virtio."""
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{path}'/>"
+            f"<target dev='{dev}' bus='virtio'/></disk>")
+
+
 UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA

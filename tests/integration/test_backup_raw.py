@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from backup_helpers import backup_ok
+from guest.domain import file_disk_xml, make_raw
 
 from vmbk.stream import reconstruct_raw, scan
 
@@ -18,12 +19,8 @@ MiB = 1 << 20
 
 
 def test_raw_disk_copied_at_full_and_skipped_by_inc(nos_domain, vm_workdir, tmp_path):
-    raw = vm_workdir / "data.raw"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "32M"], check=True)
-    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 4M 1M", str(raw)], check=True, capture_output=True)
-    raw.chmod(0o666)
-    extra = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>"
-             "<target dev='vdb' bus='virtio'/></disk>")
+    raw = make_raw(vm_workdir / "data.raw", "32M", writes=[(0x77, 4 * MiB, MiB)])
+    extra = file_disk_xml(raw, "vdb")
     nd = nos_domain(1, size="64M", writes=[(0x11, 0, MiB)], extra_devices=extra)
     root = vm_workdir / "backups"
     root.mkdir()

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import orjson
 import pytest
 from fixtures.guest import WORKDIR_BASE, unique_name
@@ -99,18 +98,6 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
         remove_domain(dom)
         if os.environ.get("VMBK_KEEP_WORKDIR") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture
-def cleanup_domains(libvirt_conn) -> Iterator[list[str]]:
-    """Names of domains a test defines; removed (with NVRAM) whatever happens."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        try:
-            remove_domain(libvirt_conn.lookupByName(name))
-        except libvirt.libvirtError:
-            pass
 
 
 def test_the_chain_lists_three_complete_points(backed):

@@ -19,6 +19,7 @@ import orjson
 import pytest
 from backup_helpers import backup_ok
 from backup_helpers import run_restore as run
+from guest.domain import file_disk_xml, make_raw
 
 from vmbk.errors import Exit
 
@@ -150,12 +151,8 @@ def test_in_place_needs_a_defined_vm_and_refuses_misuse(nos_domain, vm_workdir, 
 
 
 def test_a_raw_disk_is_restored_raw_in_place(nos_domain, vm_workdir):
-    raw = vm_workdir / "data.raw"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "32M"], check=True)
-    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -q -P 0x77 4M 1M", str(raw)], check=True)
-    raw.chmod(0o666)
-    extra = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>"
-             "<target dev='vdb' bus='virtio'/></disk>")
+    raw = make_raw(vm_workdir / "data.raw", "32M", writes=[(0x77, 4 * MiB, MiB)])
+    extra = file_disk_xml(raw, "vdb")
     nd = nos_domain(1, size="32M", writes=[(0x11, 0, MiB)], extra_devices=extra)
     root = vm_workdir / "backups"
     root.mkdir()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 
-import libvirt
 import pytest
 from backup_helpers import run_restore as restore
 from guest.domain import remove_domain
@@ -23,7 +22,7 @@ MiB = 1 << 20
 
 
 def test_each_instance_has_its_own_backups_and_restores_from_them(nos_domain, vm_workdir, tmp_path, monkeypatch,
-                                                                 libvirt_conn):
+                                                                 libvirt_conn, cleanup_domains):
     prod_vm = nos_domain(1, size="32M", writes=[(0x11, 0, MiB)])
     lab_vm = nos_domain(1, size="32M", writes=[(0x22, 0, MiB)])
     etc = tmp_path / "etc"
@@ -56,22 +55,16 @@ def test_each_instance_has_its_own_backups_and_restores_from_them(nos_domain, vm
 
     # a clone from lab, a DR of prod: identities as they should be
     clone = f"{lab_vm.name}-c"
-    try:
-        code, recs = restore("--config-instance", "lab", "--vm", lab_vm.name, "--restore-path",
-                             str(vm_workdir / "clone"), "--name", clone)
-        assert code == 0, recs
-        assert recs[-1]["domain"]["name"] == clone and recs[-1]["domain"]["uuid"] != lab_vm.dom.UUIDString()
-        uuid = prod_vm.dom.UUIDString()
-        remove_domain(prod_vm.dom)
-        prod_vm.disks[0].unlink()
-        code, recs = restore("--config-instance", "prod", "--vm", prod_vm.name, "--restore-path",
-                             str(prod_vm.disks[0].parent))
-        assert code == 0, recs
-        assert recs[-1]["domain"] == {"name": prod_vm.name, "uuid": uuid}
-        assert libvirt_conn.lookupByName(prod_vm.name).UUIDString() == uuid
-    finally:
-        for name in (clone, prod_vm.name):
-            try:
-                remove_domain(libvirt_conn.lookupByName(name))
-            except libvirt.libvirtError:
-                pass
+    cleanup_domains.extend([clone, prod_vm.name])
+    code, recs = restore("--config-instance", "lab", "--vm", lab_vm.name, "--restore-path",
+                         str(vm_workdir / "clone"), "--name", clone)
+    assert code == 0, recs
+    assert recs[-1]["domain"]["name"] == clone and recs[-1]["domain"]["uuid"] != lab_vm.dom.UUIDString()
+    uuid = prod_vm.dom.UUIDString()
+    remove_domain(prod_vm.dom)
+    prod_vm.disks[0].unlink()
+    code, recs = restore("--config-instance", "prod", "--vm", prod_vm.name, "--restore-path",
+                         str(prod_vm.disks[0].parent))
+    assert code == 0, recs
+    assert recs[-1]["domain"] == {"name": prod_vm.name, "uuid": uuid}
+    assert libvirt_conn.lookupByName(prod_vm.name).UUIDString() == uuid

@@ -12,12 +12,10 @@ import os
 import stat
 from pathlib import Path
 
-import libvirt
 import pytest
 from backup_helpers import backup_ok
 from backup_helpers import run_restore as run
 from backup_helpers import tree_files as files
-from guest.domain import remove_domain
 
 from vmbk.restore.tpm import SWTPM_ROOT, swtpm_owner
 
@@ -28,19 +26,8 @@ TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
 
-@pytest.fixture
-def removed(libvirt_conn):
-    names: list[str] = []
-    yield names
-    for name in names:
-        try:
-            remove_domain(libvirt_conn.lookupByName(name))
-        except libvirt.libvirtError:
-            pass
-
-
 def test_tpm_state_is_restored_for_a_clone_and_for_disaster_recovery(nos_domain, vm_workdir, libvirt_conn,
-                                                                     removed):
+                                                                     cleanup_domains):
     nd = nos_domain(1, size="32M", writes=[(0x11, 0, MiB)], extra_devices=TPM)
     uuid = nd.dom.UUIDString()
     live = SWTPM_ROOT / uuid / "tpm2"
@@ -53,7 +40,7 @@ def test_tpm_state_is_restored_for_a_clone_and_for_disaster_recovery(nos_domain,
     uid, gid = swtpm_owner()
 
     clone = f"{nd.name}-c"
-    removed.append(clone)
+    cleanup_domains.append(clone)
     code, recs = run("--backup-path", str(root), "--vm", nd.name, "--restore-path", str(vm_workdir / "clone"),
                      "--name", clone)
     assert code == 0, recs
@@ -75,7 +62,7 @@ def test_tpm_state_is_restored_for_a_clone_and_for_disaster_recovery(nos_domain,
 
     # --skip-tpm: a clone without the state, said so
     bare = f"{nd.name}-s"
-    removed.append(bare)
+    cleanup_domains.append(bare)
     code, recs = run("--backup-path", str(root), "--vm", nd.name, "--restore-path", str(vm_workdir / "bare"),
                      "--name", bare, "--skip-tpm")
     assert code == 0 and recs[-1]["tpm"] is None, recs
