@@ -8,7 +8,7 @@ listing works on a read-only backup mount.
 
 A chain is a directory the catalogue recorded successful backups into;
 it is *active* while that directory is still in the tree (archived chains
-moved away), and *broken* when a data file the catalogue recorded in it
+moved away; a tree mounted at another path is followed), and *broken* when a data file the catalogue recorded in it
 is gone, or when the newest backup attempt into it failed.
 """
 
@@ -28,6 +28,7 @@ log = logging.getLogger("vmbk.restore")
 class Health:
     def __init__(self, backup_path: Path) -> None:
         self.db: sqlite3.Connection | None = None
+        self.backup_path = backup_path
         path = db_path(backup_path)
         if not path.exists():
             return
@@ -68,9 +69,9 @@ class Health:
                 latest[directory] = outcome
                 if outcome == "ok":
                     good.add(directory)
-        active = sorted(d for d in good if os.path.isdir(d))
+        active = sorted(d for d in good if os.path.isdir(self._here(d, vm)))
         broken = [d for d in active
-                  if latest[d] != "ok" or any(not os.path.exists(p) for p in files.get(d, []))]
+                  if latest[d] != "ok" or any(not os.path.exists(self._here(p, vm)) for p in files.get(d, []))]
         ok = [at for _id, _d, outcome, at in rows if outcome == "ok"]
         last = rows[-1]
         return {
@@ -81,6 +82,21 @@ class Health:
             "last_attempt": last[3],
             "last_outcome": last[2],
         }
+
+
+    def _here(self, recorded: str, vm: str) -> str:
+        """``recorded`` (an absolute path of the host that wrote it) in this tree.
+
+        A recovery host mounts the tree elsewhere: the part from the VM's
+        directory on is looked up under this backup path.
+        """
+        if os.path.exists(recorded):
+            return recorded
+        parts = Path(recorded).parts
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] == vm:
+                return str(self.backup_path.joinpath(*parts[i:]))
+        return recorded
 
 
 def line(h: dict[str, Any]) -> str:
