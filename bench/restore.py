@@ -452,20 +452,7 @@ def main() -> int:
                     help="turn virtio-balloon free page reporting off meanwhile (see bench/README.md)")
     opts = ap.parse_args()
     phases = set(opts.only.split(","))
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (libvirt qemu:///system)")
-
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-    BENCH_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    lock = open(BENCH_DIR / "restore.lock", "w")  # noqa: SIM115
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"another bench/restore.py holds {BENCH_DIR / 'restore.lock'}") from None
+    _lock = common.start_session("restore.lock", "bench/restore.py")  # referenced: held until exit
     bench = Bench(opts)
     started = time.monotonic()
     import platform

@@ -50,7 +50,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -900,6 +900,26 @@ def page_reporting() -> str | None:
     return PAGE_REPORTING.read_text().strip()
 
 
+def start_session(lock_name: str, script: str) -> IO[str]:
+    """Root check, SIGTERM/SIGHUP as KeyboardInterrupt (so cleanup runs), and
+    the bench's lock file, held (and returned) for the life of the process."""
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (libvirt qemu:///system, drop_caches)")
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    BENCH_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    lock = open(BENCH_DIR / lock_name, "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another {script} holds {BENCH_DIR / lock_name}") from None
+    return lock
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(sys.argv[2:])
@@ -920,21 +940,7 @@ def main() -> int:
                     "steadier to-file figures on a VM that has it")
     opts = ap.parse_args()
     opts.only = set(opts.only.split(","))
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (libvirt qemu:///system, drop_caches)")
-
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-    BENCH_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    lock = open(BENCH_DIR / "lock", "w")  # noqa: SIM115
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"another bench/run.py holds {BENCH_DIR / 'lock'}") from None
-
+    _lock = start_session("lock", "bench/run.py")  # referenced: closing it would drop the lock
     bench = Bench(opts)
     started = time.monotonic()
     import platform
