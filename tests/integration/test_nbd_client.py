@@ -36,6 +36,7 @@ from vmbk.nbd import (
     status,
     wire,
 )
+from vmbk.nbd.extents import split
 
 KiB, MiB = 1024, 1024**2
 Z = ZERO | HOLE
@@ -472,6 +473,84 @@ def test_reader_process_error_is_raised_in_turn(nbdkit, connections: int) -> Non
                 got.append(chunk.result)
         assert got == [i * MiB for i in range(5)]
         assert collect(r, [(0, 2 * MiB)])[0][: 2 * MiB] == pattern(0, 2 * MiB)  # still usable
+
+
+def collect_unordered(reader: Reader, extents, process=None) -> tuple[bytearray, list]:
+    out = bytearray(reader.size)
+    seen = []
+    for chunk in reader.read_unordered(extents, process):
+        seen.append((chunk.offset, chunk.length, chunk.data is not None, chunk.result))
+        if chunk.data is not None:
+            out[chunk.offset : chunk.offset + chunk.length] = chunk.data
+    return out, seen
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_reader_unordered_delivers_every_chunk_once(tmp_path, qemu_nbd, connections: int) -> None:
+    regions = [(0, 3 * MiB + 4096), (8 * MiB, 5 * MiB), (20 * MiB, 64 * KiB), (30 * MiB, 2 * MiB)]
+    raw = random_raw(tmp_path, 32 * MiB, regions)
+    srv = qemu_nbd(convert(raw, tmp_path / "disk.qcow2"), read_only=True, shared=4)
+    source = raw.read_bytes()
+    with Reader(srv.address, connections=connections, request_size=256 * KiB, buffers=6) as r:
+        assert r.connections == connections
+        extents = list(r.extents())
+        data, seen = collect_unordered(r, extents, lambda o, d: (o, bytes(d) == source[o : o + len(d)]))
+        assert data == source
+        pieces = sorted((o, n) for o, n, is_data, _ in seen if is_data)
+        assert pieces == [p for e in extents if not e.zero for p in split([e], 256 * KiB)]
+        assert all(res == (o, True) for o, _, is_data, res in seen if is_data)
+        assert sorted((o, n) for o, n, is_data, _ in seen if not is_data) == [(e.offset, e.length) for e in extents if e.zero]
+        assert collect(r, extents)[0] == source  # and the ordered read still works after
+
+
+def test_reader_unordered_does_not_wait_for_a_slow_chunk(nbdkit) -> None:
+    """The first chunk's processing stalls; the other connections go on meanwhile."""
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+    release = threading.Event()
+
+    def process(offset: int, data: memoryview) -> int:
+        if offset == 0:
+            release.wait(10)
+        return offset
+
+    with Reader(srv.address, connections=2, request_size=MiB, buffers=4) as r:
+        order = []
+        for chunk in r.read_unordered([(0, 16 * MiB)], process):
+            order.append(chunk.result)
+            if len(order) == 6:
+                release.set()  # 6 chunks passed the stalled one
+        release.set()
+    assert sorted(order) == [i * MiB for i in range(16)]
+    assert order.index(0) >= 6
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_reader_unordered_error_and_early_stop_leave_it_usable(nbdkit, connections: int) -> None:
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+
+    def process(offset: int, data: memoryview) -> int:
+        if offset == 5 * MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return offset
+
+    with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
+        with pytest.raises(OSError, match="No space"):
+            collect_unordered(r, [(0, 16 * MiB)], process)
+        it = r.read_unordered([(0, 16 * MiB)])
+        first = next(it)
+        assert bytes(first.data or b"") == pattern(first.offset, MiB)
+        it.close()
+        assert collect_unordered(r, [(2 * MiB, 3 * MiB)])[0][2 * MiB : 5 * MiB] == pattern(2 * MiB, 3 * MiB)
+
+
+def test_reader_unordered_broken_connection_fails_fast(nbdkit) -> None:
+    srv = nbdkit("pattern", "size=64M", "rdelay=3", filters=["delay"], read_only=True)
+    with Reader(srv.address, connections=2, request_size=MiB, buffers=4, timeout=30) as r:
+        threading.Timer(0.3, r.client.abort).start()
+        start = time.monotonic()
+        with pytest.raises(ProtocolError, match="aborted"):
+            collect_unordered(r, [(0, 64 * MiB)])
+        assert time.monotonic() - start < 2
 
 
 def test_requests_in_flight_are_bounded(fake_nbd) -> None:

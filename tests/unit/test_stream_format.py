@@ -810,6 +810,52 @@ def test_fill_on_threads_in_any_order_writes_the_same_bytes(
         ref.size, ref.data_size, ref.stored_size, ref.frames, ref.zero_frames)
 
 
+@pytest.mark.parametrize("compressed", [False, 2], ids=["plain", "lz4"])
+def test_finish_in_any_order_writes_the_same_bytes(tmp_path: Path, compressed: bool | int) -> None:
+    """fill (write=False) and finish frames in random order, as the unordered backup does."""
+    rnd = __import__("random").Random(11)
+    frames = _frames_for(4 << 20, 8)
+    m = meta(virtual_size=4 << 20, data_size=sum(len(p) for k, _, p in frames if k == "data"),
+             compressed=compressed)
+    ref = write(tmp_path / "ref.data", m, frames)
+    p = tmp_path / "any.data"
+    committed = 0
+    with StreamWriter(p, m) as w:
+        window: list = []
+        for kind, off, payload in frames:
+            if kind == "zero":
+                assert isinstance(payload, int)
+                w.write_zero(off, payload)
+                continue
+            assert isinstance(payload, bytes)
+            w.reserve(off, len(payload))
+            window.append(w.fill(off, bytearray(payload), write=False))
+            if len(window) == 6:
+                committed += w.finish(window.pop(rnd.randrange(len(window))))
+        rnd.shuffle(window)
+        for frame in window:
+            committed += w.finish(frame)
+    assert p.read_bytes() == (tmp_path / "ref.data").read_bytes()
+    assert w.checksum == ref.checksum == zlib.adler32(p.read_bytes())
+    assert committed == w.stored_size == ref.stored_size
+
+
+def test_finish_out_of_order_refused_for_a_file_object(tmp_path: Path) -> None:
+    """Its frames are written by commit from the caller's buffers: only in order."""
+    m = meta(virtual_size=1000, data_size=10)
+    with open(tmp_path / "x", "wb") as f:
+        w = StreamWriter(f, m)
+        w.reserve(0, 5)
+        w.reserve(10, 5)
+        second = w.fill(10, b"12345", write=False)
+        with pytest.raises(ValueError, match="order reserved"):
+            w.finish(second)
+        assert w.finish(w.fill(0, b"abcde")) == 5
+        assert w.finish(second) == 5
+        w.close()
+    assert scan(tmp_path / "x").meta.data_size == 10
+
+
 def test_zero_frames_alone_are_flushed_in_order(tmp_path: Path) -> None:
     """Many zero frames and no data: queued headers are written as they pile up."""
     m = meta(virtual_size=1 << 30, data_size=5)

@@ -10,8 +10,12 @@ bounded where one stored list of extents would grow with fragmentation.
 The second walk lays the stream out as it goes, one request ahead of the
 reader: zero frames are written and every data request gets its frame
 reserved (its place in the file) before it is sent.  The reader's
-connection threads then fill each frame as its data arrives (write it in
-place, checksum or compress it), and this thread commits them in order.
+connection threads then fill each frame as its data arrives (checksum or
+compress it).  Uncompressed, every frame's place is known, so this thread
+takes the frames in the order they arrive, writes each in its place and
+commits what is complete (`Reader.read_unordered`, `StreamWriter.finish`:
+~15% faster than in disk order, bench/README.md); compressed, it commits
+them in disk order.
 
 What goes into the stream:
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -124,12 +129,17 @@ def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
             reads = _lay_out(writer, _plan_extents(reader, job.level), reader.request_size, job.cancel)
+            if job.compression is None:  # every frame's place is known: take them as they come
+                chunks = reader.read_unordered(reads, process=functools.partial(writer.fill, write=False))
+                take = writer.finish
+            else:  # a compressed frame's place is known once the one before it is compressed
+                chunks, take = reader.read(reads, process=writer.fill), writer.commit
             # closing(): no fill may run once the writer is aborted
-            with contextlib.closing(reader.read(reads, process=writer.fill)) as chunks:
+            with contextlib.closing(chunks):
                 for chunk in chunks:
                     if job.cancel is not None:
                         job.cancel.check()
-                    writer.commit(chunk.result)
+                    take(chunk.result)
                     done += chunk.length
                     if progress is not None:
                         progress(done, data_size)

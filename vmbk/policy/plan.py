@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmbk.config import Retention
-from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, DiskChoice, classify_all
+from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
 from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems
 from vmbk.tree.model import Chain, VmTree

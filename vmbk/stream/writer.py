@@ -23,10 +23,15 @@ through three steps:
   file's with ``adler32_combine``.
 
 The backup calls ``fill`` on the NBD reader's connection threads (the
-``process`` hook of vmbk.nbd.Reader), so copying into the page cache,
-checksumming and compressing run on every core next to receiving; the
-caller's thread only keeps order.  :meth:`~StreamWriter.write_data` does
-the three steps in a row.
+``process`` hook of vmbk.nbd.Reader), so checksumming and compressing run
+on every core next to receiving.  Uncompressed, it fills with
+``write=False`` and hands each frame, in the order the data arrived, to
+:meth:`~StreamWriter.finish` on its own thread, which writes it in its
+place and commits what is complete: the connections never wait for the
+file (writes to one file are serialized by the kernel anyway, and
+threads queueing for its lock stop receiving).  Compressed, the caller's
+thread commits in order.  :meth:`~StreamWriter.write_data` does the
+three steps in a row.
 
 The ``.chksum`` (virtnbdbackup >= 1.9.40 writes one, ``virtnbdrestore -o
 verify`` checks it) is the adler32 of the whole file, so it costs no
@@ -119,7 +124,7 @@ class DataFrame:
     what `commit` still has to write (None: written in place).
     """
 
-    __slots__ = ("bufs", "checksum", "entry", "lead", "length", "offset", "pos", "size", "stored")
+    __slots__ = ("bufs", "checksum", "entry", "finished", "lead", "length", "offset", "pos", "size", "stored")
 
     def __init__(self, offset: int, length: int, pos: int | None, lead: bytes) -> None:
         self.offset, self.length, self.pos, self.lead = offset, length, pos, lead
@@ -128,6 +133,7 @@ class DataFrame:
         self.checksum = 1
         self.stored = 0
         self.entry: TrailerEntry | None = None
+        self.finished = False  # `finish` was called: commit when its turn comes
 
 
 class StreamWriter:
@@ -280,14 +286,16 @@ class StreamWriter:
         self._reserved[offset] = frame
         self._order.append(frame)
 
-    def fill(self, offset: int, data: Buffer) -> DataFrame:
+    def fill(self, offset: int, data: Buffer, *, write: bool = True) -> DataFrame:
         """Build, checksum and, if its place is known, write a reserved frame.
 
         Safe from any thread and in any order, as long as each reserved
         frame is filled once and no fill runs during :meth:`close` or
         :meth:`abort`.  ``data`` is not needed any more when this returns
-        unless the frame's ``bufs`` still hold it (a file-object target):
-        then it must stay valid until `commit`.
+        unless the frame's ``bufs`` still hold it (a file-object target, or
+        ``write=False``): then it must stay valid until `commit` / `finish`.
+        ``write=False`` leaves the writing to `finish` on the committing
+        thread, the checksum is still taken here.
         """
         if self._failed is not None:  # another frame's write failed: say why
             raise StorageError(str(self._failed))
@@ -315,7 +323,7 @@ class StreamWriter:
             cs = adler32(b, cs)
         frame.checksum = cs
         frame.size = len(frame.lead) + FRAME_LEN + frame.stored + len(TERM)
-        if frame.pos is None:
+        if frame.pos is None or not write:
             frame.bufs = bufs
         else:
             self._put(bufs, frame.pos)
@@ -353,6 +361,28 @@ class StreamWriter:
             assert self._trailer is not None
             self._trailer.append(frame.entry)
         return frame.stored
+
+    def finish(self, frame: DataFrame) -> int:
+        """Take a filled frame in any order: write it now if its place is
+        known, and commit every frame up to the first one not finished.
+
+        From the thread that reserves and commits.  Returns the stored
+        bytes committed by this call.  Frames of a file-object target are
+        written by `commit`, in order: their ``bufs`` would hold the
+        caller's data after this returns, so that target cannot finish out
+        of order (``ValueError``).
+        """
+        if frame.pos is not None:
+            if frame.bufs is not None:
+                self._put(frame.bufs, frame.pos)
+                frame.bufs = None
+        elif self._level is None and (not self._order or self._order[0] is not frame):
+            raise ValueError(f"{self.path}: frames of a file object must be finished in the order reserved")
+        frame.finished = True
+        stored = 0
+        while self._order and self._order[0].finished:
+            stored += self.commit(self._order[0])
+        return stored
 
     def write_zero(self, offset: int, length: int) -> None:
         """Write a zero frame: ``length`` bytes at ``offset`` read as zeroes.
