@@ -524,6 +524,26 @@ def test_reader_unordered_does_not_wait_for_a_slow_chunk(nbdkit) -> None:
     assert order.index(0) >= 6
 
 
+def test_reader_unordered_window_bounds_how_far_ahead(nbdkit) -> None:
+    """A stalled chunk: with window=3 only two younger ones may pass it."""
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+    release = threading.Event()
+
+    def process(offset: int, data: memoryview) -> int:
+        if offset == 0:
+            release.wait(10)
+        return offset
+
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    with Reader(srv.address, connections=2, request_size=MiB, buffers=8) as r:
+        order = [c.result for c in r.read_unordered([(0, 16 * MiB)], process, window=3)]
+    timer.cancel()
+    assert sorted(order) == [i * MiB for i in range(16)]
+    assert order.index(0) <= 2
+    assert release.is_set()  # it did wait for the stalled one
+
+
 @pytest.mark.parametrize("connections", [1, 2])
 def test_reader_unordered_error_and_early_stop_leave_it_usable(nbdkit, connections: int) -> None:
     srv = nbdkit("pattern", "size=16M", read_only=True)

@@ -11,11 +11,11 @@ The second walk lays the stream out as it goes, one request ahead of the
 reader: zero frames are written and every data request gets its frame
 reserved (its place in the file) before it is sent.  The reader's
 connection threads then fill each frame as its data arrives (checksum or
-compress it).  Uncompressed, every frame's place is known, so this thread
-takes the frames in the order they arrive, writes each in its place and
-commits what is complete (`Reader.read_unordered`, `StreamWriter.finish`:
-~15% faster than in disk order, bench/README.md); compressed, it commits
-them in disk order.
+compress it), and this thread takes the frames in the order they arrive
+(`Reader.read_unordered`, `StreamWriter.finish`: ~15% faster than in disk
+order, bench/README.md).  Uncompressed, every frame's place is known, so
+it is written there at once; a compressed frame waits until the frames
+before it are written (at most `COMPRESSED_WINDOW` reads ahead).
 
 What goes into the stream:
 
@@ -44,6 +44,9 @@ from vmbk.stream import StreamMeta, StreamWriter, write_stream_atomic
 log = logging.getLogger("vmbk.backup")
 
 LEVELS = ("full", "inc", "copy")
+#: Compressed frames finished ahead of an older one wait in memory for it:
+#: at most this many reads ahead (of <= 512 KiB each: 16 MiB per disk).
+COMPRESSED_WINDOW = 32
 Progress = Callable[[int, int], None]
 
 
@@ -129,17 +132,18 @@ def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
             reads = _lay_out(writer, _plan_extents(reader, job.level), reader.request_size, job.cancel)
-            if job.compression is None:  # every frame's place is known: take them as they come
-                chunks = reader.read_unordered(reads, process=functools.partial(writer.fill, write=False))
-                take = writer.finish
-            else:  # a compressed frame's place is known once the one before it is compressed
-                chunks, take = reader.read(reads, process=writer.fill), writer.commit
+            # Uncompressed, every frame's place is known: each is written as it
+            # comes.  A compressed one's place is known once the frames before
+            # it are compressed: it waits (window: how many may) for them.
+            chunks = reader.read_unordered(
+                reads, process=functools.partial(writer.fill, write=False),
+                window=None if job.compression is None else COMPRESSED_WINDOW)
             # closing(): no fill may run once the writer is aborted
             with contextlib.closing(chunks):
                 for chunk in chunks:
                     if job.cancel is not None:
                         job.cancel.check()
-                    take(chunk.result)
+                    writer.finish(chunk.result)
                     done += chunk.length
                     if progress is not None:
                         progress(done, data_size)

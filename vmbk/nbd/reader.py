@@ -87,7 +87,7 @@ Process = Callable[[int, memoryview], Any]
 
 class _Task:
     __slots__ = ("offset", "length", "buf", "view", "done", "error", "cmd", "call", "process", "result", "sink",
-                 "worker")
+                 "worker", "seq")
 
     def __init__(
         self, offset: int, length: int, buf: memoryview | None, process: Process | None = None,
@@ -99,6 +99,7 @@ class _Task:
         #: Unordered reads: where the finished task is announced, and who has it.
         self.sink = sink
         self.worker = 0
+        self.seq = 0
         self.error: BaseException | None = None
         self.cmd: Any = None
         self.call: Callable[[Client], Any] | None = None
@@ -273,7 +274,8 @@ class Reader(ExtentQueries):
             self._reading = False
 
     def read_unordered(
-        self, extents: Iterable[Extent | tuple[int, int]], process: Process | None = None
+        self, extents: Iterable[Extent | tuple[int, int]], process: Process | None = None,
+        *, window: int | None = None,
     ) -> Generator[Chunk, None, None]:
         """Like `read`, but chunks come out as they arrive, in any order.
 
@@ -283,9 +285,13 @@ class Reader(ExtentQueries):
         does whatever it does with a chunk (the backup: write it where it
         belongs in the file) while every connection goes on receiving.
         Each read goes to the connection holding the fewest, so a slow one
-        does not collect the buffers.  bench/README.md has the measurements.  Zero extents come out first
-        of their neighbours (they need no read).  With one connection this
-        is `read`: its replies come in order anyway.
+        does not collect the buffers.  ``window`` bounds how far ahead of
+        the oldest chunk not yet handed over a read may be sent (in
+        reads), for a caller that must keep what it got until the older
+        chunks come (None: only the buffers bound it).  Zero extents come
+        out first of their neighbours (they need no read).  With one
+        connection this is `read`: its replies come in order anyway.
+        bench/README.md has the measurements.
         """
         if self._inline:
             yield from self.read(extents, process)
@@ -294,18 +300,27 @@ class Reader(ExtentQueries):
             raise NbdError("Reader.read() is already running: one at a time")
         if self._closed:
             raise NbdError("reader is closed")
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1")
         self._reading = True
         free = list(self._pool)
         finished: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         load = [0] * len(self._queues)  # tasks each worker holds: new ones go to the least busy
         outstanding = 0
+        sent = 0  # reads sent; the next one's number
+        oldest = 0  # the oldest read not handed over
+        early: set[int] = set()  # reads handed over before an older one
         failed: BaseException | None = None
 
         def handover() -> Iterator[Chunk]:
-            nonlocal outstanding
+            nonlocal outstanding, oldest
             task = finished.get()
             outstanding -= 1
             load[task.worker] -= 1
+            early.add(task.seq)
+            while oldest in early:
+                early.remove(oldest)
+                oldest += 1
             return self._handover(task, free)
 
         try:
@@ -315,13 +330,15 @@ class Reader(ExtentQueries):
                     yield Chunk(e.offset, e.length, None)
                     continue
                 for offset, length in split([e], self.request_size):
-                    while not free:
+                    while not free or (window is not None and sent - oldest >= window):
                         yield from handover()
                     task = _Task(offset, length, free.pop(), process, finished)
                     task.worker = i = load.index(min(load))
+                    task.seq = sent
                     self._submit(i, task)
                     load[i] += 1
                     outstanding += 1
+                    sent += 1
             while outstanding:
                 yield from handover()
         except BaseException as e:

@@ -24,14 +24,14 @@ through three steps:
 
 The backup calls ``fill`` on the NBD reader's connection threads (the
 ``process`` hook of vmbk.nbd.Reader), so checksumming and compressing run
-on every core next to receiving.  Uncompressed, it fills with
-``write=False`` and hands each frame, in the order the data arrived, to
+on every core next to receiving.  It fills with ``write=False`` and
+hands each frame, in the order the data arrived, to
 :meth:`~StreamWriter.finish` on its own thread, which writes it in its
-place and commits what is complete: the connections never wait for the
-file (writes to one file are serialized by the kernel anyway, and
-threads queueing for its lock stop receiving).  Compressed, the caller's
-thread commits in order.  :meth:`~StreamWriter.write_data` does the
-three steps in a row.
+place (uncompressed) and commits what is complete (writing the
+compressed frames then): the connections never wait for the file
+(writes to one file are serialized by the kernel anyway, and threads
+queueing for its lock stop receiving).  :meth:`~StreamWriter.write_data`
+does the three steps in a row.
 
 The ``.chksum`` (virtnbdbackup >= 1.9.40 writes one, ``virtnbdrestore -o
 verify`` checks it) is the adler32 of the whole file, so it costs no
