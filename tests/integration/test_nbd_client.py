@@ -563,6 +563,42 @@ def test_reader_unordered_error_and_early_stop_leave_it_usable(nbdkit, connectio
         assert collect_unordered(r, [(2 * MiB, 3 * MiB)])[0][2 * MiB : 5 * MiB] == pattern(2 * MiB, 3 * MiB)
 
 
+def test_reader_unordered_interrupt_after_a_chunk_was_taken_does_not_hang(nbdkit, monkeypatch) -> None:
+    """SIGINT is raised right after a blocking call returns: here, after the
+    finished queue gave a chunk and before the reader counted it.  The
+    drain must not wait for that chunk a second time (it did: a hang)."""
+    import queue as queue_mod
+
+    import vmbk.nbd.reader as reader_mod
+
+    class InterruptedOnce(queue_mod.SimpleQueue):  # type: ignore[type-arg]
+        fired = False
+
+        def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            item = super().get(*args, **kwargs)
+            if not InterruptedOnce.fired and threading.current_thread().name == "reading":
+                InterruptedOnce.fired = True
+                raise KeyboardInterrupt
+            return item
+
+    monkeypatch.setattr(reader_mod.queue, "SimpleQueue", InterruptedOnce)
+    srv = nbdkit("pattern", "size=16M", read_only=True)
+    outcome: list[BaseException] = []
+
+    def go() -> None:
+        with Reader(srv.address, connections=2, request_size=MiB, buffers=4) as r:
+            try:
+                collect_unordered(r, [(0, 16 * MiB)])
+            except BaseException as e:  # noqa: BLE001
+                outcome.append(e)
+
+    t = threading.Thread(target=go, name="reading", daemon=True)  # the workers' queues are SimpleQueues too
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "read_unordered hung after the interrupt"
+    assert InterruptedOnce.fired and len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt)
+
+
 def test_reader_unordered_broken_connection_fails_fast(nbdkit) -> None:
     srv = nbdkit("pattern", "size=64M", "rdelay=3", filters=["delay"], read_only=True)
     with Reader(srv.address, connections=2, request_size=MiB, buffers=4, timeout=30) as r:

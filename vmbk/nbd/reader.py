@@ -306,16 +306,19 @@ class Reader(ExtentQueries):
         free = list(self._pool)
         finished: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         load = [0] * len(self._queues)  # tasks each worker holds: new ones go to the least busy
-        outstanding = 0
+        # Sent and not handed over.  A set, not a count: an interrupt may land
+        # between get() and the bookkeeping, and the drain must not wait for
+        # a task already taken off the queue (its ``done`` is set: no wait).
+        pending: set[_Task] = set()
         sent = 0  # reads sent; the next one's number
         oldest = 0  # the oldest read not handed over
         early: set[int] = set()  # reads handed over before an older one
         failed: BaseException | None = None
 
         def handover() -> Iterator[Chunk]:
-            nonlocal outstanding, oldest
+            nonlocal oldest
             task = finished.get()
-            outstanding -= 1
+            pending.discard(task)
             load[task.worker] -= 1
             early.add(task.seq)
             while oldest in early:
@@ -336,10 +339,10 @@ class Reader(ExtentQueries):
                     task.worker = i = load.index(min(load))
                     task.seq = sent
                     self._submit(i, task)
+                    pending.add(task)
                     load[i] += 1
-                    outstanding += 1
                     sent += 1
-            while outstanding:
+            while pending:
                 yield from handover()
         except BaseException as e:
             failed = e
@@ -349,8 +352,8 @@ class Reader(ExtentQueries):
                 failed is not None and not isinstance(failed, (Exception, GeneratorExit))
             ):
                 self._abort(failed)
-            for _ in range(outstanding):  # no buffer may be written after we return
-                finished.get()
+            for task in pending:  # no buffer may be written after we return
+                task.done.wait()
             self._reading = False
 
     @staticmethod
