@@ -378,8 +378,8 @@ VS = {  # reference -> the vmbk line it is compared with
 }
 TARGETS = [  # (vmbk line, reference line, vmbk must be at least this many times faster)
     (R_VMBK, R_COPY, 1.0), (R_VMBK1, R_COPY1, 1.0), (F_VMBK, F_COPY, 1.0), (F_VMBK, F_VNB, 3.0),
-    (F_VMBKZ, F_VNBZ, 3.0), (C_FULL, V_FULL, 3.0), (C_INC0, V_INC0, 3.0),
-]
+    (F_VMBKZ, F_VNBZ, 3.0), (C_FULL, V_FULL, 3.0), (C_FULL, F_COPY, 1.0), (C_INC0, V_INC0, 3.0),
+]  # (C_FULL, F_COPY): the whole command, job and side files included, against nbdcopy's copy alone
 BUSY = 0.35      # a run (section 3: a chain) is repeated if others kept more than this much of a core busy
 RETRIES = 2      # at most this many times per run
 RETRY_BUDGET = 90.0  # seconds of repeated runs per bench at most
