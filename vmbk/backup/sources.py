@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import socket
 import subprocess
 import time
@@ -69,10 +70,14 @@ def qemu_nbd_export(image: str, fmt: str, *, bitmap: str | None = None, shared: 
         if bitmap:
             argv.append(f"--bitmap={bitmap}")
         argv += ["--", image]
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise DependencyError("qemu-nbd is not installed (apt-get install qemu-utils)") from None
+        if shutil.which("qemu-nbd") is None:
+            raise DependencyError("qemu-nbd is not installed (apt-get install qemu-utils)")
+        # --persistent (the reader connects more than once) means qemu-nbd would
+        # outlive a vmbk killed with SIGKILL, holding the image's lock: the VM
+        # could not start.  setpriv (util-linux) makes it go with us.
+        if shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _wait_socket(sock, proc, QEMU_NBD_START_TIMEOUT)
             yield Address.unix(str(sock), "")

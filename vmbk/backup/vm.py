@@ -1,7 +1,8 @@
 """Carry out the plan of one VM: the heart of vmbk-backup.
 
-Order (the planner's contract): take the VM's lock; remove leftover
-``.partial`` files; archive the chain; redefine lost checkpoint metadata;
+Order (the planner's contract): take the VM's lock; end the backup job a
+killed vmbk-backup left running (`backupjob.clear_stale_job`); remove
+leftover ``.partial`` files; archive the chain; redefine lost checkpoint metadata;
 delete old checkpoints before a full; copy the disks; write the side
 files; record everything.  On any failure the job is aborted, the files
 this run wrote are removed, the checkpoint it created is deleted (so the
@@ -293,6 +294,9 @@ def backup_vm(plan: Record, conn: Any, opts: Options, session: str) -> Record:
     online = plan["action"] in ("full", "inc")
     with VmLock(opts.backup_path, name, purpose="backup"):
         ensure_dir(vm_dir)
+        if online and (stale := backupjob.clear_stale_job(dom)):
+            out.events.append({"event": "cleaned", "directory": plan.get("target"),
+                               "reason": f"backup job left running by a vmbk-backup that did not finish ({stale})"})
         _prepare(plan, vm_dir, dom, out)
         ensure_dir(target_dir)
         created = False

@@ -25,6 +25,7 @@ import os
 import pwd
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -121,6 +122,45 @@ class BackupJob:
 
     def __exit__(self, *exc: object) -> None:
         self.end()
+
+
+def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
+    """End the backup job a vmbk that died (SIGKILL, OOM) left running.
+
+    Call with the VM's lock held: then no live vmbk is backing the VM up,
+    and a pull job whose NBD socket is in one of vmbk's job directories
+    is left over.  libvirt keeps such a job (and QEMU its scratch file)
+    until it is aborted, and refuses every new backup meanwhile, so
+    without this every later run would fail.  Returns the socket of the
+    job it ended, None when there was none.  Another kind of job, or a
+    backup job of another tool (virtnbdbackup run by hand), is left
+    alone: `VmError`, saying what runs.
+    """
+    libvirt = libvirt_module()
+    if not dom.isActive() or dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        raise VmError(f"VM {dom.name()!r} has a job running that is not a backup (virsh domjobinfo "
+                      f"{dom.name()}): try again when it is done", vm=dom.name()) from None
+    server = ET.fromstring(xml).find("server")
+    sock = Path(server.get("socket", "")) if server is not None else None
+    if sock is None or sock.parent.parent.resolve() != RUN_DIR.resolve() or not sock.parent.name.startswith("backup-"):
+        raise VmError(f"VM {dom.name()!r} is being backed up by another tool (NBD socket {sock}): "
+                      f"try again when it is done, or end it with 'virsh domjobabort {dom.name()}'", vm=dom.name())
+    log.warning("%s: ending the backup job a vmbk-backup that did not finish left running (%s)", dom.name(), sock)
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot end the backup job left running: {e.get_error_message()}", vm=dom.name()) from None
+    deadline = time.monotonic() + wait
+    while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+        if time.monotonic() > deadline:
+            raise LibvirtError(f"the backup job left running did not end within {wait:g} s", vm=dom.name())
+        time.sleep(0.05)
+    shutil.rmtree(sock.parent, ignore_errors=True)
+    return str(sock)
 
 
 def delete_checkpoint(dom: Any, name: str, *, metadata_only: bool = False) -> None:
