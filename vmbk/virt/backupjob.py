@@ -24,6 +24,7 @@ import logging
 import os
 import pwd
 import shutil
+import socket
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -67,11 +68,53 @@ def backup_xml(socket: Path, disks: Sequence[str], skip: Sequence[str], scratch_
     return ET.tostring(top, encoding="unicode")
 
 
+#: A job directory older than this whose socket nobody listens on is left
+#: over by a run that was killed (SIGKILL skips the cleanup).
+STALE_AFTER = 600.0
+
+
+def _listening(sock: Path) -> bool:
+    """Does a server accept on this unix socket?  Unsure counts as yes."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(sock))
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
+def sweep_stale_job_dirs(prefix: str, *, older_than: float = STALE_AFTER) -> list[Path]:
+    """Remove ``RUN_DIR/<prefix>*`` directories of killed runs; return them.
+
+    A live job's directory has its NBD server listening on ``nbd.sock``
+    (libvirt's export, or qemu-nbd) from a second after it is made until
+    it is removed; a new one is spared by its age.
+    """
+    gone = []
+    now = time.time()
+    for path in RUN_DIR.glob(f"{prefix}*"):
+        try:
+            if not path.is_dir() or now - path.stat().st_mtime < older_than or _listening(path / "nbd.sock"):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a run that did not finish", path)
+        gone.append(path)
+    return gone
+
+
 @contextlib.contextmanager
 def job_dir(prefix: str = "job-") -> Iterator[Path]:
     """A private directory for a job's socket and scratch files, removed after."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(RUN_DIR, 0o711)
+    sweep_stale_job_dirs(prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_DIR))
     try:
         if os.geteuid() == 0:
