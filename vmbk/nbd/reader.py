@@ -228,11 +228,7 @@ class Reader(ExtentQueries):
         in flight finish, so the reader stays usable; when the generator
         is done or closed, no ``process`` call is running.
         """
-        if self._reading:
-            raise NbdError("Reader.read() is already running: one at a time")
-        if self._closed:
-            raise NbdError("reader is closed")
-        self._reading = True
+        self._begin_read()
         free = list(self._pool)
         pending: collections.deque[_Task] = collections.deque()
         rr = 0
@@ -263,12 +259,7 @@ class Reader(ExtentQueries):
             failed = e
             raise
         finally:
-            # A broken connection or an interrupt: fail fast.  Anything else
-            # (a failed read, the caller stopping early): let reads finish.
-            if isinstance(failed, ProtocolError) or (
-                failed is not None and not isinstance(failed, (Exception, GeneratorExit))
-            ):
-                self._abort(failed)
+            self._end_read(failed)
             for task in pending:  # no buffer may be written after we return
                 self._wait(task)
             self._reading = False
@@ -296,13 +287,9 @@ class Reader(ExtentQueries):
         if self._inline:
             yield from self.read(extents, process)
             return
-        if self._reading:
-            raise NbdError("Reader.read() is already running: one at a time")
-        if self._closed:
-            raise NbdError("reader is closed")
         if window is not None and window < 1:
             raise ValueError("window must be at least 1")
-        self._reading = True
+        self._begin_read()
         free = list(self._pool)
         finished: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         load = [0] * len(self._queues)  # tasks each worker holds: new ones go to the least busy
@@ -311,19 +298,15 @@ class Reader(ExtentQueries):
         # a task already taken off the queue (its ``done`` is set: no wait).
         pending: set[_Task] = set()
         sent = 0  # reads sent; the next one's number
-        oldest = 0  # the oldest read not handed over
-        early: set[int] = set()  # reads handed over before an older one
         failed: BaseException | None = None
 
+        def too_far_ahead() -> bool:  # of the oldest read not handed over
+            return window is not None and bool(pending) and sent - min(t.seq for t in pending) >= window
+
         def handover() -> Iterator[Chunk]:
-            nonlocal oldest
             task = finished.get()
             pending.discard(task)
             load[task.worker] -= 1
-            early.add(task.seq)
-            while oldest in early:
-                early.remove(oldest)
-                oldest += 1
             return self._handover(task, free)
 
         try:
@@ -333,7 +316,7 @@ class Reader(ExtentQueries):
                     yield Chunk(e.offset, e.length, None)
                     continue
                 for offset, length in split([e], self.request_size):
-                    while not free or (window is not None and sent - oldest >= window):
+                    while not free or too_far_ahead():
                         yield from handover()
                     task = _Task(offset, length, free.pop(), process, finished)
                     task.worker = i = load.index(min(load))
@@ -348,13 +331,25 @@ class Reader(ExtentQueries):
             failed = e
             raise
         finally:
-            if isinstance(failed, ProtocolError) or (
-                failed is not None and not isinstance(failed, (Exception, GeneratorExit))
-            ):
-                self._abort(failed)
+            self._end_read(failed)
             for task in pending:  # no buffer may be written after we return
                 task.done.wait()
             self._reading = False
+
+    def _begin_read(self) -> None:
+        if self._reading:
+            raise NbdError("Reader.read() is already running: one at a time")
+        if self._closed:
+            raise NbdError("reader is closed")
+        self._reading = True
+
+    def _end_read(self, failed: BaseException | None) -> None:
+        """A broken connection or an interrupt: fail fast.  Anything else
+        (a failed read, the caller stopping early): let reads finish."""
+        if isinstance(failed, ProtocolError) or (
+            failed is not None and not isinstance(failed, (Exception, GeneratorExit))
+        ):
+            self._abort(failed)
 
     @staticmethod
     def _handover(task: _Task, free: list[memoryview]) -> Iterator[Chunk]:
