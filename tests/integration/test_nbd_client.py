@@ -457,19 +457,21 @@ def test_reader_process_runs_where_the_data_arrived(nbdkit, connections: int) ->
         assert threads == {f"nbd-{i}" for i in range(connections)}
 
 
+def enospc_at_5_mib(offset: int, data: memoryview) -> int:
+    """A Reader ``process`` that fails at 5 MiB, as a full disk would."""
+    if offset == 5 * MiB:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return offset
+
+
 @pytest.mark.parametrize("connections", [1, 2])
 def test_reader_process_error_is_raised_in_turn(nbdkit, connections: int) -> None:
     srv = nbdkit("pattern", "size=16M", read_only=True)
 
-    def process(offset: int, data: memoryview) -> int:
-        if offset == 5 * MiB:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return offset
-
     with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
         got = []
         with pytest.raises(OSError, match="No space"):
-            for chunk in r.read([(0, 16 * MiB)], process):
+            for chunk in r.read([(0, 16 * MiB)], enospc_at_5_mib):
                 got.append(chunk.result)
         assert got == [i * MiB for i in range(5)]
         assert collect(r, [(0, 2 * MiB)])[0][: 2 * MiB] == pattern(0, 2 * MiB)  # still usable
@@ -548,14 +550,9 @@ def test_reader_unordered_window_bounds_how_far_ahead(nbdkit) -> None:
 def test_reader_unordered_error_and_early_stop_leave_it_usable(nbdkit, connections: int) -> None:
     srv = nbdkit("pattern", "size=16M", read_only=True)
 
-    def process(offset: int, data: memoryview) -> int:
-        if offset == 5 * MiB:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return offset
-
     with Reader(srv.address, connections=connections, request_size=MiB, buffers=4) as r:
         with pytest.raises(OSError, match="No space"):
-            collect_unordered(r, [(0, 16 * MiB)], process)
+            collect_unordered(r, [(0, 16 * MiB)], enospc_at_5_mib)
         it = r.read_unordered([(0, 16 * MiB)])
         first = next(it)
         assert bytes(first.data or b"") == pattern(first.offset, MiB)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import lz4.frame
@@ -777,6 +778,18 @@ def _frames_for(vsize: int, seed: int) -> list[tuple[str, int, bytes | int]]:
     return frames
 
 
+def _reserve_data_frames(w: StreamWriter, frames: list[tuple[str, int, bytes | int]]) -> Iterator[tuple[int, bytes]]:
+    """Write the zero frames; reserve each data frame and yield it to be filled."""
+    for kind, off, payload in frames:
+        if kind == "zero":
+            assert isinstance(payload, int)
+            w.write_zero(off, payload)
+            continue
+        assert isinstance(payload, bytes)
+        w.reserve(off, len(payload))
+        yield off, payload
+
+
 @pytest.mark.parametrize("compressed", [False, 2], ids=["plain", "lz4"])
 @pytest.mark.parametrize("target", ["path", "fileobj"])
 def test_fill_on_threads_in_any_order_writes_the_same_bytes(
@@ -792,13 +805,7 @@ def test_fill_on_threads_in_any_order_writes_the_same_bytes(
     p = tmp_path / "par.data"
     with open(p, "wb") as f, ThreadPoolExecutor(4) as pool, StreamWriter(p if target == "path" else f, m) as w:
         window: list = []
-        for kind, off, payload in frames:
-            if kind == "zero":
-                assert isinstance(payload, int)
-                w.write_zero(off, payload)
-                continue
-            assert isinstance(payload, bytes)
-            w.reserve(off, len(payload))
+        for off, payload in _reserve_data_frames(w, frames):
             window.append(pool.submit(w.fill, off, payload))
             if len(window) == 6:  # several frames reserved ahead, as the backup does
                 w.commit(window.pop(0).result())
@@ -822,13 +829,7 @@ def test_finish_in_any_order_writes_the_same_bytes(tmp_path: Path, compressed: b
     committed = 0
     with StreamWriter(p, m) as w:
         window: list = []
-        for kind, off, payload in frames:
-            if kind == "zero":
-                assert isinstance(payload, int)
-                w.write_zero(off, payload)
-                continue
-            assert isinstance(payload, bytes)
-            w.reserve(off, len(payload))
+        for off, payload in _reserve_data_frames(w, frames):
             window.append(w.fill(off, bytearray(payload), write=False))
             if len(window) == 6:
                 committed += w.finish(window.pop(rnd.randrange(len(window))))
