@@ -198,14 +198,7 @@ class Bench:
         print(f"domain {self.name} running on {disk}; outputs in {self.out}", flush=True)
 
     def cleanup_stale(self) -> None:
-        from guest.domain import remove_domain
-        for dom in self.conn.listAllDomains(0):
-            if dom.name().startswith(DOMAIN_PREFIX):
-                print(f"removing stale domain {dom.name()}", flush=True)
-                with contextlib.suppress(Exception):
-                    remove_domain(dom)
-        for p in BENCH_DIR.glob(f"{WORK_PREFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
+        common.remove_stale(self.conn, DOMAIN_PREFIX, WORK_PREFIX)
 
     def teardown(self) -> None:
         from guest.domain import remove_domain

@@ -545,15 +545,7 @@ class Bench:
         print(f"memory warmed: {size} MiB written and freed in {time.monotonic() - t0:.1f} s", flush=True)
 
     def cleanup_stale(self) -> None:
-        """Domains and work dirs of an earlier bench that died (we hold the bench lock)."""
-        from guest.domain import remove_domain
-        for dom in self.conn.listAllDomains(0):
-            if dom.name().startswith(DOMAIN_PREFIX):
-                print(f"removing stale domain {dom.name()}", flush=True)
-                with contextlib.suppress(Exception):
-                    remove_domain(dom)
-        for p in BENCH_DIR.glob("work-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        remove_stale(self.conn, DOMAIN_PREFIX, "work-")
 
     def teardown(self) -> None:
         from guest.domain import remove_domain
@@ -842,6 +834,18 @@ def data_files(path: Path) -> int:
 
 
 # -------------------------------------------------------------------- main
+
+
+def remove_stale(conn: Any, domain_prefix: str, work_prefix: str) -> None:
+    """Domains and work dirs of an earlier bench that died (we hold the bench lock)."""
+    from guest.domain import remove_domain
+    for dom in conn.listAllDomains(0):
+        if dom.name().startswith(domain_prefix):
+            print(f"removing stale domain {dom.name()}", flush=True)
+            with contextlib.suppress(Exception):
+                remove_domain(dom)
+    for p in BENCH_DIR.glob(f"{work_prefix}*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def open_libvirt() -> Any:
