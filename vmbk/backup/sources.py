@@ -22,7 +22,7 @@ from typing import Any
 
 from vmbk.errors import DependencyError, ToolError
 from vmbk.nbd import Address
-from vmbk.virt.backupjob import BackupJob, job_dir
+from vmbk.virt.backupjob import BACKUP_PREFIX, BackupJob, job_dir
 from vmbk.virt.quiesce import quiesced
 
 log = logging.getLogger("vmbk.backup")
@@ -36,7 +36,7 @@ def libvirt_export(
     checkpoint_disks: Sequence[str], agent: bool,
 ) -> Iterator[tuple[dict[str, Address], str]]:
     """Start a pull backup job; yield ({target: address}, consistency)."""
-    with job_dir("backup-") as work:
+    with job_dir(BACKUP_PREFIX) as work:
         sock = work / "nbd.sock"
         job = BackupJob(dom, socket=sock, disks=disks, skip=skip, scratch_dir=work,
                         checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks)

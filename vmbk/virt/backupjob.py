@@ -39,6 +39,8 @@ log = logging.getLogger("vmbk.virt")
 
 RUN_DIR = Path(os.environ.get("VMBK_RUN_DIR", "/var/tmp/vmbk"))
 QEMU_USER = "libvirt-qemu"
+#: Job directories of pull-mode backups (`clear_stale_job` knows vmbk's by it).
+BACKUP_PREFIX = "backup-"
 
 
 def checkpoint_xml(name: str, parent: str | None, disks: Sequence[str]) -> str:
@@ -189,7 +191,7 @@ def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
                       f"{dom.name()}): try again when it is done", vm=dom.name()) from None
     server = ET.fromstring(xml).find("server")
     sock = Path(server.get("socket", "")) if server is not None else None
-    if sock is None or sock.parent.parent.resolve() != RUN_DIR.resolve() or not sock.parent.name.startswith("backup-"):
+    if sock is None or sock.parent.parent.resolve() != RUN_DIR.resolve() or not sock.parent.name.startswith(BACKUP_PREFIX):
         raise VmError(f"VM {dom.name()!r} is being backed up by another tool (NBD socket {sock}): "
                       f"try again when it is done, or end it with 'virsh domjobabort {dom.name()}'", vm=dom.name())
     log.warning("%s: ending the backup job a vmbk-backup that did not finish left running (%s)", dom.name(), sock)
