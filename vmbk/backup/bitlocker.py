@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from vmbk.fsutil import SECRET_FILE_MODE, ensure_secret_dir, write_file_atomic
+from vmbk.tree import names
 
 log = logging.getLogger("vmbk.backup")
 
@@ -125,7 +126,7 @@ def save_recovery_keys(dom: Any, target_dir: Path) -> list[RecoveryKey]:
         log.warning("%s: BitLocker keys not saved: %s", dom.name(), e)
         return []
     if keys:
-        secret = ensure_secret_dir(target_dir / "tpm-state")
+        secret = ensure_secret_dir(target_dir / names.TPM_STATE)
         write_file_atomic(secret / "bitlocker-recovery-keys.txt", "\n".join(raw).encode(), mode=SECRET_FILE_MODE)
         write_file_atomic(secret / "bitlocker-recovery-keys.json",
                           orjson.dumps([dataclasses.asdict(k) for k in keys], option=orjson.OPT_INDENT_2),

@@ -1,12 +1,11 @@
 """The files beside the streams that make a backup restorable.
 
-Names follow virtnbdbackup (read for facts): ``vmconfig.<ident>.xml``,
-``checkpoints/<checkpoint>.xml``, ``<vm>.cpt`` (JSON list of checkpoint
-names), ``<dev>.<ident>.qcow.json`` (``qemu-img info``), the NVRAM file as
-``<basename>.<ident>``; ``<ident>`` is the checkpoint name, or ``copy``
-for a copy backup.  TPM state goes to ``tpm-state/`` (root only, 0600,
-no SGID: the backup group must not read TPM keys) and is replaced only
-when it changed.
+Names follow virtnbdbackup (read for facts) and are spelled in
+`vmbk.tree.names`: ``vmconfig.<ident>.xml``, ``checkpoints/<checkpoint>.xml``,
+``<vm>.cpt`` (JSON list of checkpoint names), ``<dev>.<ident>.qcow.json``
+(``qemu-img info``), the NVRAM file as ``<basename>.<ident>``.  TPM state
+goes to ``tpm-state/`` (root only, 0600, no SGID: the backup group must
+not read TPM keys) and is replaced only when it changed.
 """
 
 from __future__ import annotations
@@ -20,56 +19,47 @@ from typing import Any
 import orjson
 
 from vmbk.errors import StorageError
-from vmbk.fsutil import SECRET_FILE_MODE, ensure_dir, ensure_secret_dir, write_file_atomic
+from vmbk.fsutil import PARTIAL, SECRET_FILE_MODE, ensure_dir, ensure_secret_dir, write_file_atomic
+from vmbk.tree import names
 from vmbk.virt import qemuimg
 
 
-def ident(level: str, checkpoint: str | None) -> str:
-    return "copy" if level == "copy" or not checkpoint else checkpoint
-
-
-def data_name(target: str, level: str, checkpoint: str | None) -> str:
-    if level == "inc":
-        return f"{target}.inc.{checkpoint}.data"
-    return f"{target}.{level}.data"
-
-
 def write_vmconfig(target_dir: Path, name: str, xml: str) -> Path:
-    path = target_dir / f"vmconfig.{name}.xml"
+    path = target_dir / names.vmconfig_name(name)
     write_file_atomic(path, xml.encode())
     return path
 
 
 def write_checkpoint_xml(target_dir: Path, checkpoint: str, xml: str) -> Path:
-    path = ensure_dir(target_dir / "checkpoints") / f"{checkpoint}.xml"
+    ensure_dir(target_dir / names.CHECKPOINTS)
+    path = target_dir / names.checkpoint_xml_name(checkpoint)
     write_file_atomic(path, xml.encode())
     return path
 
 
 def append_cpt(target_dir: Path, vm: str, checkpoint: str) -> Path:
-    path = target_dir / f"{vm}.cpt"
-    names: list[str] = []
+    path = target_dir / names.cpt_name(vm)
+    listed: list[str] = []
     if path.exists():
         try:
-            names = orjson.loads(path.read_bytes())
+            listed = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError:
             raise StorageError(f"{path} is not a JSON list of checkpoints", vm=vm) from None
-    if checkpoint not in names:
-        names.append(checkpoint)
-    write_file_atomic(path, orjson.dumps(names))
+    if checkpoint not in listed:
+        listed.append(checkpoint)
+    write_file_atomic(path, orjson.dumps(listed))
     return path
 
 
 def write_qemu_info(target_dir: Path, target: str, name: str, source: str, fmt: str | None) -> Path:
     info: dict[str, Any] = qemuimg.info(source, fmt=fmt)
-    path = target_dir / f"{target}.{name}.qcow.json"
+    path = target_dir / names.qemu_info_name(target, name)
     write_file_atomic(path, orjson.dumps(info, option=orjson.OPT_INDENT_2))
     return path
 
 
 def copy_nvram(target_dir: Path, nvram: str, name: str, level: str) -> Path:
-    base = os.path.basename(nvram)
-    path = target_dir / (base if level == "copy" else f"{base}.{name}")
+    path = target_dir / names.nvram_name(os.path.basename(nvram), name, level)
     write_file_atomic(path, Path(nvram).read_bytes())
     return path
 
@@ -84,10 +74,10 @@ def _tree_digest(root: Path) -> str:
 
 def save_tpm_state(target_dir: Path, state_dir: Path) -> tuple[Path, bool]:
     """Copy swtpm state into ``tpm-state/``; (path, whether it changed)."""
-    dest = target_dir / "tpm-state"
+    dest = target_dir / names.TPM_STATE
     if dest.exists() and _tree_digest(dest) == _tree_digest(state_dir):
         return dest, False
-    tmp = target_dir / "tpm-state.partial"
+    tmp = target_dir / (names.TPM_STATE + PARTIAL)
     shutil.rmtree(tmp, ignore_errors=True)
     ensure_secret_dir(tmp)
     for src in state_dir.rglob("*"):
@@ -99,7 +89,7 @@ def save_tpm_state(target_dir: Path, state_dir: Path) -> tuple[Path, bool]:
             os.chmod(tmp / rel, SECRET_FILE_MODE)
             if os.geteuid() == 0:
                 os.chown(tmp / rel, 0, 0)
-    old = target_dir / "tpm-state.old"
+    old = target_dir / (names.TPM_STATE + ".old")
     if dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmbk.backup import bitlocker, sidefiles, treeops
+from vmbk.backup import bitlocker, sidefiles
 from vmbk.backup.disk import DiskJob, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
@@ -32,6 +32,7 @@ from vmbk.fsutil import ensure_dir
 from vmbk.lock import VmLock
 from vmbk.progress import Board
 from vmbk.records import Record, make
+from vmbk.tree import names, ops
 from vmbk.virt import backupjob
 from vmbk.virt.connection import libvirt_module
 
@@ -121,16 +122,16 @@ def _lookup(conn: Any, plan: Record) -> Any:
 
 def _prepare(plan: Record, vm_dir: Path, dom: Any, out: Outcome) -> None:
     name = plan["name"]
-    removed = treeops.cleanup_partials(vm_dir, list(plan.get("cleanup") or []), name)
+    removed = ops.cleanup_partials(vm_dir, list(plan.get("cleanup") or []), name)
     for rel in removed:
         out.events.append({"event": "cleaned", "directory": rel, "reason": "leftover .partial file"})
     if plan.get("archive"):
-        dst = treeops.archive_chain(vm_dir, plan["archive_from"], plan["archive_to"], name)
+        dst = ops.archive_chain(vm_dir, plan["archive_from"], plan["archive_to"], name)
         out.events.append({"event": "archived", "directory": str(dst), "reason": "; ".join(plan.get("reasons") or [])})
-    target_dir = treeops.inside(vm_dir, plan["target"], name)
+    target_dir = ops.inside(vm_dir, plan["target"], name)
     done: list[str] = []
     for cp in plan.get("redefine_checkpoints") or []:
-        xml = (target_dir / "checkpoints" / f"{cp}.xml").read_text()
+        xml = (target_dir / names.checkpoint_xml_name(cp)).read_text()
         try:
             backupjob.redefine_checkpoint(dom, xml)
         except backupjob.RedefineFailed:
@@ -169,8 +170,8 @@ def _copy_online(dom: Any, plan: Record, target_dir: Path, opts: Options, out: O
         jobs: list[Callable[[Cancel], DiskResult]] = []
         for target in wanted:
             level = modes[target]
-            path = target_dir / sidefiles.data_name(target, level, checkpoint)
-            out.files += [path, Path(f"{path}.chksum")]
+            path = target_dir / names.data_name(target, level, checkpoint)
+            out.files += [path, path.with_name(names.chksum_name(path.name))]
             job = DiskJob(target, addresses[target], level, path,
                           disk_format=sources.get(target, {}).get("format") or "qcow2",
                           checkpoint=checkpoint or "", parent=parent or "",
@@ -191,8 +192,8 @@ def _copy_offline(plan: Record, target_dir: Path, opts: Options, out: Outcome) -
         if not src.get("source") or src.get("type") not in ("file", "block"):
             raise VmError(f"disk {d['target']}: no file or block device to copy", vm=plan["name"])
         fmt = src.get("format") or "raw"
-        path = target_dir / sidefiles.data_name(d["target"], "copy", None)
-        out.files += [path, Path(f"{path}.chksum")]
+        path = target_dir / names.data_name(d["target"], "copy", None)
+        out.files += [path, path.with_name(names.chksum_name(path.name))]
         jobs.append(functools.partial(_offline_copy, d["target"], src["source"], fmt, path, opts.compression,
                                       opts.progress, f"{plan['name']}/{d['target']}"))
     out.disks += _all_disks(jobs, opts.cancel)
@@ -210,7 +211,7 @@ def _side_files(dom: Any, plan: Record, target_dir: Path, out: Outcome) -> None:
     name = plan["name"]
     level = plan["action"]
     checkpoint = plan.get("checkpoint") if level in ("full", "inc") else None
-    tag = sidefiles.ident(level, checkpoint)
+    tag = names.ident(level, checkpoint)
     libvirt = libvirt_module()
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else dom.XMLDesc(0)
     out.files.append(sidefiles.write_vmconfig(target_dir, tag, xml))
@@ -288,7 +289,7 @@ def backup_vm(plan: Record, conn: Any, opts: Options, session: str) -> Record:
     if opts.dry_run:
         return {**base, "outcome": "dry-run", "consistency": None, "disks": plan["disks"], "bytes": 0, "duration": 0.0}
     vm_dir = opts.backup_path / name
-    target_dir = treeops.inside(vm_dir, plan["target"], name) if plan.get("target") else vm_dir
+    target_dir = ops.inside(vm_dir, plan["target"], name) if plan.get("target") else vm_dir
     out = Outcome()
     dom = _lookup(conn, plan)
     online = plan["action"] in ("full", "inc")

@@ -17,12 +17,14 @@ Options:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import IO, Any
 
 from vmbk import cli
 from vmbk.commands._common import Common, Session, existing_backup_path, make_emitter
 from vmbk.lock import lock_path
 from vmbk.records import make
+from vmbk.tree.scan import vm_dirs
 
 PROG = "vmbk-status"
 
@@ -33,7 +35,8 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     emitter = make_emitter(ctx, common)
     session = Session(emitter).ensure()
     try:
-        for vm_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        for entry in vm_dirs(root):
+            vm_dir = Path(entry.path)
             periods = sorted(p.name for p in vm_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
             emitter.emit(
                 make(

@@ -45,6 +45,7 @@ from vmbk.restore.chainread import ChainImage, scan_cached
 from vmbk.restore.checker import SourceCheck
 from vmbk.stream import merge_chain, verify_checksum
 from vmbk.stream.format import KIND_DATA
+from vmbk.tree import names
 
 log = logging.getLogger("vmbk.restore")
 
@@ -97,7 +98,7 @@ def qcow_options(chain_dir: Path, disk: str, ident: str, idents: Sequence[str]) 
     image at backup time, so a raw source yields no options.
     """
     for cand in (ident, *reversed(idents)):
-        path = chain_dir / f"{disk}.{cand}.qcow.json"
+        path = chain_dir / names.qemu_info_name(disk, cand)
         try:
             with open(path, "rb") as fh:
                 info = json.loads(fh.read(MAX_QCOW_JSON))

@@ -19,29 +19,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmbk.errors import StorageError, VmError
+from vmbk.errors import VmError
 from vmbk.records import Record, make
 from vmbk.restore import health
 from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
-from vmbk.tree import Chain
+from vmbk.tree import Chain, names
+from vmbk.tree.scan import vm_dirs
 from vmbk.virt.domain import parse_domain_xml
-
-SKIP_DIRS = ("lost+found",)
-
 
 def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
     """One ``backup_vm`` record per VM directory that holds backups."""
-    try:
-        entries = sorted(os.scandir(backup_path), key=lambda e: e.name)
-    except OSError as e:
-        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
+    entries = vm_dirs(backup_path)
     catalogue = health.Health(backup_path)
     try:
         for entry in entries:
-            if entry.name.startswith(("_", ".")) or entry.name in SKIP_DIRS or not entry.is_dir(follow_symlinks=False):
-                continue
             source = locate_name(backup_path, entry.name)
             chains = active_chains(source)
             if not chains:
@@ -137,7 +130,7 @@ def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str |
 
 
 def _has_tpm(chain: Chain) -> bool:
-    return any((c.path / n).exists() for c in (chain, *chain.archives) for n in ("tpm-state", ".tpm-backup-marker"))
+    return any((c.path / n).exists() for c in (chain, *chain.archives) for n in (names.TPM_STATE, names.TPM_MARKER))
 
 
 def _has_nvram(chain: Chain | None) -> bool:

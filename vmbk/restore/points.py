@@ -30,8 +30,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vmbk.fsutil import PARTIAL
 from vmbk.tree.model import Chain, DataFile
-from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name
+from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name, vmconfig_name
 
 FULL = "FULL"
 INCREMENTAL = "Incremental"
@@ -81,7 +82,7 @@ class RestorePoint:
 
 def vmconfig_disks(chain: Chain, ident: str) -> set[str] | None:
     """Disk targets of ``vmconfig.<ident>.xml`` (cdrom, floppy, LUN excluded)."""
-    name = f"vmconfig.{ident}.xml"
+    name = vmconfig_name(ident)
     if name not in chain.vmconfigs:
         return None
     try:
@@ -151,7 +152,7 @@ def _partials_by_point(chain: Chain) -> dict[int | None, list[str]]:
     """Leftover ``.partial`` data files by the point they belong to (None: all)."""
     out: dict[int | None, list[str]] = {}
     for p in chain.partials:
-        parsed = parse_data_name(p[: -len(".partial")]) if p.endswith(".data.partial") else None
+        parsed = parse_data_name(p[: -len(PARTIAL)]) if p.endswith(".data" + PARTIAL) else None
         if parsed is None:
             continue
         key = None if parsed.level == "copy" else (0 if parsed.level == "full" else parsed.number)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from vmbk.fsutil import fsync_dir
 from vmbk.restore.vmconfig import DomainConfig
+from vmbk.tree.names import TPM_STATE
 
 SWTPM_ROOT = Path("/var/lib/libvirt/swtpm")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
@@ -42,7 +43,7 @@ UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 
 def backup_state(chain_dir: Path, config: DomainConfig | None) -> tuple[Path | None, str | None]:
     """(the chain's ``tpm-state/tpm2``, or None; a warning when one is due)."""
-    state = chain_dir / "tpm-state" / "tpm2"
+    state = chain_dir / TPM_STATE / "tpm2"
     has_state = state.is_dir() and any(state.iterdir())
     emulated = config is not None and _has_emulated_tpm(config.xml)
     if has_state and not emulated:

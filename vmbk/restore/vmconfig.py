@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from vmbk.restore.points import RestorePoint
+from vmbk.tree.names import vmconfig_name, vmconfig_order
 
 MAX_XML = 16 << 20
 
@@ -36,8 +37,8 @@ class DomainConfig:
 def point_config(point: RestorePoint) -> DomainConfig | None:
     """``vmconfig.<ident>.xml`` of the point, else the chain's newest one."""
     chain = point.chain
-    own = f"vmconfig.{point.ident}.xml"
-    names = [own] if own in chain.vmconfigs else sorted(chain.vmconfigs, key=_config_order, reverse=True)
+    own = vmconfig_name(point.ident)
+    names = [own] if own in chain.vmconfigs else sorted(chain.vmconfigs, key=lambda n: vmconfig_order(n) or (-1, n), reverse=True)
     for name in names:
         try:
             with open(chain.path / name, "rb") as fh:
@@ -51,11 +52,6 @@ def point_config(point: RestorePoint) -> DomainConfig | None:
                             (root.findtext("uuid") or "").strip() or None, _nvram_path(root), name == own, uefi,
                             _sources(root))
     return None
-
-
-def _config_order(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) == 4 and parts[2].isdigit() else -1
 
 
 def _nvram_path(root: ET.Element) -> str | None:

@@ -2,7 +2,8 @@
 
 ``names``: period ids, file names, archive names (pure);
 ``model``: `DataFile`, `Chain`, `VmTree` (what the planner looks at);
-``scan``: `scan_vm`, `scan_chain`, `next_archive_name`, `find_uuid` (reads).
+``scan``: `scan_vm`, `scan_chain`, `vm_dirs`, `next_archive_name`, `find_uuid` (reads);
+``ops``: `inside`, `cleanup_partials`, `archive_chain` (the writes that are not data).
 """
 
 from vmbk.tree.model import Chain, DataFile, VmTree
@@ -17,7 +18,7 @@ from vmbk.tree.names import (
     period_id,
     policy_of_period,
 )
-from vmbk.tree.scan import find_uuid, next_archive_name, scan_chain, scan_vm
+from vmbk.tree.scan import find_uuid, is_vm_dir, next_archive_name, scan_chain, scan_vm, vm_dirs
 
 __all__ = [
     "ARCHIVES",
@@ -30,10 +31,12 @@ __all__ = [
     "checkpoint_name",
     "checkpoint_number",
     "find_uuid",
+    "is_vm_dir",
     "next_archive_name",
     "parse_data_name",
     "period_id",
     "policy_of_period",
     "scan_chain",
     "scan_vm",
+    "vm_dirs",
 ]

@@ -9,10 +9,19 @@ either tool are read by vmbk and the other way round::
         <dev>.full.data                checkpoint virtnbdbackup.0
         <dev>.inc.virtnbdbackup.<N>.data
         <dev>.copy.data                offline copy, or a raw disk of a full
+        <file>.data.chksum             adler32 of the whole file
         <vm>.cpt                       JSON list of checkpoint names
         checkpoints/virtnbdbackup.<N>.xml
         vmconfig.virtnbdbackup.<N>.xml | vmconfig.copy.xml
+        <dev>.<ident>.qcow.json        ``qemu-img info`` of the source
+        <nvram>.<ident> | <nvram>      UEFI vars (a copy backup: plain name)
+        tpm-state/                     swtpm state, root only
         .archives/chain-YYYY-MM-DD[.N]/
+    _state/                            catalogue and locks, never a VM
+
+``<ident>`` is a point's checkpoint name, or ``copy``.  This module is
+the one place these names are spelled: the backup writes them, the
+scanner, restore, rotate and replicate read them from here.
 
 Everything here is pure: strings and dates in, strings out.
 """
@@ -29,6 +38,14 @@ from dataclasses import dataclass
 CHECKPOINT_PREFIX = "virtnbdbackup"
 ARCHIVES = ".archives"
 CHECKPOINTS = "checkpoints"
+TPM_STATE = "tpm-state"
+#: vmbackup's marker of a chain that holds TPM state (its older layout).
+TPM_MARKER = ".tpm-backup-marker"
+#: Catalogue and locks: ``<backup_path>/_state``, never a VM directory.
+STATE_DIR = "_state"
+CHKSUM = ".chksum"
+#: Directories a file system puts at its root; never VM directories.
+NOT_VMS = ("lost+found",)
 PERIODIC = ("daily", "weekly", "monthly")
 
 _DAILY = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
@@ -38,6 +55,7 @@ _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}\.(\d+)$")
 _FULL_COPY = re.compile(r"^(?P<disk>.+)\.(?P<level>full|copy)\.data$")
 _INC = re.compile(rf"^(?P<disk>.+)\.(?P<level>inc|diff)\.(?P<cpt>{CHECKPOINT_PREFIX}\.(?P<n>\d+)|\d+)\.data$")
 _ARCHIVE = re.compile(r"^chain-(\d{4}-\d{2}-\d{2})(?:\.(\d+))?$")
+_VMCONFIG = re.compile(rf"^vmconfig\.(?:{CHECKPOINT_PREFIX}\.(\d+)|copy|.+)\.xml$")
 
 
 def period_id(policy: str, now: _dt.datetime | _dt.date) -> str | None:
@@ -148,3 +166,59 @@ def _archive_suffix(name: str) -> int | None:
 
 def is_archive_name(name: str) -> bool:
     return _ARCHIVE.match(name) is not None
+
+
+def is_vm_dir_name(name: str) -> bool:
+    """May a directory of this name at the backup root be a VM's?
+
+    Not ``_state`` nor any ``_``/``.`` name (vmbackup's own state and
+    hidden work directories), nor a file system's ``lost+found``.  Callers
+    also skip what is not a real directory (symlinks included).
+    """
+    return not name.startswith(("_", ".")) and name not in NOT_VMS
+
+
+def ident(level: str, checkpoint: str | None) -> str:
+    """The ``<ident>`` of a point's side files: its checkpoint, or ``copy``."""
+    return "copy" if level == "copy" or not checkpoint else checkpoint
+
+
+def data_name(disk: str, level: str, checkpoint: str | None) -> str:
+    """``vda.full.data``, ``vda.copy.data``, ``vda.inc.virtnbdbackup.3.data``."""
+    if level == "inc":
+        return f"{disk}.inc.{checkpoint}.data"
+    return f"{disk}.{level}.data"
+
+
+def chksum_name(data: str) -> str:
+    return data + CHKSUM
+
+
+def vmconfig_name(ident_: str) -> str:
+    return f"vmconfig.{ident_}.xml"
+
+
+def vmconfig_order(name: str) -> tuple[int, str] | None:
+    """Sort key of a ``vmconfig.*.xml`` name, newest checkpoint last (None: not one)."""
+    m = _VMCONFIG.match(name)
+    if not m:
+        return None
+    return (int(m[1]) if m[1] else -1), name
+
+
+def cpt_name(vm: str) -> str:
+    return f"{vm}.cpt"
+
+
+def checkpoint_xml_name(checkpoint: str) -> str:
+    """Relative to the chain directory: ``checkpoints/<name>.xml``."""
+    return f"{CHECKPOINTS}/{checkpoint}.xml"
+
+
+def qemu_info_name(disk: str, ident_: str) -> str:
+    return f"{disk}.{ident_}.qcow.json"
+
+
+def nvram_name(basename: str, ident_: str, level: str) -> str:
+    """UEFI vars beside a point: ``<basename>.<ident>``; a copy backup's keeps its name."""
+    return basename if level == "copy" else f"{basename}.{ident_}"

@@ -12,13 +12,13 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 from vmbk.errors import StorageError, VmbkError
 from vmbk.stream.reader import read_meta
+from vmbk.tree import names as names_
 from vmbk.tree.model import Chain, DataFile, VmTree
 from vmbk.tree.names import (
     ARCHIVES,
@@ -32,7 +32,24 @@ from vmbk.tree.names import (
 #: A ``.cpt`` is a short JSON list; anything bigger is not one.
 MAX_CPT = 1 << 20
 MAX_VMCONFIG = 16 << 20
-_VMCONFIG = re.compile(r"^vmconfig\.(?:virtnbdbackup\.(\d+)|copy|.+)\.xml$")
+
+
+def is_vm_dir(entry: os.DirEntry[str]) -> bool:
+    """THE rule for what at the backup root is a VM directory.
+
+    A real directory (not a symlink) whose name `names.is_vm_dir_name`
+    accepts: ``_state``, hidden work directories and ``lost+found`` are not.
+    """
+    return names_.is_vm_dir_name(entry.name) and entry.is_dir(follow_symlinks=False)
+
+
+def vm_dirs(backup_path: Path) -> list[os.DirEntry[str]]:
+    """The VM directories of a backup root, sorted by name."""
+    try:
+        with os.scandir(backup_path) as it:
+            return sorted((e for e in it if is_vm_dir(e)), key=lambda e: e.name)
+    except OSError as e:
+        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
 
 
 def scan_vm(backup_path: Path, vm: str) -> VmTree:
@@ -71,7 +88,7 @@ def scan_chain(path: Path, rel: str, *, period: str | None, policy: str | None, 
             partials.append(name)
         elif name.endswith(".cpt"):
             cpts.append(name)
-        elif _VMCONFIG.match(name):
+        elif names_.vmconfig_order(name) is not None:
             vmconfigs.append(name)
         elif name.endswith(".data"):
             f = _data_file(entry)
@@ -129,12 +146,8 @@ def find_uuid(backup_path: Path, uuid: str, *, exclude: str) -> tuple[str, ...]:
     Only the newest vmconfig of each chain directory is read.
     """
     found: list[str] = []
-    try:
-        vm_dirs = sorted(os.scandir(backup_path), key=lambda e: e.name)
-    except OSError as e:
-        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
-    for vm_dir in vm_dirs:
-        if vm_dir.name == exclude or vm_dir.name.startswith(("_", ".")) or not vm_dir.is_dir(follow_symlinks=False):
+    for vm_dir in vm_dirs(backup_path):
+        if vm_dir.name == exclude:
             continue
         candidates = [Path(vm_dir.path)]
         try:
@@ -144,7 +157,7 @@ def find_uuid(backup_path: Path, uuid: str, *, exclude: str) -> tuple[str, ...]:
             continue
         for chain_dir in candidates:
             try:
-                names = [e.name for e in os.scandir(chain_dir) if _VMCONFIG.match(e.name)]
+                names = [e.name for e in os.scandir(chain_dir) if names_.vmconfig_order(e.name) is not None]
             except OSError:
                 continue
             if _vmconfig_identity(chain_dir, names)[0] == uuid:
@@ -204,8 +217,8 @@ def _read_cpt(path: Path, names: list[str], vm: str) -> tuple[str | None, tuple[
     """
     if not names:
         return None, None, None
-    if f"{vm}.cpt" in names:
-        name = f"{vm}.cpt"
+    if names_.cpt_name(vm) in names:
+        name = names_.cpt_name(vm)
     elif len(names) == 1:
         name = names[0]
     else:
@@ -235,11 +248,7 @@ def _vmconfig_identity(path: Path, names: list[str]) -> tuple[str | None, str | 
     if not names:
         return None, None
 
-    def order(name: str) -> tuple[int, str]:
-        m = _VMCONFIG.match(name)
-        return (int(m[1]) if m and m[1] else -1), name
-
-    newest = max(names, key=order)
+    newest = max(names, key=lambda n: names_.vmconfig_order(n) or (-1, n))
     try:
         with open(path / newest, "rb") as fh:
             raw = fh.read(MAX_VMCONFIG)

@@ -1,9 +1,12 @@
-"""The writes a backup makes to the tree before it copies data.
+"""Writes to the backup tree that are not data: clean, archive, confine.
 
-In the order the planner asks for them: remove leftover ``.partial``
-files, then move the current chain into ``.archives/chain-YYYY-MM-DD[.N]``.
-Both are recorded as chain events.  Every path comes from a plan record,
-which may be hand-edited: each one must resolve inside the VM's directory.
+The backup makes them before it copies data, in the order the planner asks
+for them: remove leftover ``.partial`` files, then move the current chain
+into ``.archives/chain-YYYY-MM-DD[.N]``.  Both are recorded as chain
+events.  Every path comes from a plan record, which may be hand-edited:
+each one must resolve inside the VM's directory (`inside`).  Rotate and
+replicate use the same helpers, so nothing outside ``tree/`` spells a
+name of the tree.
 """
 
 from __future__ import annotations
@@ -13,12 +16,10 @@ import os
 from pathlib import Path
 
 from vmbk.errors import StorageError
-from vmbk.fsutil import ensure_dir, fsync_dir
-from vmbk.tree.names import policy_of_period
+from vmbk.fsutil import PARTIAL, ensure_dir, fsync_dir
+from vmbk.tree.names import ARCHIVES, policy_of_period
 
-log = logging.getLogger("vmbk.backup")
-
-ARCHIVES = ".archives"
+log = logging.getLogger("vmbk.tree")
 
 
 def inside(vm_dir: Path, rel: str, vm: str) -> Path:
@@ -34,7 +35,7 @@ def cleanup_partials(vm_dir: Path, rels: list[str], vm: str) -> list[str]:
     removed = []
     for rel in rels:
         path = inside(vm_dir, rel, vm)
-        if not path.name.endswith(".partial"):
+        if not path.name.endswith(PARTIAL):
             raise StorageError(f"refusing to clean {rel!r}: not a .partial file", vm=vm)
         try:
             path.unlink()
