@@ -98,9 +98,9 @@ def worker_main(argv: list[str]) -> int:
                     total += chunk.length
         out = {"bytes": total, "stored": 0, "connections": conns}
     else:
-        from vmbk.backup.disk import DiskJob, backup_disk
+        from vmbk.backup.disk import DiskBackup, backup_disk
 
-        res = backup_disk(DiskJob(a.export, addr, "full", Path(a.out), compression=a.compression,
+        res = backup_disk(DiskBackup(a.export, addr, "full", Path(a.out), compression=a.compression,
                                   connections=a.connections))
         out = {"bytes": res.data_size, "stored": res.stored_size}
     out["seconds"] = time.perf_counter() - t0

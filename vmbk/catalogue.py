@@ -14,13 +14,13 @@ code is refused (opening it could misread columns) rather than touched.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vmbk.clock import now_iso
 from vmbk.errors import StorageError
 from vmbk.fsutil import FILE_MODE, ensure_dir
 
@@ -98,10 +98,6 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def db_path(backup_path: Path) -> Path:

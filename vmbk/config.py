@@ -1,4 +1,4 @@
-"""Configuration instances and backup path resolution.
+"""Configuration instances and backup path resolution: loading.
 
 An instance is one TOML file, ``$VMBK_CONFIG_DIR/<instance>.toml``
 (default directory ``/etc/vmbk``); see examples/vmbk.toml for every key.
@@ -13,13 +13,13 @@ Resolution"): ``--backup-path`` wins, then the chosen instance's
 that says how to give it.
 
 Unknown keys are errors: a typo in a retention setting must not silently
-keep the default.
+keep the default.  What the loaded instance says lives in `vmbk.settings`
+(pure dataclasses, re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import tomllib
@@ -28,113 +28,35 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.errors import ConfigError
+from vmbk.settings import (
+    COMPRESSIONS,
+    POLICIES,
+    TRANSPORTS,
+    Config,
+    Email,
+    Replication,
+    Retention,
+    VmOverride,
+)
+
+__all__ = [
+    "COMPRESSIONS",
+    "POLICIES",
+    "TRANSPORTS",
+    "Config",
+    "Email",
+    "Replication",
+    "Retention",
+    "VmOverride",
+    "all_backup_paths",
+    "config_dir",
+    "load",
+    "parse",
+]
 
 DEFAULT_CONFIG_DIR = "/etc/vmbk"
 DEFAULT_INSTANCE = "default"
-POLICIES = ("daily", "weekly", "monthly", "accumulate", "never")
-COMPRESSIONS = ("none", "lz4")
-TRANSPORTS = ("local", "ssh", "rclone")
 _INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Retention:
-    """How many periods each policy keeps, and the accumulate chain bounds."""
-
-    daily: int = 7
-    weekly: int = 4
-    monthly: int = 3
-    accumulate_warn_depth: int = 30
-    accumulate_limit: int = 60
-
-
-@dataclasses.dataclass(frozen=True)
-class VmOverride:
-    policy: str | None = None
-    compression: str | None = None
-    fstrim: bool | None = None
-    exclude: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Replication:
-    name: str
-    transport: str
-    path: str
-    enabled: bool = True
-    sync_mode: str = "mirror"
-    bwlimit_kbps: int = 0
-    verify: str = "size"
-    host: str | None = None
-    user: str | None = None
-    port: int | None = None
-    ssh_key: str | None = None
-    remote: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Email:
-    enabled: bool = False
-    to: str | None = None
-    sender: str | None = None
-    subject_prefix: str = "[VM Backup]"
-    on_success: bool = True
-    on_failure: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    instance: str
-    source: Path | None
-    backup_path: Path | None = None
-    connect: str | None = None
-    policy: str = "monthly"
-    compression: str = "none"
-    compression_level: int = 1
-    retention: Retention = Retention()
-    exclude: tuple[str, ...] = ()
-    fstrim: bool = True
-    fstrim_exclude: tuple[str, ...] = ()
-    vms: Mapping[str, VmOverride] = dataclasses.field(default_factory=dict)
-    replication: tuple[Replication, ...] = ()
-    email: Email = Email()
-
-    def require_backup_path(self) -> Path:
-        if self.backup_path is None:
-            where = self.source or Path(config_dir()) / f"{self.instance}.toml"
-            raise ConfigError(f"no backup path: pass --backup-path DIR or set backup_path in {where}")
-        return self.backup_path
-
-    def policy_for(self, vm: str) -> tuple[str, str]:
-        """The rotation policy of a VM and where it comes from."""
-        override = self.vms.get(vm)
-        if override and override.policy:
-            return override.policy, "override"
-        return self.policy, "default"
-
-    def exclusion(self, vm: str) -> str | None:
-        """Why a VM is excluded from backups, or None when it is not."""
-        override = self.vms.get(vm)
-        if override and override.exclude:
-            return "excluded by per-VM override"
-        if self.policy_for(vm)[0] == "never":
-            return "policy is 'never'"
-        for pattern in self.exclude:
-            if fnmatch.fnmatchcase(vm, pattern):
-                return f"matches exclude pattern {pattern!r}"
-        return None
-
-    def fstrim_for(self, vm: str) -> bool:
-        override = self.vms.get(vm)
-        if override and override.fstrim is not None:
-            return override.fstrim
-        if not self.fstrim:
-            return False
-        return not any(fnmatch.fnmatchcase(vm, p) for p in self.fstrim_exclude)
-
-    def compression_for(self, vm: str) -> str:
-        override = self.vms.get(vm)
-        return (override.compression if override and override.compression else None) or self.compression
 
 
 def config_dir(env: Mapping[str, str] | None = None) -> str:
@@ -156,13 +78,13 @@ def load(
         raise ConfigError(f"invalid config instance name {name!r}")
     path = Path(config_dir(env)) / f"{name}.toml"
     if path.is_file():
-        cfg = parse(path, name)
+        cfg = dataclasses.replace(parse(path, name), location=path)
     elif explicit:
         known = sorted(p.stem for p in Path(config_dir(env)).glob("*.toml"))
         hint = f" (known: {', '.join(known)})" if known else ""
         raise ConfigError(f"config instance {name!r} not found: {path} does not exist{hint}")
     else:
-        cfg = Config(instance=name, source=None)
+        cfg = Config(instance=name, source=None, location=path)
     if backup_path is not None:
         cfg = dataclasses.replace(cfg, backup_path=Path(backup_path))
     return cfg

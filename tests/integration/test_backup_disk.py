@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbk.backup.disk import DiskJob, backup_disk
+from vmbk.backup.disk import DiskBackup, backup_disk
 from vmbk.stream import reconstruct_raw, scan, verify_checksum
 
 MiB = 1 << 20
@@ -43,7 +43,7 @@ def image(tmp_path: Path) -> Path:
 def test_full_backup_restores_to_the_same_bytes(tmp_path, image, qemu_nbd, compression):
     server = qemu_nbd(image, read_only=True, shared=4)
     out = tmp_path / "vda.full.data"
-    result = backup_disk(DiskJob("vda", server.address, "full", out, checkpoint="virtnbdbackup.0",
+    result = backup_disk(DiskBackup("vda", server.address, "full", out, checkpoint="virtnbdbackup.0",
                                  compression=compression))
     assert out.exists() and not Path(f"{out}.partial").exists()
     assert result.virtual_size == 64 * MiB and result.data_size == 5 * MiB
@@ -61,14 +61,14 @@ def test_full_backup_restores_to_the_same_bytes(tmp_path, image, qemu_nbd, compr
 def test_incremental_carries_changes_zeroes_and_discards(tmp_path, image, qemu_nbd):
     full = tmp_path / "vda.full.data"
     server = qemu_nbd(image, read_only=True, shared=4)
-    backup_disk(DiskJob("vda", server.address, "full", full))
+    backup_disk(DiskBackup("vda", server.address, "full", full))
     server.kill()
     subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
     # After the full: new data, data overwritten with zeroes, data discarded.
     qemu_io(image, "write -P 0x44 30M 2M", "write -P 0x55 1M 64k", "write -z 10M 512k", "discard 63M 1M")
     server = qemu_nbd(image, read_only=True, shared=4, bitmap="b0")
     inc = tmp_path / "vda.inc.virtnbdbackup.1.data"
-    result = backup_disk(DiskJob("vda", server.address, "inc", inc, checkpoint="virtnbdbackup.1",
+    result = backup_disk(DiskBackup("vda", server.address, "inc", inc, checkpoint="virtnbdbackup.1",
                                  parent="virtnbdbackup.0", dirty_bitmap="b0"))
     assert result.data_size == 2 * MiB + 64 * 1024
     assert result.zero_frames >= 2
@@ -88,5 +88,5 @@ def test_failure_leaves_no_file(tmp_path, image, qemu_nbd):
     out = tmp_path / "vda.inc.virtnbdbackup.1.data"
     with pytest.raises(Exception):
         # no such bitmap on the export: the incremental cannot start
-        backup_disk(DiskJob("vda", server.address, "inc", out, dirty_bitmap="missing"))
+        backup_disk(DiskBackup("vda", server.address, "inc", out, dirty_bitmap="missing"))
     assert list(tmp_path.glob("vda.*")) == []

@@ -82,3 +82,29 @@ def test_sigterm_with_jobs_cleans_up_every_vm(nos_domain, vm_workdir, tmp_path):
         assert v.dom.listAllCheckpoints(0) == []
         assert v.dom.state()[0] == 1
     assert not list((root / "_state" / "locks").iterdir())
+
+
+def test_catalogue_records_when_the_backup_started(nos_domain, vm_workdir, monkeypatch):
+    """vm_backups.started_at is the start, not the end (it was the end time)."""
+    import datetime as dt
+    import time
+
+    import vmbk.backup.vm as vm
+
+    nd = nos_domain(1, size="64M", writes=[(0x61, 0, MiB)])
+    root = vm_workdir / "b"
+    root.mkdir()
+    real = vm.backup_disk
+
+    def slow(job, *a, **k):
+        time.sleep(3)
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(vm, "backup_disk", slow)
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    code, (rec,) = run_backup(root, "--vm", nd.name)
+    assert code == 0 and rec["duration"] >= 3
+    with Catalogue.open(root) as cat:
+        (row,) = cat.query("SELECT started_at FROM vm_backups")
+    started = dt.datetime.fromisoformat(row["started_at"])
+    assert before <= started <= before + dt.timedelta(seconds=2), (before, started)

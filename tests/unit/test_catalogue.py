@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from vmbk import catalogue
+from vmbk import catalogue, clock
 from vmbk.catalogue import Catalogue, db_path
 from vmbk.errors import StorageError
 
@@ -71,7 +71,7 @@ def test_rows_and_sessions(tmp_path):
     with Catalogue.open(tmp_path) as cat:
         cat.start_session("S1", "vmbk-backup", "host1")
         vb = cat.insert("vm_backups", {"session_id": "S1", "vm": "web 'x'", "action": "full",
-                                       "outcome": "ok", "started_at": catalogue.now_iso()})
+                                       "outcome": "ok", "started_at": clock.now_iso()})
         cat.insert("data_files", {"vm_backup_id": vb, "path": "/b/web/vda.full.data", "disk": "vda", "level": "full"})
         cat.end_session("S1", 0)
         assert cat.query("SELECT exit_code FROM sessions")[0][0] == 0

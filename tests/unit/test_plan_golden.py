@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 
 from vmbk.commands import plan as plan_cmd
+from vmbk.commands._common import parse_now
 from vmbk.config import Config, Retention
 from vmbk.errors import VmError
 from vmbk.planner import plan_vm
@@ -315,11 +316,11 @@ def test_periods_follow_the_hosts_calendar(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TZ", "Australia/Sydney")
     time.tzset()
     try:
-        now = plan_cmd.parse_now("2026-11-23T01:30:00")  # a Monday, local time
+        now = parse_now("2026-11-23T01:30:00")  # a Monday, local time
         assert now.utcoffset() is not None and period_id("weekly", now) == "2026-W48"
-        assert period_id("weekly", plan_cmd.parse_now("2026-11-22T14:30:00+00:00")) == "2026-W48"  # same instant
-        assert period_id("daily", plan_cmd.parse_now("2026-11-30T23:30:00+00:00")) == "20261201"
-        assert period_id("monthly", plan_cmd.parse_now("2026-11-30T23:30:00+00:00")) == "202612"
+        assert period_id("weekly", parse_now("2026-11-22T14:30:00+00:00")) == "2026-W48"  # same instant
+        assert period_id("daily", parse_now("2026-11-30T23:30:00+00:00")) == "20261201"
+        assert period_id("monthly", parse_now("2026-11-30T23:30:00+00:00")) == "202612"
     finally:
         monkeypatch.setenv("TZ", "UTC")
         time.tzset()

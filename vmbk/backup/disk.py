@@ -51,7 +51,7 @@ Progress = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class DiskJob:
+class DiskBackup:
     target: str                      # disk target, e.g. vda
     address: Address                 # the NBD export of this disk
     level: str                       # full | inc | copy
@@ -109,7 +109,7 @@ def _lay_out(
             yield Extent(offset, length)
 
 
-def backup_disk(job: DiskJob, progress: Progress | None = None) -> DiskResult:
+def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult:
     if job.level not in LEVELS:
         raise ValueError(f"unknown backup level {job.level!r}")
     started = time.monotonic()

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import orjson
 
-from vmbk.catalogue import Catalogue, now_iso
+from vmbk.catalogue import Catalogue
+from vmbk.clock import now_iso
+from vmbk.policy import PlannedVm
 from vmbk.records import Record
 
 log = logging.getLogger("vmbk.backup")
@@ -39,16 +41,19 @@ class History:
     def end(self, session: str, code: int) -> None:
         self._guard("session end", lambda cat: cat.end_session(session, code))
 
-    def backup(self, session: str, plan: Record, rec: Record, error: str | None = None) -> None:
+    def backup(self, session: str, planned: PlannedVm, rec: Record, started_at: str, error: str | None = None) -> None:
+        """The rows of one VM's backup; ``started_at`` is when its handling began."""
+        plan = planned.plan
+
         def write(cat: Catalogue) -> None:
             # One transaction: a VM's rows are recorded whole or not at all.
             with cat.transaction():
                 vb = cat.insert("vm_backups", {
-                    "session_id": session, "vm": plan["name"], "vm_uuid": plan.get("uuid"), "action": plan["action"],
-                    "policy": plan.get("policy"), "period": plan.get("period"), "directory": plan.get("target_dir"),
-                    "checkpoint": plan.get("checkpoint"), "parent": plan.get("parent"),
+                    "session_id": session, "vm": plan.name, "vm_uuid": plan.uuid, "action": plan.action,
+                    "policy": plan.policy or None, "period": plan.period, "directory": planned.target_dir,
+                    "checkpoint": plan.checkpoint, "parent": plan.parent,
                     "consistency": rec.get("consistency"), "outcome": rec.get("outcome", "failed"), "error": error,
-                    "reasons": orjson.dumps(plan.get("reasons") or []).decode(), "started_at": now_iso(),
+                    "reasons": orjson.dumps(list(plan.reasons)).decode(), "started_at": started_at,
                     "duration_s": rec.get("duration"), "bytes": rec.get("bytes"),
                 })
                 for d in rec.get("disks") or []:
@@ -56,12 +61,12 @@ class History:
                         continue
                     cat.insert("data_files", {
                         "vm_backup_id": vb, "path": d["path"], "disk": d["target"], "level": d["level"],
-                        "checkpoint": plan.get("checkpoint") if d["level"] != "copy" else None,
+                        "checkpoint": plan.checkpoint if d["level"] != "copy" else None,
                         "virtual_size": d["virtual_size"], "data_size": d["data_size"],
                         "stored_size": d["stored_size"], "checksum": str(d["checksum"]), "read_s": d["seconds"],
                         "write_s": None,
                     })
                 for ev in rec.get("events") or []:
-                    cat.insert("chain_events", {"session_id": session, "vm": plan["name"], "at": now_iso(), **ev})
+                    cat.insert("chain_events", {"session_id": session, "vm": plan.name, "at": now_iso(), **ev})
 
-        self._guard("backup of " + plan["name"], write)
+        self._guard("backup of " + plan.name, write)

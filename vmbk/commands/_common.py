@@ -7,6 +7,7 @@ hand those to the library.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +106,20 @@ class Session:
 
 def make_emitter(ctx: Context, common: Common) -> Emitter:
     return Emitter(ctx.stdout, stage=ctx.prog, json=common.json)
+
+
+def parse_now(value: str | None) -> _dt.datetime:
+    """``--now``: ISO 8601, as a time of the host's time zone.
+
+    Periods follow the host's calendar, as vmbackup's ``date +%Y%m`` and
+    ``+%G-W%V`` do: a backup at 01:30 on a Monday in Sydney belongs to
+    that Monday's week, not to the Sunday it still is in UTC.  A time
+    without an offset is local time; one with an offset is converted.
+    """
+    if value is None:
+        return _dt.datetime.now().astimezone()
+    try:
+        now = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--now must be an ISO 8601 time such as 2026-03-02T22:00:00Z, not {value!r}") from None
+    return now.astimezone()

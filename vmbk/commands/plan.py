@@ -24,35 +24,16 @@ Options:
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Iterable
 from typing import IO, Any
 
 from vmbk import cli
-from vmbk.commands._common import Common, existing_backup_path
+from vmbk.commands._common import Common, existing_backup_path, parse_now
 from vmbk.commands._stage import run_stage
-from vmbk.errors import UsageError
 from vmbk.planner import plan_record
 from vmbk.records import Record
 
 PROG = "vmbk-plan"
-
-
-def parse_now(value: str | None) -> _dt.datetime:
-    """``--now``: ISO 8601, as a time of the host's time zone.
-
-    Periods follow the host's calendar, as vmbackup's ``date +%Y%m`` and
-    ``+%G-W%V`` do: a backup at 01:30 on a Monday in Sydney belongs to
-    that Monday's week, not to the Sunday it still is in UTC.  A time
-    without an offset is local time; one with an offset is converted.
-    """
-    if value is None:
-        return _dt.datetime.now().astimezone()
-    try:
-        now = _dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"--now must be an ISO 8601 time such as 2026-03-02T22:00:00Z, not {value!r}") from None
-    return now.astimezone()
 
 
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
@@ -64,7 +45,7 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     def handle(rec: Record, session: str) -> Iterable[Record]:
         yield plan_record(rec, cfg, root, now, session)
 
-    return run_stage(ctx, common, {"vm"}, handle)
+    return run_stage(ctx, common, {"vm"}, handle, changes_state=False)
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:

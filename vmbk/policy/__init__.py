@@ -6,9 +6,10 @@
 
 from vmbk.policy.disks import DiskChoice, classify
 from vmbk.policy.facts import Bitmap, DiskFacts, VmFacts
-from vmbk.policy.plan import COPY, FULL, INC, SKIP, DiskPlan, Plan, decide
+from vmbk.policy.plan import ACTIONS, COPY, FULL, INC, SKIP, DiskPlan, Plan, PlannedVm, decide
 
 __all__ = [
+    "ACTIONS",
     "COPY",
     "FULL",
     "INC",
@@ -18,6 +19,7 @@ __all__ = [
     "DiskFacts",
     "DiskPlan",
     "Plan",
+    "PlannedVm",
     "VmFacts",
     "classify",
     "decide",

@@ -16,6 +16,9 @@ backup with the reason said).  What the planner needs, per field:
 ``policy``             rotation policy (or given by the caller)
 ``excluded, reason``   skip, and why
 ``agent``              whether the guest agent answered (carried along)
+``fstrim``, ``windows``  for the backup: trim first; save BitLocker keys
+``firmware.nvram``     for the backup: the UEFI vars file to keep
+``tpm.state_dir``      for the backup: the swtpm state to keep
 per disk:
 ``target, device``     cdrom/floppy/lun are never backed up
 ``format``             only qcow2 carries persistent dirty bitmaps
@@ -81,6 +84,12 @@ class VmFacts:
     excluded: bool = False
     reason: str | None = None
     agent: bool | None = None
+    #: Facts only the backup uses, carried from discover.
+    fstrim: bool | None = None
+    windows: bool | None = None
+    nvram: str | None = None
+    tpm: bool = False
+    tpm_state_dir: str | None = None
 
     @property
     def online(self) -> bool:
@@ -106,6 +115,8 @@ class VmFacts:
         if checkpoints is not None and not all(isinstance(c, str) for c in checkpoints):
             raise InputError(f"vm record of {name!r}: 'checkpoints' must be a list of names", vm=name)
         uuid = g.opt("uuid", str)
+        firmware = g.opt("firmware", Mapping) or {}
+        tpm = g.opt("tpm", Mapping)
         return cls(
             name=name,
             uuid=uuid.lower() if uuid else None,
@@ -116,7 +127,15 @@ class VmFacts:
             excluded=bool(g.opt("excluded", bool)),
             reason=g.opt("reason", str),
             agent=g.opt("agent", bool),
+            fstrim=g.opt("fstrim", bool),
+            windows=g.opt("windows", bool),
+            nvram=_Get(firmware, name).opt("nvram", str),
+            tpm=tpm is not None,
+            tpm_state_dir=_Get(tpm, name).opt("state_dir", str) if tpm is not None else None,
         )
+
+    def disk(self, target: str) -> DiskFacts | None:
+        return next((d for d in self.disks if d.target == target), None)
 
 
 class _Get:

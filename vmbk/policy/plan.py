@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vmbk.config import Retention
+from vmbk.settings import Retention
+from vmbk.errors import InputError
 from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
 from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems
@@ -36,6 +37,8 @@ from vmbk.tree.model import Chain, VmTree
 from vmbk.tree.names import archive_name, checkpoint_name, checkpoint_number, period_id, where
 
 FULL, INC, COPY, SKIP = "full", "inc", "copy", "skip"
+#: What a plan (and each of its disks) may do.
+ACTIONS = (FULL, INC, COPY, SKIP)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,6 +98,109 @@ class Plan:
             if isinstance(v, tuple):
                 d[k] = list(v)
         return d
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Plan:
+        """The plan a ``plan`` record carries, checked for what a backup needs.
+
+        Plans may be saved and hand-edited (vmbk-json(7)): a broken one is
+        an `InputError` naming the VM, so the stage fails that VM and goes
+        on.  Fields a backup does not need may be missing.
+        """
+        name = rec.get("name")
+        vm = name if isinstance(name, str) and name else None
+
+        def bad(why: str) -> InputError:
+            return InputError(f"plan record{' of ' + repr(vm) if vm else ''}: {why}", vm=vm or "?")
+
+        def opt(key: str) -> str | None:
+            v = rec.get(key)
+            if v is not None and not isinstance(v, str):
+                raise bad(f"{key!r} must be a string")
+            return v
+
+        def names(key: str) -> tuple[str, ...]:
+            v = rec.get(key)
+            if v is None:
+                return ()
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise bad(f"{key!r} must be a list of strings")
+            return tuple(v)
+
+        if vm is None:
+            raise bad("'name' must be a non-empty string")
+        action = rec.get("action")
+        if action not in ACTIONS:
+            raise bad(f"'action' must be one of {', '.join(ACTIONS)}")
+        disks = rec.get("disks")
+        if action != SKIP:
+            if not isinstance(rec.get("target"), str):
+                raise bad("'target' (the chain directory, relative to the VM's) is missing")
+            if not isinstance(disks, list) or not all(
+                isinstance(d, Mapping) and isinstance(d.get("target"), str) and d.get("mode") in ACTIONS for d in disks
+            ):
+                raise bad("'disks' must be a list of {target, mode}")
+            if action in (FULL, INC) and not isinstance(rec.get("checkpoint"), str):
+                raise bad("a full or incremental backup needs 'checkpoint'")
+            if action == INC and not isinstance(rec.get("parent"), str):
+                raise bad("an incremental backup needs 'parent'")
+        archive = bool(rec.get("archive"))
+        if archive and not (isinstance(rec.get("archive_from"), str) and isinstance(rec.get("archive_to"), str)):
+            raise bad("'archive' needs 'archive_from' and 'archive_to'")
+        return cls(
+            name=vm,
+            action=action,
+            policy=opt("policy") or "",
+            uuid=opt("uuid"),
+            period=opt("period"),
+            target=opt("target"),
+            archive=archive,
+            archive_from=opt("archive_from"),
+            archive_to=opt("archive_to"),
+            checkpoint=opt("checkpoint"),
+            parent=opt("parent"),
+            redefine_checkpoints=names("redefine_checkpoints"),
+            delete_checkpoints=names("delete_checkpoints"),
+            cleanup=names("cleanup"),
+            disks=tuple(DiskPlan(d["target"], d["mode"], d.get("reason") if isinstance(d.get("reason"), str) else None)
+                        for d in disks or () if isinstance(d, Mapping)) if action != SKIP else (),
+            reasons=names("reasons"),
+            warnings=names("warnings"),
+            last_backup=opt("last_backup"),
+        )
+
+    @property
+    def online(self) -> bool:
+        """A backup of the running VM (pull job, checkpoint), not an offline copy."""
+        return self.action in (FULL, INC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedVm:
+    """A ``plan`` record, typed: the decision, the VM's facts, where it goes.
+
+    What vmbk-backup works from.  ``record`` is the record as received;
+    its ``vm`` record is what a re-plan starts from.
+    """
+
+    plan: Plan
+    vm: VmFacts
+    target_dir: str | None
+    record: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> PlannedVm:
+        plan = Plan.from_record(rec)
+        vm = rec.get("vm")
+        if vm is not None and not isinstance(vm, Mapping):
+            raise InputError(f"plan record of {plan.name!r}: 'vm' must be the vm record", vm=plan.name)
+        facts = VmFacts.from_record(vm) if vm else VmFacts(plan.name)
+        target_dir = rec.get("target_dir")
+        return cls(plan, facts, target_dir if isinstance(target_dir, str) else None, rec)
 
 
 def decide(vm: VmFacts, tree: VmTree, policy: str, retention: Retention, now: _dt.datetime) -> Plan:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmbk.catalogue import now_iso
+from vmbk.clock import now_iso
 from vmbk.errors import StorageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
 from vmbk.records import Record, error_record

@@ -1,0 +1,121 @@
+"""What a configuration instance says, as frozen dataclasses: pure data.
+
+Loading (TOML, the environment, the configuration directory) is
+`vmbk.config`'s; the planner and the other pure decisions import only
+this module, so they stay free of files and the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+
+from vmbk.errors import ConfigError
+
+POLICIES = ("daily", "weekly", "monthly", "accumulate", "never")
+COMPRESSIONS = ("none", "lz4")
+TRANSPORTS = ("local", "ssh", "rclone")
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """How many periods each policy keeps, and the accumulate chain bounds."""
+
+    daily: int = 7
+    weekly: int = 4
+    monthly: int = 3
+    accumulate_warn_depth: int = 30
+    accumulate_limit: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class VmOverride:
+    policy: str | None = None
+    compression: str | None = None
+    fstrim: bool | None = None
+    exclude: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Replication:
+    name: str
+    transport: str
+    path: str
+    enabled: bool = True
+    sync_mode: str = "mirror"
+    bwlimit_kbps: int = 0
+    verify: str = "size"
+    host: str | None = None
+    user: str | None = None
+    port: int | None = None
+    ssh_key: str | None = None
+    remote: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Email:
+    enabled: bool = False
+    to: str | None = None
+    sender: str | None = None
+    subject_prefix: str = "[VM Backup]"
+    on_success: bool = True
+    on_failure: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    instance: str
+    source: Path | None
+    #: Where the instance's file is, or would be (messages name it).
+    location: Path | None = None
+    backup_path: Path | None = None
+    connect: str | None = None
+    policy: str = "monthly"
+    compression: str = "none"
+    compression_level: int = 1
+    retention: Retention = Retention()
+    exclude: tuple[str, ...] = ()
+    fstrim: bool = True
+    fstrim_exclude: tuple[str, ...] = ()
+    vms: Mapping[str, VmOverride] = dataclasses.field(default_factory=dict)
+    replication: tuple[Replication, ...] = ()
+    email: Email = Email()
+
+    def require_backup_path(self) -> Path:
+        if self.backup_path is None:
+            where = self.source or self.location or f"{self.instance}.toml"
+            raise ConfigError(f"no backup path: pass --backup-path DIR or set backup_path in {where}")
+        return self.backup_path
+
+    def policy_for(self, vm: str) -> tuple[str, str]:
+        """The rotation policy of a VM and where it comes from."""
+        override = self.vms.get(vm)
+        if override and override.policy:
+            return override.policy, "override"
+        return self.policy, "default"
+
+    def exclusion(self, vm: str) -> str | None:
+        """Why a VM is excluded from backups, or None when it is not."""
+        override = self.vms.get(vm)
+        if override and override.exclude:
+            return "excluded by per-VM override"
+        if self.policy_for(vm)[0] == "never":
+            return "policy is 'never'"
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(vm, pattern):
+                return f"matches exclude pattern {pattern!r}"
+        return None
+
+    def fstrim_for(self, vm: str) -> bool:
+        override = self.vms.get(vm)
+        if override and override.fstrim is not None:
+            return override.fstrim
+        if not self.fstrim:
+            return False
+        return not any(fnmatch.fnmatchcase(vm, p) for p in self.fstrim_exclude)
+
+    def compression_for(self, vm: str) -> str:
+        override = self.vms.get(vm)
+        return (override.compression if override and override.compression else None) or self.compression
