@@ -3,9 +3,11 @@
 Each ``vmbk/commands/<name>.py`` has its docopt usage as module docstring
 and calls `run` with a function ``body(args, ctx) -> int``.  `run` is the
 only place that turns exceptions into exit codes (the table is in
-`vmbk.errors`), prints the one line a person reads on stderr, treats a
-closed stdout (``| head``) as a normal end and maps signals to 128+N.  The
-console scripts call ``sys.exit(main())``; nothing else exits.
+`vmbk.errors`), prints the one line a person reads on stderr, ends a
+read-only stage whose stdout was closed (``| head``) with the outcome so far
+(`vmbk.output.OutputClosed`; a stage that changes state goes on without its
+reader) and maps signals to 128+N.  The console scripts call
+``sys.exit(main())``; nothing else exits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from docopt import DocoptExit, docopt
 
 from vmbk import __version__
 from vmbk.errors import Exit, Terminated, UsageError, VmbkError
+from vmbk.output import OutputClosed
 
 log = logging.getLogger("vmbk")
 
@@ -99,13 +102,40 @@ def run(
     is_process = stdout is sys.stdout
     _setup_logging(stderr)
 
-    if _wants_help(argv[:1] if options_first else argv):
-        stdout.write(doc.strip() + "\n")
+    try:
+        text = None
+        if _wants_help(argv[:1] if options_first else argv):
+            text = doc.strip() + "\n"
+        elif argv == ["--version"]:
+            text = f"{prog} {__version__}\n"
+        if text is None:
+            return _run(doc, body, argv, Context(prog, stdin, stdout, stderr), options_first)
+        try:
+            stdout.write(text)
+        except BrokenPipeError:  # `--help | head -1`
+            pass
         return int(Exit.OK)
-    if argv == ["--version"]:
-        stdout.write(f"{prog} {__version__}\n")
-        return int(Exit.OK)
+    finally:
+        if is_process:
+            _settle_stdout(stdout)
 
+
+def _settle_stdout(stdout: IO[Any]) -> None:
+    """Flush stdout; when its reader is gone, point fd 1 at /dev/null so
+    that the interpreter's final flush of what is left does not complain."""
+    try:
+        stdout.flush()
+    except (BrokenPipeError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
+def _run(doc: str, body: Body, argv: list[str], ctx: Context, options_first: bool) -> int:
+    prog, stderr = ctx.prog, ctx.stderr
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -114,21 +144,17 @@ def run(
             args = docopt(doc, argv, default_help=False, options_first=options_first)
         except DocoptExit as e:
             raise UsageError(_usage_message(prog, e)) from None
-        return int(body(dict(args), Context(prog, stdin, stdout, stderr)))
+        return int(body(dict(args), ctx))
     except VmbkError as e:
         msg = str(e)
         if not msg.startswith(prog + ":"):
             msg = f"{prog}: {msg}"
         stderr.write(msg + "\n")
         return int(e.code)
-    except BrokenPipeError:
-        # The reader went away (`| head`): a normal end.  Point fd 1 at
-        # /dev/null so the interpreter's final flush does not complain.
-        if is_process:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        return int(Exit.OK)
+    except OutputClosed as e:
+        # A read-only stage whose reader went away (`| head`): it changed
+        # nothing, so stopping loses nothing; the outcome so far.
+        return e.exit_code
     except KeyboardInterrupt:
         stderr.write(f"{prog}: interrupted\n")
         return int(Exit.SIGINT)

@@ -6,31 +6,35 @@ One JSON object per line; every record has ``type`` (a string) and ``v``
 memory does not grow with the number of VMs), handle the types they know
 and pass every other record through unchanged.
 
-Output goes through an `Emitter`: JSON lines (flushed per record, never a
-half line) when stdout is a pipe or ``--json`` is given, a readable table
-when stdout is a terminal.  The emitter also counts successes and failures
-so the stage's exit code reports the worst outcome (`vmbk.errors`).
+This module is the contract only: building, reading, validating and
+encoding records.  What a stage does with its output (JSON lines or a
+table, the tally of its exit code, a reader that went away) is
+`vmbk.output`'s.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import io
-import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import IO, Any
 
 import orjson
 
 from vmbk import RECORD_VERSION
-from vmbk.errors import InputError, VmbkError, exit_for_codes
+from vmbk.errors import InputError, VmbkError
 
 Record = dict[str, Any]
 
 #: Input lines longer than this are refused: a record is a few KiB at most,
 #: and a runaway producer must not make a stage allocate without bound.
 MAX_LINE = 16 * 1024 * 1024
+
+#: The contract versions this vmbk reads.  ``v`` is a major version: fields
+#: are added without a new one, so a record of a known ``v`` with unknown
+#: fields is understood; a new ``v`` means some field changed meaning.
+KNOWN_VERSIONS = frozenset(range(1, RECORD_VERSION + 1))
 
 
 def new_session_id(now: _dt.datetime | None = None) -> str:
@@ -61,6 +65,33 @@ def error_record(err: VmbkError, *, stage: str, session: str | None, vm: str | N
     )
 
 
+def version(rec: Record) -> int | None:
+    """The record's contract version, None when ``v`` is not an integer
+    (a record without ``v`` is hand-written: the current version)."""
+    v = rec.get("v", RECORD_VERSION)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def known_version(rec: Record) -> bool:
+    return version(rec) in KNOWN_VERSIONS
+
+
+def check_version(rec: Record, where: str) -> None:
+    """Refuse a record (or a record it carries, as a plan carries its vm)
+    whose contract version this vmbk does not know.
+
+    Reading a newer record as if it were an older one would act on fields
+    whose meaning changed; the stage stops instead (exit 7).
+    """
+    inner = [(f"{rec['type']}.{k}", val) for k, val in rec.items()
+             if isinstance(val, dict) and isinstance(val.get("type"), str) and "v" in val]
+    for what, r in [(str(rec["type"]), rec), *inner]:
+        if not known_version(r):
+            known = ", ".join(map(str, sorted(KNOWN_VERSIONS)))
+            raise InputError(f"{where}: {what} record of contract version {r.get('v')!r}; this vmbk reads "
+                             f"version {known} (written by a newer vmbk?)")
+
+
 def _lines(stream: Any) -> Iterator[bytes | str]:
     """Lines of at most MAX_LINE + 1 bytes, so a runaway line stays bounded."""
     readline = getattr(stream, "readline", None)
@@ -74,28 +105,62 @@ def _lines(stream: Any) -> Iterator[bytes | str]:
         yield line
 
 
-def read_records(stream: IO[bytes] | IO[str] | Iterable[bytes | str], source: str = "stdin") -> Iterator[Record]:
+class ReadRecord(dict[str, Any]):
+    """A record as read from a stream, with the line it came from.
+
+    A stage passes records it does not consume on as ``raw``: unchanged,
+    byte for byte, whatever its version or the producer's formatting.
+    """
+
+    __slots__ = ("raw",)
+    raw: bytes
+
+
+def read_records(stream: IO[bytes] | IO[str] | Iterable[bytes | str], source: str = "stdin",
+                 understood: Collection[str] = ()) -> Iterator[Record]:
     """Yield records from a JSON-lines stream, one at a time.
 
     Blank lines are skipped.  A line that is not a JSON object with a string
     ``type`` raises `InputError` naming the line: a corrupted pipe must stop
-    the stage rather than be half understood.
+    the stage rather than be half understood.  So does a last line cut
+    short (the stage before this one died while writing), and a record of
+    a type in ``understood`` whose contract version is unknown
+    (`check_version`); other types pass whatever their version.
     """
     for lineno, raw in enumerate(_lines(stream), 1):
         line = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+        where = f"{source} line {lineno}"
         if len(line) > MAX_LINE:
-            raise InputError(f"{source} line {lineno}: record longer than {MAX_LINE} bytes")
+            raise InputError(f"{where}: record longer than {MAX_LINE} bytes")
         if not line.strip():
             continue
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError as e:
-            raise InputError(f"{source} line {lineno}: not JSON ({e})") from None
+            if not line.endswith(b"\n"):
+                raise InputError(f"{where}: the input ends in the middle of a record (did the command "
+                                 "writing it die?)") from None
+            raise InputError(f"{where}: not JSON ({e})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
-            raise InputError(f"{source} line {lineno}: not a record (a JSON object with a 'type')")
-        if not isinstance(rec.get("v", RECORD_VERSION), int):
-            raise InputError(f"{source} line {lineno}: 'v' must be an integer")
-        yield rec
+            raise InputError(f"{where}: not a record (a JSON object with a 'type')")
+        if version(rec) is None:
+            raise InputError(f"{where}: 'v' must be an integer")
+        if rec["type"] in understood:
+            check_version(rec, where)
+        out = ReadRecord(rec)
+        out.raw = line if line.endswith(b"\n") else line + b"\n"
+        yield out
+
+
+def encode(rec: Record) -> bytes:
+    """One record as one line of JSON, newline included."""
+    return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+
+
+def encode_unchanged(rec: Record) -> bytes:
+    """A record passed on: the line it was read from (`ReadRecord`), else encoded."""
+    raw = getattr(rec, "raw", None)
+    return bytes(raw) if raw is not None else encode(rec)
 
 
 def write_bytes(out: IO[Any], data: bytes) -> None:
@@ -116,72 +181,6 @@ def write_bytes(out: IO[Any], data: bytes) -> None:
         out.flush()
 
 
-class Emitter:
-    """Writes a stage's records and keeps the tally for its exit code.
-
-    ``json`` forces JSON lines; otherwise they are used unless the output is
-    a terminal, where records are collected and printed as a table on
-    `close` (a person reads it, the memory is bounded by what fits a screen
-    of VMs).
-    """
-
-    def __init__(self, out: IO[Any], *, stage: str, json: bool | None = None, session: str | None = None) -> None:
-        self.stage = stage
-        self.session = session
-        self._out = out
-        if json is None:
-            json = not _isatty(out)
-        self.json = json
-        self._table: list[Record] = []
-        self.successes = 0
-        self.failure_codes: list[int] = []
-
-    # -- output -------------------------------------------------------------
-    def _write(self, rec: Record) -> None:
-        if self.json:
-            # One write per record: a reader never sees half a line.
-            write_bytes(self._out, orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS))
-        else:
-            self._table.append(rec)
-
-    def emit(self, rec: Record) -> None:
-        """Emit a record this stage produced; it counts as one success."""
-        if self.session is not None and "session" not in rec:
-            rec = {"type": rec.get("type"), "v": rec.get("v", RECORD_VERSION), "session": self.session, **rec}
-        if rec.get("type") == "error":
-            self.failure_codes.append(int(rec.get("code", 1)))
-        else:
-            self.successes += 1
-        self._write(rec)
-
-    def passthrough(self, rec: Record) -> None:
-        """Pass a record of another stage on unchanged; errors still count."""
-        if rec.get("type") == "error":
-            self.failure_codes.append(int(rec.get("code", 1)))
-        self._write(rec)
-
-    def error(self, err: VmbkError, vm: str | None = None) -> None:
-        """Emit the ``error`` record of a failure and go on."""
-        self.emit(error_record(err, stage=self.stage, session=self.session, vm=vm))
-
-    def exit_code(self) -> int:
-        return int(exit_for_codes(self.failure_codes, self.successes))
-
-    def close(self) -> None:
-        if not self.json and self._table:
-            from vmbk.table import render
-
-            write_bytes(self._out, render(self._table).encode("utf-8"))
-            self._table.clear()
-
-
-def _isatty(out: IO[Any]) -> bool:
-    try:
-        return out.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def stdin_is_pipe(stdin: IO[Any]) -> bool:
     """True when stdin carries records (a pipe or a file), not a terminal."""
     try:
@@ -190,17 +189,19 @@ def stdin_is_pipe(stdin: IO[Any]) -> bool:
         return True
 
 
-def getenv_json() -> bool:
-    """``VMBK_JSON=1`` forces JSON output even on a terminal."""
-    return os.environ.get("VMBK_JSON", "") not in ("", "0")
-
-
 __all__ = [
-    "Emitter",
+    "KNOWN_VERSIONS",
+    "ReadRecord",
     "Record",
+    "check_version",
+    "encode",
+    "encode_unchanged",
     "error_record",
+    "known_version",
     "make",
     "new_session_id",
     "read_records",
     "stdin_is_pipe",
+    "version",
+    "write_bytes",
 ]

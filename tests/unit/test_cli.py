@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from vmbk.errors import Exit
@@ -150,3 +151,100 @@ def test_pipe_into_head_exits_0(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
+
+
+# -- a reader that goes away, a writer that dies (vmbk-json(7)) -----------------
+
+NOTES = 20_000  # far more than a pipe holds (64 KiB): the stage must block on its reader
+
+
+def _notes(path: Path, extra: bytes = b"") -> Path:
+    path.write_bytes(b"".join(b'{"type":"note","v":1,"n":%d}\n' % i for i in range(NOTES)) + extra)
+    return path
+
+
+def _reader_goes_after_one_line(tmp_path, cmd, *argv):
+    """Run ``vmbk-CMD`` on NOTES records; read one line of its output and close
+    the pipe.  (exit code, stderr, whether it read all of its input)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VMBK_CONFIG_DIR": str(tmp_path)}
+    src = _notes(tmp_path / "in.jsonl")
+    with open(src, "rb") as stdin:
+        p = subprocess.Popen([sys.executable, str(ROOT / "bin" / f"vmbk-{cmd}"), "--json",
+                              "--backup-path", str(tmp_path), *argv],
+                             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert p.stdout.readline().startswith(b'{"type":"note"')
+            p.stdout.close()
+            err = p.stderr.read().decode()
+            code = p.wait(60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        read_all = os.lseek(stdin.fileno(), 0, os.SEEK_CUR) == src.stat().st_size
+    return code, err, read_all
+
+
+@pytest.mark.parametrize("cmd, argv", [("plan", []), ("rotate", ["--dry-run"]), ("replicate", ["--dry-run"])])
+def test_a_read_only_stage_stops_quietly_when_its_reader_goes(tmp_path, cmd, argv):
+    code, err, read_all = _reader_goes_after_one_line(tmp_path, cmd, *argv)
+    assert (code, err) == (0, "")
+    assert not read_all
+
+
+@pytest.mark.parametrize("cmd", ["rotate", "replicate"])
+def test_a_stage_that_changes_state_goes_on_without_its_reader(tmp_path, cmd):
+    code, err, read_all = _reader_goes_after_one_line(tmp_path, cmd)
+    assert read_all, "the stage stopped with its reader"
+    assert code == Exit.GENERAL, err
+    first, last = err.splitlines()
+    assert first.startswith(f"vmbk-{cmd}: standard output was closed")
+    lost = int(last.split(": ", 1)[1].split()[0])
+    assert NOTES - 4000 < lost < NOTES and last.endswith(" more"), last
+    assert "not delivered, standard output was closed: note, note" in last
+
+
+def test_a_writer_that_dies_mid_record_is_an_input_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VMBK_CONFIG_DIR": str(tmp_path)}
+    dies = "import os; os.write(1, b'{\"type\":\"note\",\"v\":1}\\n{\"type\":\"vm\",\"v\":1,\"na'); os._exit(9)"
+    producer = subprocess.Popen([sys.executable, "-c", dies], stdout=subprocess.PIPE)
+    r = subprocess.run([sys.executable, str(ROOT / "bin" / "vmbk-plan"), "--json", "--backup-path", str(tmp_path)],
+                       stdin=producer.stdout, capture_output=True, env=env, timeout=60)
+    producer.stdout.close()
+    assert producer.wait(10) == 9
+    assert r.returncode == Exit.USAGE
+    assert r.stdout == b'{"type":"note","v":1}\n'
+    assert r.stderr.decode() == ("vmbk-plan: stdin line 2: the input ends in the middle of a record "
+                                 "(did the command writing it die?)\n")
+
+
+# -- contract versions: each stage that reads records ---------------------------
+
+VM = {"type": "vm", "v": 1, "name": "web", "uuid": "6f1c2a3e-0000-4000-8000-000000000001", "state": "shut off",
+      "persistent": True, "disks": [], "checkpoints": [], "policy": "weekly", "excluded": False}
+
+
+@pytest.mark.parametrize("cmd, rtype", [("plan", "vm"), ("backup", "plan"), ("rotate", "backup"),
+                                        ("replicate", "backup"), ("replicate", "rotate")])
+def test_a_stage_refuses_a_record_it_consumes_of_an_unknown_version(tmp_path, capsys, cmd, rtype):
+    rec = {**VM, "type": rtype, "v": 2}
+    code, out = run(cmd, ["--json", "--backup-path", str(tmp_path)], io.StringIO(orjson.dumps(rec).decode() + "\n"))
+    err = capsys.readouterr().err
+    assert code == Exit.USAGE and out == ""
+    assert err == (f"vmbk-{cmd}: stdin line 1: {rtype} record of contract version 2; this vmbk reads version 1 "
+                   "(written by a newer vmbk?)\n")
+
+
+@pytest.mark.parametrize("cmd", ["plan", "backup", "rotate", "replicate"])
+def test_a_stage_passes_records_of_other_types_whatever_their_version(tmp_path, capsys, cmd):
+    lines = '{"type":"frobnication", "v":7,"x":[1, 2]}\n{"type":"error","v":2,"code":"x"}\n'
+    code, out = run(cmd, ["--json", "--backup-path", str(tmp_path)], io.StringIO(lines))
+    assert out == lines
+    assert code == Exit.GENERAL  # the error counts, its code is not read
+
+
+def test_plan_takes_a_vm_record_of_its_version(tmp_path, capsys):
+    code, out = run("plan", ["--json", "--backup-path", str(tmp_path), "--now", "2026-03-02T22:00:00Z"],
+                    io.StringIO(orjson.dumps(VM).decode() + "\n"))
+    (rec,) = map(orjson.loads, out.splitlines())
+    assert code == 0 and (rec["type"], rec["name"], rec["vm"]) == ("plan", "web", VM), rec

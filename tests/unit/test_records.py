@@ -7,7 +7,8 @@ import pytest
 
 from vmbk import RECORD_VERSION
 from vmbk.errors import Exit, InputError, VmError
-from vmbk.records import Emitter, make, new_session_id, read_records
+from vmbk.output import Emitter
+from vmbk.records import make, new_session_id, read_records
 
 
 def test_read_is_lazy_and_skips_blank_lines():
@@ -115,3 +116,55 @@ def test_a_runaway_line_is_refused_without_reading_it_all(monkeypatch):
     with pytest.raises(InputError, match="line 2: record longer than 1000"):
         next(it)
     assert stream.tell() < 3000
+
+
+# -- contract versions (vmbk-json(7), "Versions") ------------------------------
+
+
+def test_a_consumed_record_of_an_unknown_version_is_refused():
+    lines = [b'{"type":"vm","v":1,"name":"a"}\n', b'{"type":"vm","v":2,"name":"b"}\n']
+    it = read_records(lines, understood={"vm"})
+    assert next(it)["name"] == "a"
+    with pytest.raises(InputError) as e:
+        next(it)
+    assert e.value.code == Exit.USAGE and e.value.vm is None
+    assert "line 2" in str(e.value) and "vm record of contract version 2" in str(e.value)
+
+
+@pytest.mark.parametrize("v", [0, -1, RECORD_VERSION + 1])
+def test_every_unknown_version_is_refused(v):
+    with pytest.raises(InputError, match=f"version {v}"):
+        list(read_records([orjson.dumps({"type": "plan", "v": v}) + b"\n"], understood={"plan"}))
+
+
+def test_records_of_other_types_pass_whatever_their_version():
+    line = b'{"type":"vm","v":2,  "name": "b"}\n'
+    (rec,) = read_records([line], understood={"plan"})
+    assert rec == {"type": "vm", "v": 2, "name": "b"} and rec.raw == line
+
+
+def test_a_record_carried_by_a_consumed_one_is_checked_too():
+    line = orjson.dumps({"type": "plan", "v": 1, "name": "a", "vm": {"type": "vm", "v": 3, "name": "a"}}) + b"\n"
+    with pytest.raises(InputError, match=r"plan\.vm record of contract version 3"):
+        list(read_records([line], understood={"plan"}))
+    # objects that are not records (no "v") are not
+    ok = orjson.dumps({"type": "vm", "v": 1, "firmware": {"type": "uefi"}}) + b"\n"
+    assert len(list(read_records([ok], understood={"vm"}))) == 1
+
+
+def test_a_record_without_v_is_hand_written_and_of_the_current_version():
+    (rec,) = read_records([b'{"type":"vm","name":"a"}\n'], understood={"vm"})
+    assert rec["name"] == "a"
+
+
+def test_a_boolean_v_is_not_a_version():
+    with pytest.raises(InputError, match="'v' must be an integer"):
+        list(read_records([b'{"type":"vm","v":true}\n']))
+
+
+def test_input_cut_in_the_middle_of_a_record_says_so():
+    with pytest.raises(InputError) as e:
+        list(read_records([b'{"type":"vm","v":1}\n', b'{"type":"vm","v":1,"na']))
+    assert "line 2" in str(e.value) and "ends in the middle of a record" in str(e.value)
+    # a last record without its newline is whole: accepted
+    assert len(list(read_records([b'{"type":"vm","v":1}']))) == 1

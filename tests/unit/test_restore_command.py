@@ -21,7 +21,7 @@ from vmbk.catalogue import Catalogue, db_path
 from vmbk.commands.restore import main
 from vmbk.errors import Exit
 from vmbk.lock import VmLock
-from vmbk.records import Emitter
+from vmbk.output import Emitter
 from vmbk.restore.plan import image_name
 from vmbk.stream import scan
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from vmbk import config as _config
 from vmbk.cli import Context
 from vmbk.errors import StorageError, UsageError
-from vmbk.records import Emitter, Record, getenv_json, new_session_id, read_records, stdin_is_pipe
+from vmbk.output import Emitter, getenv_json
+from vmbk.records import Record, new_session_id, read_records, stdin_is_pipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +78,17 @@ def positive_int(args: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
-def input_records(ctx: Context, *, standalone: bool) -> Iterator[Record]:
+def input_records(ctx: Context, *, standalone: bool, understood: Collection[str] = ()) -> Iterator[Record]:
     """Records from stdin, or none when the command runs on its own.
 
     A stage reads stdin when it is a pipe or file; on a terminal, or when
-    options such as ``--vm`` make it standalone, it reads nothing.
+    options such as ``--vm`` make it standalone, it reads nothing.  Records
+    of the ``understood`` types must be of a contract version this vmbk
+    knows (`vmbk.records.check_version`).
     """
     if standalone or not stdin_is_pipe(ctx.stdin):
         return iter(())
-    return read_records(ctx.stdin)
+    return read_records(ctx.stdin, understood=understood)
 
 
 class Session:
@@ -104,8 +107,9 @@ class Session:
         return self.emitter.session
 
 
-def make_emitter(ctx: Context, common: Common) -> Emitter:
-    return Emitter(ctx.stdout, stage=ctx.prog, json=common.json)
+def make_emitter(ctx: Context, common: Common, *, changes_state: bool = False) -> Emitter:
+    """The stage's output; ``changes_state``: what a closed stdout does (`vmbk.output`)."""
+    return Emitter(ctx.stdout, stage=ctx.prog, json=common.json, changes_state=changes_state, stderr=ctx.stderr)
 
 
 def parse_now(value: str | None) -> _dt.datetime:

@@ -3,7 +3,10 @@
 A stage hands `run_stage` the record types it consumes and a handler that
 returns the records to emit for one input record.  Failures of one VM
 (`VmbkError` with ``vm`` set) become `error` records and the loop goes on;
-other errors end the stage.
+other errors end the stage.  A consumed record of a contract version this
+vmbk does not know ends the stage (exit 7); records of other types pass
+whatever their version.  A stage that changes state goes on when its
+stdout is closed (`vmbk.output`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from vmbk.cancel import Cancel
 from vmbk.cli import Context
 from vmbk.commands._common import Common, Session, input_records, make_emitter
 from vmbk.errors import VmbkError
-from vmbk.records import Emitter, Record
+from vmbk.output import Emitter
+from vmbk.records import Record
 
 Handler = Callable[[Record, str], Iterable[Record]]
 
@@ -31,6 +35,7 @@ def run_stage(
     finish: Callable[[str, int], None] | None = None,
     jobs: int = 1,
     cancel: Cancel | None = None,
+    changes_state: bool = True,
 ) -> int:
     """Run a stage over stdin, or over ``source(session)`` when given.
 
@@ -39,10 +44,13 @@ def run_stage(
     through come out as they are read); an interrupt sets ``cancel`` and
     waits for the workers to clean up.  ``finish(session, exit_code)``
     runs at the end (the catalogue closes the session row there).
+    ``changes_state`` is False for a stage that only reads (vmbk-plan, a
+    dry run): it stops when nobody reads its output any more.
     """
-    emitter = make_emitter(ctx, common)
+    emitter = make_emitter(ctx, common, changes_state=changes_state)
     session = Session(emitter)
-    records = source(session.ensure()) if source is not None else input_records(ctx, standalone=standalone)
+    records = source(session.ensure()) if source is not None else \
+        input_records(ctx, standalone=standalone, understood=consumes)
 
     def emit_results(results: Iterable[Record]) -> None:
         for out in results:

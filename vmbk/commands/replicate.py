@@ -32,7 +32,8 @@ PROG = "vmbk-replicate"
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
     common = Common.from_args(args)
     existing_backup_path(common.config())
-    return run_stage(ctx, common, {"backup", "rotate"}, not_yet(PROG, "replication"))
+    return run_stage(ctx, common, {"backup", "rotate"}, not_yet(PROG, "replication"),
+                     changes_state=not args["--dry-run"])
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:

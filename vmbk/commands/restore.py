@@ -77,7 +77,7 @@ from vmbk import cli
 from vmbk import config as _config
 from vmbk.commands._common import Common, Session, existing_backup_path, make_emitter
 from vmbk.errors import StorageError, UsageError, VmbkError
-from vmbk.records import Emitter
+from vmbk.output import Emitter
 from vmbk.restore import listing, verify
 from vmbk.restore.plan import Options
 from vmbk.restore.run import restore
@@ -147,7 +147,9 @@ def _root(cfg: _config.Config) -> Path:
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
     a = Args.from_docopt(args)
     cfg = a.common.config()
-    emitter = make_emitter(ctx, a.common)
+    # A restore goes on without its reader; listings and dry runs stop (vmbk-json(7)).
+    changes = a.action == "restore" and a.options is not None and not a.options.dry_run
+    emitter = make_emitter(ctx, a.common, changes_state=changes)
     session = Session(emitter).ensure()
     try:
         return _dispatch(a, cfg, emitter, session)

@@ -32,7 +32,7 @@ PROG = "vmbk-rotate"
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
     common = Common.from_args(args)
     existing_backup_path(common.config())
-    return run_stage(ctx, common, {"backup"}, not_yet(PROG, "retention"))
+    return run_stage(ctx, common, {"backup"}, not_yet(PROG, "retention"), changes_state=not args["--dry-run"])
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:
