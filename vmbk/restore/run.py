@@ -44,6 +44,7 @@ from vmbk.records import Record, error_record
 from vmbk.restore import define, domainxml, history, image, inplace, livedisks, pools, report, tpm
 from vmbk.restore.plan import Options, Plan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
+from vmbk.virt import hold
 from vmbk.virt.connection import LibvirtError, open_connection
 
 log = logging.getLogger("vmbk.restore")
@@ -62,9 +63,11 @@ def restore(ref: SourceRef, opts: Options, *, uri: str | None, session: str | No
         with _lock(ref):
             source = load(ref)
             with _connection(uri, required=opts.defines or opts.mode == "inplace", write=True) as conn:
+                healed = hold.heal_named(conn, source.vm)  # the pause/freeze a killed vmbk left
                 plan = make_plan(source, opts, _current(conn, source.vm, opts))
                 replace = _preflight(plan, conn, opts)
                 outcome = _execute(plan, conn, opts, replace)
+                outcome.warnings[:0] = healed
                 _after(plan, conn, outcome)
     except BaseException as e:
         history.record(ref, opts, plan, started_at, t0, e)

@@ -9,8 +9,16 @@ while we read.
 
 A guest must never be left frozen or paused.  The undo runs in ``finally``
 and SIGINT/SIGTERM are blocked from the freeze until the undo is done, so
-a signal arriving in that window is delivered after the guest runs again
-(SIGKILL cannot be guarded; vmbackup documents the same limit).
+a signal arriving in that window is delivered after the guest runs again.
+SIGKILL cannot be blocked: for it, each suspend/fsFreeze is preceded by a
+durable marker and a guard process (`vmbk.virt.hold`): the guard undoes
+the hold at once when vmbk dies, and the next vmbk run for the VM when
+the guard died too.  The marker is removed only after the undo
+succeeded; an undo that failed leaves it, so the next run tries again.
+
+A domain already paused when we come is someone else's (no marker of a
+dead vmbk: `hold.heal` ran before): level ``paused``, and it is left
+paused.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmbk.virt.connection import libvirt_module
+from vmbk.virt.hold import Hold
 
 log = logging.getLogger("vmbk.virt")
 
@@ -58,15 +67,16 @@ def _freeze(dom: Any, timeout: int) -> bool:
         return False
 
 
-def _thaw(dom: Any) -> None:
+def _thaw(dom: Any) -> bool:
     libvirt = libvirt_module()
     for attempt in range(3):
         try:
             dom.fsThaw(None, 0)
-            return
+            return True
         except libvirt.libvirtError as e:
             log.warning("%s: fsthaw attempt %d failed: %s", dom.name(), attempt + 1, e.get_error_message())
     log.error("%s: could not thaw the guest filesystems: run 'virsh domfsthaw %s'", dom.name(), dom.name())
+    return False
 
 
 def _pause(dom: Any) -> bool:
@@ -79,12 +89,14 @@ def _pause(dom: Any) -> bool:
         return False
 
 
-def _resume(dom: Any) -> None:
+def _resume(dom: Any) -> bool:
     libvirt = libvirt_module()
     try:
         dom.resume()
+        return True
     except libvirt.libvirtError as e:
         log.error("%s: could not resume the guest: %s: run 'virsh resume %s'", dom.name(), e.get_error_message(), dom.name())
+        return False
 
 
 @contextlib.contextmanager
@@ -97,14 +109,25 @@ def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = 
             # Paused by someone else: already still, and theirs to resume.
             yield "paused"
             return
-        if agent and _freeze(dom, timeout):
-            level = "frozen"
-        elif allow_pause and _pause(dom):
-            level = "paused"
+        hold = Hold(dom)
+        try:
+            if agent:
+                hold.mark("frozen")  # durable before the freeze is asked for
+                if _freeze(dom, timeout):
+                    level = "frozen"
+            if level == "crash" and allow_pause:
+                hold.mark("paused")
+                if _pause(dom):
+                    level = "paused"
+        finally:
+            if level == "crash":
+                hold.release()  # nothing held (or an error: nothing held either)
+        undone = False
         try:
             yield level
         finally:
             if level == "frozen":
-                _thaw(dom)
+                undone = _thaw(dom)
             elif level == "paused":
-                _resume(dom)
+                undone = _resume(dom)
+            hold.release(keep=not undone)
