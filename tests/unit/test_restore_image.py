@@ -17,8 +17,8 @@ import lz4.frame
 import pytest
 
 from vmbk.restore import image, qcow2
-from vmbk.restore.chainread import ChainImage
-from vmbk.restore.lz4read import Lz4Reader
+from vmbk.stream.chainread import ChainImage
+from vmbk.stream.lz4read import Lz4Reader
 from vmbk.stream import StreamError, StreamMeta, StreamReader, StreamWriter, reconstruct_raw, scan
 from vmbk.stream import writer as writer_mod
 

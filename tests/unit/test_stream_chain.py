@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import vmbk.stream.chain as chain_mod
 from vmbk.stream import StreamMeta, StreamWriter, merge_chain, reconstruct_raw
 from vmbk.stream.chain import Segment, frames_from_picture, picture
-from vmbk.stream.reader import Frame
+from vmbk.stream.scan import Frame
 
 
 def test_docstring_pictures() -> None:

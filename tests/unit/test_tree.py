@@ -192,7 +192,7 @@ def test_find_uuid_finds_a_renamed_vm(tmp_path: Path) -> None:
 
 
 def test_stream_file_helper_writes_what_the_stream_reader_reads(tmp_path: Path) -> None:
-    from vmbk.stream.reader import read_meta
+    from vmbk.stream.scan import read_meta
 
     stream_file(tmp_path / "x.data", {"virtualSize": 5, "dataSize": 0, "diskName": "vda", "streamVersion": 2}, 1.0)
     assert read_meta(tmp_path / "x.data").virtual_size == 5

@@ -12,9 +12,9 @@ data").  One module per concern:
 ``verify``   ``--verify`` and ``--dump`` records;
 ``plan``     names, safety checks and free space, before anything is written;
 ``image``    one disk: merged chain -> qcow2 (or raw), checked; with
-           ``chainread`` (the chain's non-zero clusters in disk order),
-           ``lz4read`` (compressed payloads), ``qcow2`` (the format
-           writer) and ``checker`` (``.chksum`` checked alongside);
+           `vmbk.stream.chainread` (the chain's non-zero clusters in
+           disk order), ``qcow2`` (the format writer) and ``checker``
+           (``.chksum`` checked alongside);
 ``vmconfig`` the domain XML and NVRAM the backup kept for a point;
 ``domainxml`` the XML to define: same identity (DR) or a new one (clone);
 ``define``   the VM of that name in libvirt: may it be replaced, define;

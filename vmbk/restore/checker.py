@@ -14,13 +14,11 @@ renamed into place before every checksum matched.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmbk.stream import StreamError, read_checksum_file
-from vmbk.stream.checksum import adler32
+from vmbk.stream import verify_checksum
 
 BUFFER = 4 << 20
 
@@ -43,18 +41,16 @@ class SourceCheck:
     def _run(self) -> None:
         try:
             for path in self.paths:
-                stored = read_checksum_file(path)
-                if stored is None:
+                if not verify_checksum(path, buffer_size=BUFFER, check=self._check_stop):
                     self.unchecked.append(path)
-                    continue
-                actual, size = _adler32(path, self._stop)
-                if actual != stored:
-                    raise StreamError(path, 0, f"adler32 of the file's {size} bytes is {actual}, "
-                                               f"its .chksum says {stored}")
         except Stopped:
             pass
         except BaseException as e:  # noqa: BLE001 -- handed to the writer's thread
             self.error = e
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise Stopped
 
     def raise_if_failed(self) -> None:
         """Raise the check's error now if it has failed already."""
@@ -71,27 +67,3 @@ class SourceCheck:
         """Stop the check (it ends within one buffer) and wait for it."""
         self._stop.set()
         self._thread.join()
-
-
-def _adler32(path: Path, stop: threading.Event) -> tuple[int, int]:
-    """(adler32, size) of the file, as virtnbdbackup's ``.chksum``; Stopped when ``stop`` is set."""
-    buf = bytearray(BUFFER)
-    view = memoryview(buf)
-    value, pos = 1, 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StreamError(path, 0, f"cannot open for the checksum: {e.strerror}") from None
-    try:
-        while not stop.is_set():
-            try:
-                n = os.readv(fd, [view])
-            except OSError as e:
-                raise StreamError(path, pos, f"reading for the checksum: {e.strerror}") from None
-            if not n:
-                return value, pos
-            value = adler32(view[:n], value)
-            pos += n
-    finally:
-        os.close(fd)
-    raise Stopped

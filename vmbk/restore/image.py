@@ -6,7 +6,7 @@ target is written once whatever the length of the chain; zeroes become
 holes, so the image stays thin.  The steps, each file beside the target:
 
 1. ``<target>.partial``: the qcow2, written directly (`write_qcow2`:
-   `vmbk.restore.chainread` assembles the chain's non-zero clusters in
+   `vmbk.stream.chainread` assembles the chain's non-zero clusters in
    disk order, `vmbk.restore.qcow2` lays them out and writes the
    metadata), with the source image's qcow2 options when the backup kept
    them in ``<dev>.<ident>.qcow.json`` (compat, cluster size, lazy
@@ -41,9 +41,9 @@ from pathlib import Path
 from vmbk.errors import DependencyError, StorageError, ToolError, VmbkError
 from vmbk.fsutil import fsync_dir, pwrite_all
 from vmbk.restore import qcow2
-from vmbk.restore.chainread import ChainImage, scan_cached
 from vmbk.restore.checker import SourceCheck
 from vmbk.stream import merge_chain, verify_checksum
+from vmbk.stream.chainread import ChainImage, scan_cached
 from vmbk.stream.format import KIND_DATA
 from vmbk.tree import names
 

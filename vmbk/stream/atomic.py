@@ -12,7 +12,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmbk.fsutil import fsync_dir
+from vmbk.fsutil import PARTIAL, fsync_dir
+from vmbk.stream.checksum import CHKSUM, write_checksum_file
 from vmbk.stream.format import MAX_REQUEST_SIZE, StreamMeta
 from vmbk.stream.writer import StreamWriter
 
@@ -20,12 +21,6 @@ from vmbk.stream.writer import StreamWriter
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def write_checksum_file(path: str | os.PathLike[str], checksum: int) -> None:
-    """Write ``<path>.chksum`` as virtnbdbackup does: the decimal adler32, no newline."""
-    with open(f"{os.fspath(path)}.chksum", "w", encoding="ascii") as f:
-        f.write(str(checksum))
 
 
 @contextlib.contextmanager
@@ -65,21 +60,15 @@ def write_stream_atomic(
     ``.chksum`` in place (not atomically).
     """
     final = os.fspath(path)
-    partial = f"{final}.partial"
-    chk = f"{final}.chksum"
-    chk_partial = f"{chk}.partial"
+    partial = f"{final}{PARTIAL}"
+    chk = f"{final}{CHKSUM}"
+    chk_partial = f"{chk}{PARTIAL}"
     writer = StreamWriter(partial, meta, piece_size=piece_size, mode=mode)
     try:
         yield writer
         writer.close(fsync=fsync)
         if checksum_file:
-            fd = os.open(chk_partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-            try:
-                os.write(fd, str(writer.checksum).encode("ascii"))
-                if fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_checksum_file(final, writer.checksum, suffix=PARTIAL, mode=mode, fsync=fsync)
         _unlink_quiet(chk)
         os.rename(partial, final)
         if checksum_file:

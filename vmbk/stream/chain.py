@@ -62,7 +62,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmbk.stream.format import KIND_DATA, KIND_ZERO
-from vmbk.stream.reader import Frame, StreamMap, StreamReader, scan
+from vmbk.stream.reader import StreamReader
+from vmbk.stream.scan import Frame, StreamMap, scan
 
 ChainSource = StreamMap | Sequence[Frame]
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmbk.errors import StorageError, VmbkError
-from vmbk.stream.reader import read_meta
+from vmbk.stream.scan import read_meta
 from vmbk.tree import names as names_
 from vmbk.tree.model import Chain, DataFile, VmTree
 from vmbk.tree.names import (

@@ -1,7 +1,7 @@
 """Reading lz4-compressed payloads fast: stored blocks are copied, not decompressed.
 
 A compressed stream's data frame is one or more lz4 frames ("pieces",
-`vmbk.stream.reader`).  Data that does not compress (most of a real disk:
+`vmbk.stream.scan`).  Data that does not compress (most of a real disk:
 already compressed files, encrypted or random data) sits in an lz4 frame
 as *stored* blocks, the raw bytes behind a 4-byte length with its high
 bit set.  ``lz4.frame.decompress`` still copies them through two fresh
@@ -25,8 +25,9 @@ import struct
 
 import lz4.frame
 
-from vmbk.stream import Frame, StreamError, StreamReader
-from vmbk.stream.format import MAX_PIECE_SIZE
+from vmbk.stream.format import MAX_PIECE_SIZE, StreamError
+from vmbk.stream.reader import StreamReader
+from vmbk.stream.scan import Frame
 
 LZ4_MAGIC = 0x184D2204
 _U32 = struct.Struct("<I")
