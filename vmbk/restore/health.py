@@ -1,34 +1,65 @@
-"""The catalogue's word on each VM, for ``--list`` (vmrestore guide, 9.1).
+"""Is a chain whole, and the health line of ``--list`` (vmrestore guide, 9.1).
 
-"Chains: <N> active, <N> broken, last backup <ISO>", when the catalogue
-exists; without one (a recovery host with only the tree), or when it
-cannot be read, the listing simply has no such line.  Read-only: the
-database is opened with ``mode=ro`` and never migrated from here, so
-listing works on a read-only backup mount.
+"Chains: <N> active, <N> broken, last backup <ISO>" comes from the tree,
+the one source of truth, by the rule the ``chain`` records of
+``--list-restore-points`` use (`complete`), so the two listings cannot
+disagree: a chain is *active* when it is a period directory (or the
+accumulate chain) that the listing shows -- data or leftovers of a
+backup, archives do not count -- and *broken* when it is not complete: a
+restore point that cannot be restored, or a flaw of the chain as a whole
+(`vmbk.restore.points.chain_warnings`).  A failed backup that was cleaned
+up breaks nothing; an archived chain is no longer in its period.
 
-A chain is a directory the catalogue recorded successful backups into;
-it is *active* while that directory is still in the tree (archived chains
-moved away; a tree mounted at another path is followed), and *broken* when a data file the catalogue recorded in it
-is gone, or when the newest backup attempt into it failed.
+The catalogue (an index, DESIGN "On-disk layout") adds what the tree
+cannot know: the last attempt and how it ended, appended to the line when
+the newest attempt failed.  It is read-only (``mode=ro``, never migrated
+from here, so listing works on a read-only backup mount) and optional:
+without one (a recovery host with the tree alone), or when it cannot be
+read, the line has no such part.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vmbk.catalogue import db_path
+from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree import Chain
 
 log = logging.getLogger("vmbk.restore")
 
 
-class Health:
+def complete(chain: Chain, points: Sequence[RestorePoint] | None = None) -> bool:
+    """Every restore point of ``chain`` can be restored and the chain has no flaw."""
+    points = restore_points(chain) if points is None else points
+    return bool(points) and all(p.complete for p in points) and not chain_warnings(chain)
+
+
+def of_chains(chains: Sequence[Chain], points: Mapping[str, Sequence[RestorePoint]] | None = None) -> dict[str, Any]:
+    """``chains_active``, ``chains_broken`` and ``broken_chains`` (their rel paths)
+    of a VM's chains (archives are not looked at)."""
+    active = [c for c in chains if c.data or c.partials]
+    broken = [c.rel for c in active if not complete(c, None if points is None else points.get(c.rel))]
+    return {"chains_active": len(active), "chains_broken": len(broken), "broken_chains": broken}
+
+
+def line(h: Mapping[str, Any], last_backup: str | None, history: Mapping[str, Any] | None = None) -> str:
+    text = (f"Chains: {h['chains_active']} active, {h['chains_broken']} broken, "
+            f"last backup {last_backup or 'never'}")
+    if history and history.get("last_outcome") == "failed":
+        text += f"; last attempt {history['last_attempt']} failed"
+    return text
+
+
+class History:
+    """The catalogue's history of a VM's backups, when there is a catalogue."""
+
     def __init__(self, backup_path: Path) -> None:
         self.db: sqlite3.Connection | None = None
-        self.backup_path = backup_path
         path = db_path(backup_path)
         if not path.exists():
             return
@@ -45,60 +76,18 @@ class Health:
             self.db = None
 
     def of(self, vm: str) -> dict[str, Any] | None:
-        """The health facts of ``vm``; None without a catalogue or without rows."""
+        """``last_backup`` (start of the newest successful backup), ``last_attempt``
+        and ``last_outcome``; None without a catalogue or without rows."""
         if self.db is None:
             return None
         try:
             rows = self.db.execute(
-                "SELECT id, directory, outcome, started_at FROM vm_backups "
-                "WHERE vm = ? AND action != 'skip' ORDER BY started_at, id", (vm,)).fetchall()
-            if not rows:
-                return None
-            files: dict[str, list[str]] = {}
-            for directory, path in self.db.execute(
-                    "SELECT b.directory, f.path FROM data_files f JOIN vm_backups b ON b.id = f.vm_backup_id "
-                    "WHERE b.vm = ? AND b.outcome = 'ok'", (vm,)):
-                files.setdefault(directory, []).append(path)
+                "SELECT outcome, started_at FROM vm_backups WHERE vm = ? AND action != 'skip' "
+                "ORDER BY started_at, id", (vm,)).fetchall()
         except sqlite3.Error as e:
             log.warning("catalogue: %s", e)
             return None
-        latest: dict[str, str] = {}
-        good: set[str] = set()
-        for _id, directory, outcome, _at in rows:
-            if directory:
-                latest[directory] = outcome
-                if outcome == "ok":
-                    good.add(directory)
-        active = sorted(d for d in good if os.path.isdir(self._here(d, vm)))
-        broken = [d for d in active
-                  if latest[d] != "ok" or any(not os.path.exists(self._here(p, vm)) for p in files.get(d, []))]
-        ok = [at for _id, _d, outcome, at in rows if outcome == "ok"]
-        last = rows[-1]
-        return {
-            "chains_active": len(active),
-            "chains_broken": len(broken),
-            "broken": broken,
-            "last_backup": ok[-1] if ok else None,
-            "last_attempt": last[3],
-            "last_outcome": last[2],
-        }
-
-
-    def _here(self, recorded: str, vm: str) -> str:
-        """``recorded`` (an absolute path of the host that wrote it) in this tree.
-
-        A recovery host mounts the tree elsewhere: the part from the VM's
-        directory on is looked up under this backup path.
-        """
-        if os.path.exists(recorded):
-            return recorded
-        parts = Path(recorded).parts
-        for i in range(len(parts) - 1, -1, -1):
-            if parts[i] == vm:
-                return str(self.backup_path.joinpath(*parts[i:]))
-        return recorded
-
-
-def line(h: dict[str, Any]) -> str:
-    return (f"Chains: {h['chains_active']} active, {h['chains_broken']} broken, "
-            f"last backup {h['last_backup'] or 'never'}")
+        if not rows:
+            return None
+        ok = [at for outcome, at in rows if outcome == "ok"]
+        return {"last_backup": ok[-1] if ok else None, "last_attempt": rows[-1][1], "last_outcome": rows[-1][0]}

@@ -2,13 +2,15 @@
 
 vmrestore guide, 9.1: one line per VM with its layout, restore point count
 (summed over its periods), archived chains, size and tags (TPM,
-multi-disk), and the catalogue's health line when there is a catalogue
-(`vmbk.restore.health`).  9.2: every period with its numbered restore points (date,
-type FULL/Incremental/COPY, disk set) and the archived chains expanded
-inline; incomplete chains flagged.  Here each chain is a ``chain`` record
-followed by its ``restore_point`` records, archives after the chain they
-were archived from.  Pure reads of the tree: no lock, no catalogue, so it
-works unprivileged on a copied tree.
+multi-disk), and the health line (`vmbk.restore.health`: chains active
+and broken by the same rule as the ``chain`` records below, the
+catalogue's last failed attempt when there is one).  9.2: every period
+with its numbered restore points (date, type FULL/Incremental/COPY, disk
+set) and the archived chains expanded inline; incomplete chains flagged.
+Here each chain is a ``chain`` record followed by its ``restore_point``
+records, archives after the chain they were archived from.  Pure reads of
+the tree (the catalogue, read-only and optional, only adds history): no
+lock, so it works unprivileged on a copied tree.
 """
 
 from __future__ import annotations
@@ -32,22 +34,25 @@ from vmbk.virt.domain import parse_domain_xml
 def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
     """One ``backup_vm`` record per VM directory that holds backups."""
     entries = vm_dirs(backup_path)
-    catalogue = health.Health(backup_path)
+    history = health.History(backup_path)
     try:
         for entry in entries:
             source = locate_name(backup_path, entry.name)
             chains = active_chains(source)
             if not chains:
                 continue
-            yield vm_record(source, chains, session, catalogue.of(source.vm))
+            yield vm_record(source, chains, session, history.of(source.vm))
     finally:
-        catalogue.close()
+        history.close()
 
 
 def vm_record(source: Source, chains: list[Chain], session: str | None,
-              facts: dict[str, Any] | None = None) -> Record:
+              history: dict[str, Any] | None = None) -> Record:
+    """The ``backup_vm`` record; ``history`` is the catalogue's (`health.History.of`)."""
     tree = source.tree
     points = {c.rel: restore_points(c) for c in chains}
+    state = health.of_chains(chains, points)
+    last_backup = _iso(tree.last_backup)
     latest = tree.latest()
     disks = sorted(points[latest.rel][-1].disks) if latest is not None and points.get(latest.rel) else []
     periods = [c.rel for c in chains if c.rel != "."]
@@ -67,10 +72,11 @@ def vm_record(source: Source, chains: list[Chain], session: str | None,
         disks=disks,
         tags=tags,
         size=_du(tree.path),
-        last_backup=_iso(tree.last_backup),
+        last_backup=last_backup,
         uuid=latest.uuid if latest is not None else None,
-        health=health.line(facts) if facts else None,
-        catalogue=facts,
+        **state,
+        health=health.line(state, last_backup, history),
+        catalogue=history,
     )
 
 
@@ -104,7 +110,7 @@ def chain_records(vm: str, chain: Chain, session: str | None = None) -> Iterator
         "chain", session, **where,
         base=chain.base,
         restore_points=len(points),
-        complete=bool(points) and all(p.complete for p in points) and not warnings,
+        complete=health.complete(chain, points),
         disks=sorted({d for p in points for d in p.disks}),
         size=sum(f.size for f in chain.data),
         warnings=warnings,
