@@ -1,8 +1,36 @@
 """A stream file that exists only once it is complete, with its ``.chksum``.
 
 :func:`write_stream_atomic` wraps a :class:`~vmbk.stream.writer.StreamWriter`
-in the ``.partial`` / rename / ``.chksum`` protocol; see its docstring for
-the order of operations and what a crash at each step leaves behind.
+in the ``.partial`` / ``.chksum`` / rename protocol.  The order of the
+writes is the durability rule every reader relies on::
+
+    1. <f>.partial          the stream, finished (stop frame, trailer), fsynced
+    2. <f>.chksum.partial   its adler32, fsynced
+    3. rename <f>.chksum.partial -> <f>.chksum, fsync the directory
+    4. rename <f>.partial -> <f>,               fsync the directory
+
+The rename of the data file is the commit marker: a ``<f>`` exists only
+with the ``<f>.chksum`` that describes it, so a data file without its
+``.chksum`` in a chain whose other files have one was damaged or tampered
+with, never left by a crash (`vmbk.restore.points` then calls it
+unverifiable).  A kill at any instant leaves one of:
+
+* before 3: ``*.partial`` files only: nothing looks complete;
+* between 3 and 4: ``<f>.chksum`` beside ``<f>.partial``: the partial
+  marks an interrupted backup (the planner archives or cleans it, the
+  listing flags it), the lone ``.chksum`` is a stray of an unfinished
+  write (`vmbk.tree.scan` lists it, and the next backup of that name
+  replaces it);
+* after 4: the complete pair.
+
+The directory is synced between the renames so that a power cut cannot
+keep the second and lose the first.  When ``<f>`` already exists (a file
+of the same name written again) its old ``.chksum`` is replaced at 3: a
+crash before 4 then pairs the old data with the new checksum, which
+verify and restore report as a mismatch -- loud, never silent.
+
+virtnbdbackup (1.9.40 and later) renames the data first and then writes
+``.chksum`` in place; earlier versions write no ``.chksum`` at all.
 """
 
 from __future__ import annotations
@@ -35,48 +63,40 @@ def write_stream_atomic(
 ) -> Iterator[StreamWriter]:
     """Write the stream at ``path`` so that it exists only once complete.
 
-    Yields a :class:`StreamWriter` on ``<path>.partial``.  On a clean exit:
-
-    1. the stream is finished (stop frame, trailer) and fsynced;
-    2. the checksum goes to ``<path>.chksum.partial``, fsynced;
-    3. a stale ``<path>.chksum`` (from an older file of the same name) is
-       removed, so an old checksum can never be paired with new data;
-    4. ``<path>.partial`` is renamed to ``<path>``: from here on the data
-       file is complete, with or without a checksum;
-    5. ``<path>.chksum.partial`` is renamed to ``<path>.chksum``; the
-       directory is fsynced.
-
-    A crash before 4 leaves only ``*.partial`` files: nothing looks
-    complete.  A crash between 4 and 5 leaves a complete data file without
-    ``.chksum`` (verify then skips it, as virtnbdrestore does) and a
-    ``.chksum.partial`` that still names the right checksum; the stray
-    ``*.partial`` makes virtnbdbackup (and vmbk) treat the directory as
-    having a failed backup, which errs on the safe side.  The data file is
-    never renamed before it is complete and synced, and the ``.chksum``
-    never exists next to a data file it does not describe.
-
-    On an exception the partial files are removed and the exception
-    propagates.  virtnbdbackup itself renames the data and then writes
-    ``.chksum`` in place (not atomically).
+    Yields a :class:`StreamWriter` on ``<path>.partial``; on a clean exit
+    the stream is finished and committed in the order the module
+    docstring gives.  ``checksum_file=False`` writes no ``.chksum`` (and
+    removes a stale one before the data is renamed).  On an exception the
+    partial files, and a ``.chksum`` already renamed for the data that
+    never came, are removed and the exception propagates.
     """
     final = os.fspath(path)
     partial = f"{final}{PARTIAL}"
     chk = f"{final}{CHKSUM}"
     chk_partial = f"{chk}{PARTIAL}"
+    directory = Path(os.path.abspath(final)).parent
     writer = StreamWriter(partial, meta, piece_size=piece_size, mode=mode)
+    stray_chk = False  # a .chksum in place whose data is not (yet)
+    committed = False
     try:
         yield writer
         writer.close(fsync=fsync)
         if checksum_file:
             write_checksum_file(final, writer.checksum, suffix=PARTIAL, mode=mode, fsync=fsync)
-        _unlink_quiet(chk)
-        os.rename(partial, final)
-        if checksum_file:
             os.rename(chk_partial, chk)
+            stray_chk = True
+        else:
+            _unlink_quiet(chk)
         if fsync:
-            fsync_dir(Path(os.path.abspath(final)).parent)
+            fsync_dir(directory)
+        os.rename(partial, final)
+        committed = True
+        if fsync:
+            fsync_dir(directory)
     except BaseException:
         writer.abort()
         _unlink_quiet(partial)
         _unlink_quiet(chk_partial)
+        if stray_chk and not committed:
+            _unlink_quiet(chk)
         raise
