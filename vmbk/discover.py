@@ -12,8 +12,8 @@ from typing import Any
 
 from vmbk import records
 from vmbk.config import Config
-from vmbk.errors import VmError
-from vmbk.virt.connection import LibvirtError, connection, libvirt_module
+from vmbk.errors import VmbkError, VmError
+from vmbk.virt.connection import LibvirtError, Link, libvirt_module
 from vmbk.virt.domain import domain_facts
 
 STAGE = "vmbk-discover"
@@ -37,28 +37,45 @@ def vm_record(facts: dict[str, Any], cfg: Config, session: str | None) -> record
 
 
 def discover(uri: str, cfg: Config, *, names: Sequence[str] = (), session: str | None = None) -> Iterator[records.Record]:
+    """One ``vm`` record per domain (or per name), an ``error`` record per failure.
+
+    A failure to read one domain fails that domain only; when libvirtd
+    went away meanwhile, the next domain waits for it to come back
+    (`vmbk.virt.connection.Link`).
+    """
     libvirt = libvirt_module()
     # Read-write: guest-ping through the agent is refused on a read-only connection.
-    with connection(uri) as conn:
+    link = Link(uri)
+    try:
         if names:
-            for name in dict.fromkeys(names):
-                try:
-                    dom = conn.lookupByName(name)
-                except libvirt.libvirtError:
-                    err = VmError(f"VM {name!r} not found at {uri}", vm=name)
-                    yield records.error_record(err, stage=STAGE, session=session)
-                    continue
-                yield vm_record(domain_facts(dom), cfg, session)
-            return
-        try:
-            domains = conn.listAllDomains(0)
-        except libvirt.libvirtError as e:
-            raise LibvirtError(f"cannot list domains: {e.get_error_message()}") from None
-        for dom in sorted(domains, key=lambda d: d.name()):
+            todo: list[Any] = list(dict.fromkeys(names))
+        else:
             try:
-                yield vm_record(domain_facts(dom), cfg, session)
+                todo = sorted(d.name() for d in link.get().listAllDomains(0))
             except libvirt.libvirtError as e:
-                # A domain undefined while we looked at it is not an error.
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise LibvirtError(f"cannot list domains: {e.get_error_message()}") from None
+        for name in todo:
+            try:
+                dom = link.get().lookupByName(name)
+            except LibvirtError as e:
+                yield records.error_record(LibvirtError(f"not discovered: {e}", vm=name), stage=STAGE, session=session)
+                continue
+            except libvirt.libvirtError as e:
+                if not names and e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined while we looked: not an error
+                err: VmbkError = (VmError(f"VM {name!r} not found at {uri}", vm=name)
+                                  if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+                                  else LibvirtError(f"cannot look up VM {name!r}: {e.get_error_message()}", vm=name))
+                yield records.error_record(err, stage=STAGE, session=session)
+                continue
+            try:
+                facts = domain_facts(dom)
+            except libvirt.libvirtError as e:
+                if not names and e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue
-                raise
+                err = LibvirtError(f"cannot read the facts of VM {name!r}: {e.get_error_message()}", vm=name)
+                yield records.error_record(err, stage=STAGE, session=session)
+                continue
+            yield vm_record(facts, cfg, session)
+    finally:
+        link.close()
