@@ -162,6 +162,11 @@ def _run(doc: str, body: Body, argv: list[str], ctx: Context, options_first: boo
         stderr.write(f"{prog}: terminated\n")
         return int(Exit.SIGTERM)
     except Exception as e:  # a bug: say so, with the traceback to report
+        if e.__class__.__name__ == "libvirtError":
+            # Every libvirt call should be wrapped (LibvirtError); one that
+            # is not still fails as the external tool it is, not as a crash.
+            stderr.write(f"{prog}: libvirt: {e}\n")
+            return int(Exit.TOOL)
         stderr.write(f"{prog}: internal error: {e.__class__.__name__}: {e}\n")
         stderr.write(traceback.format_exc())
         return int(Exit.GENERAL)

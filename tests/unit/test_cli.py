@@ -248,3 +248,18 @@ def test_plan_takes_a_vm_record_of_its_version(tmp_path, capsys):
                     io.StringIO(orjson.dumps(VM).decode() + "\n"))
     (rec,) = map(orjson.loads, out.splitlines())
     assert code == 0 and (rec["type"], rec["name"], rec["vm"]) == ("plan", "web", VM), rec
+
+
+def test_an_unwrapped_libvirt_error_is_a_tool_failure_not_a_crash():
+    """A libvirt call that escaped its wrapper: exit 6 and one line, no traceback."""
+    import libvirt
+
+    from vmbk import cli
+
+    def body(args, ctx):
+        raise libvirt.libvirtError("internal error: client socket is closed")
+
+    err = io.StringIO()
+    code = cli.run("Usage: prog", body, [], io.StringIO(), io.StringIO(), prog="prog", stderr=err)
+    assert code == Exit.TOOL == 6
+    assert err.getvalue() == "prog: libvirt: internal error: client socket is closed\n"
