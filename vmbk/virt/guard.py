@@ -68,9 +68,9 @@ def _act(marker_path: Path, owner: int) -> int:
             conn = libvirt.open(marker.get("uri") or None)
             dom = conn.lookupByUUIDString(marker["uuid"])
             done = hold.undo(dom, marker, inflight=True)
-            hold.remove_marker(marker_path)
             if done:
                 _say(f"{name}: vmbk (pid {owner}) died holding it {marker['action']}: {done} it")
+            hold.remove_marker(marker_path)
             return 0
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
