@@ -225,11 +225,15 @@ def _read_trailer(
     return entries, tpos
 
 
-def scan_fd(fd: int, path: str) -> StreamMap:
+def _stat_size(fd: int, path: str) -> int:
     try:
-        size = os.fstat(fd).st_size
+        return os.fstat(fd).st_size
     except OSError as e:
         raise StreamError(path, 0, f"cannot stat: {e.strerror}") from e
+
+
+def _meta_fd(fd: int, path: str, size: int) -> tuple[StreamMeta, int]:
+    """The meta frame and where the frames after it start."""
     head = pread_exact(fd, min(FRAME_LEN, size), 0, path, "meta header")
     kind, start, mlen = parse_header(head, path=path, pos=0)
     if kind != KIND_META:
@@ -241,8 +245,12 @@ def scan_fd(fd: int, path: str) -> StreamMap:
     raw = pread_exact(fd, mlen + len(TERM), FRAME_LEN, path, "meta frame")
     if raw[-2:] != TERM:
         raise StreamError(path, FRAME_LEN + mlen, "meta frame not followed by CRLF")
-    meta = StreamMeta.from_json(raw[:-2], path=path, pos=FRAME_LEN)
-    body_start = FRAME_LEN + mlen + len(TERM)
+    return StreamMeta.from_json(raw[:-2], path=path, pos=FRAME_LEN), FRAME_LEN + mlen + len(TERM)
+
+
+def scan_fd(fd: int, path: str) -> StreamMap:
+    size = _stat_size(fd, path)
+    meta, body_start = _meta_fd(fd, path, size)
 
     trailer: list[tuple[int, ...]] | None = None
     trailer_pos: int | None = None
@@ -363,28 +371,83 @@ def scan_fd(fd: int, path: str) -> StreamMap:
 def scan(path: str | os.PathLike[str]) -> StreamMap:
     """The extent map of the stream file at ``path``; payloads are not read."""
     p = os.fspath(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StreamError(p, 0, f"cannot open: {e.strerror}") from e
+    fd = _open(p)
     try:
         return scan_fd(fd, p)
     finally:
         os.close(fd)
 
 
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StreamError(path, 0, f"cannot open: {e.strerror}") from e
+
+
 def read_meta(path: str | os.PathLike[str]) -> StreamMeta:
     """Only the meta frame of a stream (what ``virtnbdrestore -o dump`` shows)."""
     p = os.fspath(path)
+    fd = _open(p)
     try:
-        with open(p, "rb", buffering=0) as f:
-            head = f.read(FRAME_LEN)
-            kind, start, mlen = parse_header(head, path=p, pos=0)
-            if kind != KIND_META or mlen > MAX_META_LEN:
-                raise StreamError(p, 0, "stream does not start with a sane meta frame")
-            raw = f.read(mlen)
-    except OSError as e:
-        raise StreamError(p, 0, f"cannot read: {e.strerror}") from e
-    if len(raw) != mlen:
-        raise StreamError(p, FRAME_LEN, f"truncated meta frame: {len(raw)} of {mlen} bytes")
-    return StreamMeta.from_json(raw, path=p, pos=FRAME_LEN)
+        return _meta_fd(fd, p, _stat_size(fd, p))[0]
+    finally:
+        os.close(fd)
+
+
+def probe(path: str | os.PathLike[str]) -> tuple[StreamMeta, StreamError | None]:
+    """The meta frame, and what is wrong with the stream's end (None: nothing seen).
+
+    The cheap check of a complete stream, for listings and plans: besides
+    the meta frame it reads only the last frame -- the stop header of an
+    uncompressed stream, or the ``comp`` header, the trailer and the stop
+    header before it -- and checks that the file's size can hold what
+    they and ``dataSize`` claim.  A truncated file, a damaged tail or a
+    size that does not add up are found; damage between the first and the
+    last frame is :func:`scan`'s (and the ``.chksum``'s) to find.  Raises
+    StreamError when the meta frame itself is unreadable.
+
+    The size check: every data frame is a 40-byte header, its payload and
+    CRLF, every zero frame a header alone, so the bytes between the meta
+    frame and the stop frame minus the payloads are ``42 x data frames +
+    40 x zero frames``.  Uncompressed, the payloads are ``dataSize`` bytes
+    (at least one data frame when it is not 0); compressed, the trailer
+    gives the count of data frames and their stored sizes.
+    """
+    p = os.fspath(path)
+    fd = _open(p)
+    try:
+        size = _stat_size(fd, p)
+        meta, body_start = _meta_fd(fd, p, size)
+        try:
+            _check_end(fd, p, size, meta, body_start)
+        except StreamError as e:
+            return meta, e
+        return meta, None
+    finally:
+        os.close(fd)
+
+
+def _check_end(fd: int, path: str, size: int, meta: StreamMeta, body_start: int) -> None:
+    if meta.is_compressed:
+        trailer, trailer_pos = _read_trailer(fd, path, size, body_start)
+        stop_pos = trailer_pos - FRAME_LEN
+        payloads, data_frames = sum(sum(t) for t in trailer), len(trailer)
+        if data_frames > meta.data_size or (meta.data_size > 0) != (data_frames > 0):
+            raise StreamError(path, trailer_pos, f"the trailer lists {data_frames} data frames "
+                                                 f"for dataSize {meta.data_size}")
+    else:
+        stop_pos = size - FRAME_LEN
+        stop = pack_header(KIND_STOP, 0, 0)
+        before = min(FRAME_LEN, max(stop_pos - body_start, 0))  # a zero header, the end of a payload
+        tail = pread_exact(fd, before + FRAME_LEN, stop_pos - before, path, "stop header") \
+            if stop_pos >= body_start else b""
+        if tail[before:] != stop:
+            raise StreamError(path, max(stop_pos, 0), "stream does not end with a stop frame (truncated?)")
+        if tail[:before] == stop:
+            raise StreamError(path, stop_pos - before, "two stop frames at the end of the stream")
+        payloads, data_frames = meta.data_size, 1 if meta.data_size else 0
+    rest = stop_pos - body_start - payloads
+    if rest < 42 * data_frames or rest % 2 or (meta.is_compressed and (rest - 42 * data_frames) % FRAME_LEN):
+        raise StreamError(path, stop_pos, f"the stream's {size} bytes do not hold the frames its meta "
+                                          f"(dataSize {meta.data_size}) and trailer claim")

@@ -21,10 +21,13 @@ class DataFile:
     """One complete ``.data`` file and what its stream meta header says.
 
     ``virtual_size``/``meta_checkpoint``/``meta_parent`` come from the meta
-    frame (None when it could not be read; ``error`` says why).  The meta of
-    a copy file names ``virtnbdbackup.0`` although a copy creates no
-    checkpoint (virtnbdbackup fills it in regardless): only the file name
-    says what a file is.
+    frame (None when it could not be read; ``error`` says why).  ``error``
+    is also set, beside the meta, when the stream's end is damaged
+    (`vmbk.stream.scan.probe`: truncated, no stop frame, a size that does
+    not add up).  The meta of a copy file names ``virtnbdbackup.0``
+    although a copy creates no checkpoint (virtnbdbackup fills it in
+    regardless): only the file name says what a file is.
+    ``has_checksum``: a ``<name>.chksum`` lies beside it (None: not looked).
     """
 
     name: str
@@ -41,6 +44,7 @@ class DataFile:
     incremental: bool | None = None
     date: str | None = None
     error: str | None = None
+    has_checksum: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,7 +54,9 @@ class Chain:
     ``rel`` is the directory relative to the VM directory (``"."`` for the
     VM directory itself).  ``cpt`` is the parsed ``<vm>.cpt`` (None when
     absent or unreadable, ``cpt_error`` tells which).  ``partials`` are
-    leftover ``*.partial`` files of an interrupted backup.
+    leftover ``*.partial`` files of an interrupted backup;
+    ``stray_checksums`` are ``*.data.chksum`` files without their data
+    file (a backup killed between its two renames, `vmbk.stream.atomic`).
     """
 
     path: Path
@@ -67,6 +73,17 @@ class Chain:
     uuid: str | None = None
     domain_name: str | None = None
     archives: tuple[Chain, ...] = ()
+    stray_checksums: tuple[str, ...] = ()
+
+    @property
+    def checksummed(self) -> bool:
+        """The tool that wrote the chain writes ``.chksum`` files.
+
+        vmbk and virtnbdbackup 1.9.40+ write one beside every data file;
+        earlier virtnbdbackup wrote none.  A chain with at least one has
+        lost the others.
+        """
+        return bool(self.stray_checksums) or any(f.has_checksum for f in self.data)
 
     @property
     def base(self) -> str | None:

@@ -2,8 +2,10 @@
 
 Pure reads: nothing here writes, renames or creates, so ``vmbk-plan`` can
 run against a tree another process is backing up into (it then sees a
-``.partial`` and says so).  Only the first header and the meta JSON of
-each ``.data`` file are read (`vmbk.stream.read_meta`), never the payload.
+``.partial`` and says so).  Of each ``.data`` file only the meta frame and
+the last frame are read (`vmbk.stream.scan.probe`: a truncated or damaged
+end is the file's ``error``), never a payload; which ones have their
+``.chksum`` comes from the directory listing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmbk.errors import StorageError, VmbkError
-from vmbk.stream.scan import read_meta
+from vmbk.stream.checksum import CHKSUM
+from vmbk.stream.scan import probe
 from vmbk.tree import names as names_
 from vmbk.tree.model import Chain, DataFile, VmTree
 from vmbk.tree.names import (
@@ -78,6 +81,8 @@ def scan_chain(path: Path, rel: str, *, period: str | None, policy: str | None, 
     partials: list[str] = []
     cpts: list[str] = []
     vmconfigs: list[str] = []
+    stream_names: set[str] = set()
+    chksums: set[str] = set()
     has_checkpoints_dir = False
     for entry in _entries(path, vm):
         name = entry.name
@@ -91,9 +96,13 @@ def scan_chain(path: Path, rel: str, *, period: str | None, policy: str | None, 
         elif names_.vmconfig_order(name) is not None:
             vmconfigs.append(name)
         elif name.endswith(".data"):
+            stream_names.add(name)
             f = _data_file(entry)
             if f is not None:
                 data.append(f)
+        elif name.endswith(".data" + CHKSUM):
+            chksums.add(name[: -len(CHKSUM)])
+    data = [dataclasses.replace(f, has_checksum=f.name in chksums) for f in data]
     cpt_file, cpt, cpt_error = _read_cpt(path, cpts, vm)
     xmls = _checkpoint_xmls(path / CHECKPOINTS, vm) if has_checkpoints_dir else ()
     uuid, domain_name = _vmconfig_identity(path, vmconfigs)
@@ -120,6 +129,7 @@ def scan_chain(path: Path, rel: str, *, period: str | None, policy: str | None, 
         uuid=uuid,
         domain_name=domain_name,
         archives=archived,
+        stray_checksums=tuple(sorted(n + CHKSUM for n in chksums - stream_names)),
     )
 
 
@@ -191,15 +201,12 @@ def _data_file(entry: os.DirEntry[str]) -> DataFile | None:
     st = entry.stat(follow_symlinks=False)
     f = DataFile(entry.name, parsed.disk, parsed.level, parsed.checkpoint, parsed.number, st.st_size, st.st_mtime)
     try:
-        meta = read_meta(entry.path)
+        meta, damage = probe(entry.path)
     except VmbkError as e:
-        # The message without the path: it names the file already, and
-        # plans must not depend on where the tree is mounted.
-        detail = getattr(e, "detail", None)
-        offset = getattr(e, "offset", None)
-        return dataclasses.replace(f, error=f"at byte {offset}: {detail}" if detail is not None else str(e))
+        return dataclasses.replace(f, error=_located(e))
     return dataclasses.replace(
         f,
+        error=_located(damage) if damage is not None else None,
         virtual_size=meta.virtual_size,
         meta_disk=meta.disk_name,
         meta_checkpoint=meta.checkpoint_name if isinstance(meta.checkpoint_name, str) else None,
@@ -207,6 +214,13 @@ def _data_file(entry: os.DirEntry[str]) -> DataFile | None:
         incremental=meta.incremental,
         date=meta.date or None,
     )
+
+
+def _located(e: VmbkError) -> str:
+    """The message without the path: it names the file already, and plans
+    must not depend on where the tree is mounted."""
+    detail = getattr(e, "detail", None)
+    return f"at byte {getattr(e, 'offset', None)}: {detail}" if detail is not None else str(e)
 
 
 def _read_cpt(path: Path, names: list[str], vm: str) -> tuple[str | None, tuple[str, ...] | None, str | None]:
