@@ -269,9 +269,16 @@ def test_verify_all_chains_and_dump(tree, tmp_path):
     Chain(archive, HOSTILE).copy({"vda": [(0, b"a" * 512)]})
     (archive / "vda.copy.data.chksum").unlink()
     code, recs = run("--backup-path", str(root), "--verify", HOSTILE)
-    assert code == 0 and len(recs) == 3 and all(r["ok"] and r["checksum"] == "ok" for r in recs)
+    assert code == 0 and len(recs) == 4 and all(r["ok"] and r["status"] == "ok" for r in recs)
+    assert all(r["checksum"] == "ok" for r in recs[:3]) and recs[3]["file"] is None  # the chain's record
+    assert recs[3]["restore_points"] == 3 and recs[3]["problems"] == []
     code, recs = run("--backup-path", str(root), "--verify", HOSTILE, "--all-chains")
-    assert code == 0 and len(recs) == 4 and recs[-1]["checksum"] == "missing" and recs[-1]["ok"]
+    # the archive's only stream lost its .chksum: unverifiable, exit 9 (nothing checked is damaged)
+    assert code == Exit.PARTIAL and len(recs) == 7 and recs[-1]["type"] == "error"
+    archived = recs[4]
+    assert (archived["file"], archived["checksum"], archived["status"], archived["ok"]) == (
+        "vda.copy.data", "missing", "unverifiable", False)
+    assert recs[5]["file"] is None and recs[5]["status"] == "ok" and "no .chksum files" in recs[5]["warnings"][0]
     code, recs = run("--backup-path", str(root), "--dump", HOSTILE)
     assert code == 0 and [r["file"] for r in recs] == ["vda.full.data", "vda.inc.virtnbdbackup.1.data",
                                                        "vda.inc.virtnbdbackup.2.data"]

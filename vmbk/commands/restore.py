@@ -24,8 +24,15 @@ restores that archived chain.
 Each disk of the restore point is rebuilt once from the merged chain (the
 newest data wins), written thin as qcow2 next to its final name, checked
 with qemu-img check and renamed only when every disk is done; every
-stream's .chksum is checked while it is read, and a mismatch fails the
-restore before anything is renamed.  Disaster recovery keeps the original
+stream's structure is checked before it is read and its .chksum while it
+is read, and a mismatch fails the restore before anything is renamed.  A
+point is incomplete, and refused without --include-incomplete, when a file
+it needs is missing, truncated or contradicts the chain (checkpoint, parent,
+virtual size, .cpt), or a side file of it is damaged; a point whose data
+files lost their .chksum (in a chain whose other files have theirs) cannot
+be verified and is refused without --no-verify.  A chain written by
+virtnbdbackup before 1.9.40 has no .chksum at all and is restored on its
+structure alone.  Disaster recovery keeps the original
 file names and puts the NVRAM back (the current file saved as
 FILE.before-restore.TIME); a clone's files are NAME.qcow2 (one disk) or
 NAME-DEV.qcow2 and NAME_VARS.fd, NAME being --name; disks restored without
@@ -38,6 +45,13 @@ storage pool holding the restored files is refreshed.
 
 Records: backup_vm (--list); chain and restore_point (--list-restore-points);
 verify and dump; restore_disk and restore (a restore or --dry-run).
+
+Verify checks every stream's structure and .chksum, then the chain's (the
+data files each point needs, the .cpt, stream headers, side files): one
+verify record per data file and one per chain (file null), each with
+status ok, bad or unverifiable (a data file without .chksum).  It exits 0
+when everything is ok, 4 when anything is bad, 9 when nothing is bad but
+some data could not be verified.
 
 Options:
   --list                     List VMs with backups.
@@ -53,7 +67,7 @@ Options:
   --verify VM                Check every checksum of the chosen chain.
   --all-chains               With --verify: every chain of the VM (or of --period), archives included.
   --dump VM                  Print the stream headers as JSON.
-  --no-verify                Restore without checking the streams' .chksum first.
+  --no-verify                Restore without checking the streams' .chksum, even a point whose files lost it.
   --skip-tpm                 Do not restore TPM state.
   --skip-config              Restore data only; define nothing.
   --no-pre-restore           No .pre-restore safety copies on disk restore.
@@ -188,15 +202,19 @@ def _inspect(a: Args, ref: SourceRef, emitter: Emitter, session: str) -> int:
         chains = verify.all_chains(source.tree, a.period)
     else:
         chains = [choose_chain(source, a.period)]
-    records = verify.verify_chains(source.vm, chains, session) if a.action == "verify" else \
-        verify.dump_chain(source.vm, chains[0], session)
+    if a.action == "verify":
+        seen = []
+        for rec in verify.verify_chains(source.vm, chains, session):
+            seen.append(rec)
+            emitter.emit(rec)
+        verify.verdict(source.vm, seen)
+        return emitter.exit_code()
     bad = 0
-    for rec in records:
+    for rec in verify.dump_chain(source.vm, chains[0], session):
         bad += not rec["ok"]
         emitter.emit(rec)
     if bad:
-        what = "failed verification" if a.action == "verify" else "cannot be read"
-        raise StorageError(f"{bad} data file(s) of VM {source.vm!r} {what}", vm=source.vm)
+        raise StorageError(f"{bad} data file(s) of VM {source.vm!r} cannot be read", vm=source.vm)
     return emitter.exit_code()
 
 

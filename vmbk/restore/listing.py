@@ -129,7 +129,8 @@ def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str |
         kind=p.kind,
         disks=sorted(p.disks),
         complete=p.complete,
-        problems=list(p.problems),
+        problems=p.findings,
+        unverifiable=list(p.unverifiable),
         size=p.own_size,
         path=str(p.chain.path),
     )

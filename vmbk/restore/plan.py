@@ -153,9 +153,11 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
     in-place restore (``opts.restore_path`` None) replaces.
     """
     chain = choose_chain(source, opts.period)
-    point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm)
+    point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm,
+                         verify=opts.verify)
     disks = choose_disks(point, opts.disks, vm=source.vm)
     warnings = chain_warnings(chain) + [f"incomplete point restored on request: {p}" for p in point.problems]
+    warnings += [f"--no-verify: {n} has no .chksum and is restored unchecked" for n in point.unverifiable]
     config = point_config(point) if opts.defines else None
     if opts.defines and config is None:
         raise VmError(f"{chain.path} holds no readable domain XML (vmconfig.*.xml): "

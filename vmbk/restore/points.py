@@ -17,9 +17,24 @@ without a data file is a hole left by an interrupted backup.  A point is
 when a ``.partial`` of it is left over, or when its checkpoint is not in
 ``<vm>.cpt`` (the backup died before it finished); incomplete points are
 listed, flagged, and refused as restore targets unless
-``--include-incomplete``.
+``--include-incomplete``.  So is a point whose streams' ends or headers
+contradict the chain (truncated, another checkpoint or parent, another
+``virtualSize``; `vmbk.restore.sidefiles`), whose side files are
+damaged, or any point of a chain whose ``.cpt`` is unreadable (which
+backups finished cannot be told).
 
-Reads nothing but the vmconfig XMLs; the `Chain` carries the rest.
+A point is *unverifiable* when a data file it needs has no ``.chksum``
+in a chain whose other files have theirs (`Chain.checksummed`): vmbk
+commits a data file only after its checksum (`vmbk.stream.atomic`), so
+the checksum was lost and the data may be damaged too.  It is not
+complete either, and a restore refuses it unless ``--no-verify``.  A
+chain without any ``.chksum`` (virtnbdbackup before 1.9.40) is restored
+on its structure alone, as before; ``--verify`` says so.
+
+This is the one place that decides: the listing, ``--verify`` and the
+restore all read `RestorePoint.problems` and `RestorePoint.unverifiable`.
+Reads the small side files (vmconfig and checkpoint XMLs, qcow.json);
+the `Chain` carries the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vmbk.fsutil import PARTIAL
+from vmbk.restore.sidefiles import checkpoint_problem, ident_of, qemu_info, size_problems, vmconfig_problem
 from vmbk.tree.model import Chain, DataFile
 from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name, vmconfig_name
 
@@ -49,8 +65,9 @@ class RestorePoint:
     """One point of a chain: which files rebuild which disk, and its flaws.
 
     ``disks`` maps a disk target to its data files, oldest first (the
-    order `vmbk.stream.merge_chain` wants).  ``problems`` empty means the
-    point is complete.
+    order `vmbk.stream.merge_chain` wants).  ``problems`` make the point
+    incomplete; ``unverifiable`` names its data files that lost their
+    ``.chksum``.  Complete: neither.
     """
 
     chain: Chain
@@ -60,10 +77,16 @@ class RestorePoint:
     date: str | None
     disks: Mapping[str, tuple[DataFile, ...]]
     problems: tuple[str, ...] = ()
+    unverifiable: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unverifiable
+
+    @property
+    def findings(self) -> list[str]:
+        """Everything that keeps the point from being complete, as lines."""
+        return [*self.problems, *(f"{n} has no .chksum: its data cannot be verified" for n in self.unverifiable)]
 
     @property
     def ident(self) -> str:
@@ -103,6 +126,9 @@ def chain_warnings(chain: Chain) -> list[str]:
     out: list[str] = []
     if chain.partials:
         out.append(f"leftover partial file(s) of an interrupted backup: {', '.join(chain.partials)}")
+    if chain.stray_checksums:
+        out.append(f"checksum file(s) without their data file (a backup that died before it committed): "
+                   f"{', '.join(chain.stray_checksums)}")
     if chain.cpt_error:
         out.append(f"checkpoint list unreadable: {chain.cpt_error}")
     elif chain.cpt is None and chain.base == "full":
@@ -136,7 +162,8 @@ def _date(files: list[DataFile]) -> str | None:
 
 def _file_problems(f: DataFile, disk: str, name: str | None, n: int) -> list[str]:
     if f.error:
-        return [f"{f.name}: unreadable stream header: {f.error}"]
+        what = "unreadable stream header" if f.virtual_size is None else "damaged stream"
+        return [f"{f.name}: {what}: {f.error}"]
     out = []
     if f.meta_disk is not None and f.meta_disk != disk:
         out.append(f"{f.name}: stream header names disk {f.meta_disk!r}")
@@ -160,13 +187,40 @@ def _partials_by_point(chain: Chain) -> dict[int | None, list[str]]:
     return out
 
 
+def _point(chain: Chain, n: int, name: str | None, kind: str, date: str | None,
+           disks: dict[str, tuple[DataFile, ...]], problems: list[str], sizes: dict[str, str]) -> RestorePoint:
+    """The point with the checks every point shares: side files, sizes, checksums."""
+    ident = name or "copy"
+    problems += [p for p in (checkpoint_problem(chain, name) if name else None, vmconfig_problem(chain, ident)) if p]
+    own = {d: fs[-1] for d, fs in disks.items() if fs and (n == 0 or fs[-1].level != "copy")}
+    problems += [p for d, f in sorted(own.items()) if (p := qemu_info(chain, d, ident_of(f))[1])]
+    files = list(dict.fromkeys(f for fs in disks.values() for f in fs))
+    problems += [sizes[f.name] for f in files if f.name in sizes]
+    unverifiable = [f.name for f in files if f.has_checksum is False] if chain.checksummed else []
+    return RestorePoint(chain, n, name, kind, date, disks, tuple(dict.fromkeys(problems)), tuple(unverifiable))
+
+
+def _sizes(chain: Chain) -> dict[str, str]:
+    """`size_problems` of every disk's files: its full and incrementals in order, each copy alone."""
+    out: dict[str, str] = {}
+    for disk in sorted({f.disk for f in chain.data}):
+        files = [f for f in chain.data if f.disk == disk]
+        line = [f for f in files if f.level == "full"]
+        line += sorted((f for f in files if f.level in ("inc", "diff")), key=lambda f: f.number or 0)
+        out.update(size_problems(chain, disk, line))
+        for f in files:
+            if f.level == "copy":
+                out.update(size_problems(chain, disk, [f]))
+    return out
+
+
 def _copy_point(chain: Chain) -> RestorePoint:
     copies = sorted((f for f in chain.data if f.level == "copy"), key=lambda f: f.disk)
     problems = [p for f in copies for p in _file_problems(f, f.disk, None, 0)]
     leftovers = [p for ps in _partials_by_point(chain).values() for p in ps]
     if leftovers:
         problems.append(f"leftover partial file(s): {', '.join(leftovers)}")
-    return RestorePoint(chain, 0, None, COPY, _date(copies), {f.disk: (f,) for f in copies}, tuple(problems))
+    return _point(chain, 0, None, COPY, _date(copies), {f.disk: (f,) for f in copies}, problems, _sizes(chain))
 
 
 def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
@@ -176,12 +230,16 @@ def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
     listed = {n for n in map(checkpoint_number, chain.cpt or ()) if n is not None}
     numbers = sorted({0} | {n for _, n in incs} | listed)
     partials = _partials_by_point(chain)
+    sizes = _sizes(chain)
     points = []
     for n in numbers:
         name = checkpoint_name(n)
         problems: list[str] = []
         if not full:
             problems.append("the chain has no full backup (.full.data)")
+        if chain.cpt_error:
+            problems.append(f"checkpoint list unreadable: {chain.cpt_error} (which backups finished cannot "
+                            f"be told)")
         present = sorted(d for d in full if n == 0 or (d, n) in incs)
         configured = disks_of(chain, name)
         expected = set(full) if configured is None else set(full) & configured
@@ -209,6 +267,5 @@ def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
         if leftovers:
             problems.append(f"leftover partial file(s) of its backup: {', '.join(leftovers)}")
         own = [incs[(d, n)] if n else full[d] for d in present]
-        points.append(RestorePoint(chain, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks,
-                                   tuple(dict.fromkeys(problems))))
+        points.append(_point(chain, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks, problems, sizes))
     return points

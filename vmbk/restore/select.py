@@ -6,7 +6,9 @@ change left periods of two formats side by side), the restore point to
 the latest, ``full`` means point 0, and every disk of the point is
 restored unless ``--disk`` names some.  The latest point is refused when
 it is incomplete (guide, 9.2); so is an explicitly named incomplete point,
-unless ``--include-incomplete`` (forensic use).
+unless ``--include-incomplete`` (forensic use).  A point whose data files
+lost their ``.chksum`` is refused unless ``--no-verify``
+(`vmbk.restore.points`, "unverifiable").
 
 Exit codes (guide, section 17): an unknown period, an incomplete target
 and a disk not in the point are VM problems (5); a malformed or
@@ -75,7 +77,8 @@ def choose_chain(source: Source, period: str | None) -> Chain:
     return chain
 
 
-def choose_point(chain: Chain, requested: int | None, *, include_incomplete: bool, vm: str) -> RestorePoint:
+def choose_point(chain: Chain, requested: int | None, *, include_incomplete: bool, vm: str,
+                 verify: bool = True) -> RestorePoint:
     points = restore_points(chain)
     if not points:
         raise VmError(f"{chain.path} holds no restore point", vm=vm)
@@ -87,11 +90,15 @@ def choose_point(chain: Chain, requested: int | None, *, include_incomplete: boo
             raise UsageError(f"{chain.path} has no restore point {requested} "
                              f"(points: {', '.join(str(p.index) for p in points)})")
         point = found[0]
-    if not point.complete and not include_incomplete:
-        good = [p.index for p in points if p.complete and p.index < point.index]
-        hint = f"; the newest complete point is --restore-point {good[-1]}" if good else ""
+    good = [p.index for p in points if p.complete and p.index < point.index]
+    hint = f"; the newest complete point is --restore-point {good[-1]}" if good else ""
+    if point.problems and not include_incomplete:
         raise VmError(f"restore point {point.index} of {chain.path} is incomplete: {'; '.join(point.problems)}"
                       f"{hint} (or --include-incomplete, for forensic use)", vm=vm)
+    if point.unverifiable and verify:
+        raise VmError(f"restore point {point.index} of {chain.path} cannot be verified: "
+                      f"{', '.join(point.unverifiable)} lost their .chksum, their data may be damaged too{hint} "
+                      f"(or --no-verify restores it unchecked)", vm=vm)
     return point
 
 

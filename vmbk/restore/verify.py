@@ -2,10 +2,25 @@
 
 vmrestore guide, section 13: ``--verify`` recomputes the adler32 of every
 ``.data`` file and compares it with its ``.chksum`` (what ``virtnbdrestore
--o verify`` does); vmbk also scans each stream's structure (headers,
-lengths, trailer; `vmbk.stream.scan`), which a checksum written over a
-truncated file would not catch.  A file without ``.chksum`` (virtnbdbackup
-before 1.9.40 wrote none) is reported but not counted as bad.
+-o verify`` does); vmbk also scans each stream's whole structure (headers,
+lengths, CRLFs, stop frame, trailer, ``dataSize``; `vmbk.stream.scan`),
+which a checksum written over a truncated file would not catch, and then
+the chain's: one ``verify`` record for the chain (``file`` null) carries
+the problems `vmbk.restore.points` finds in its restore points -- a data
+file a point needs that is gone (a deleted incremental), a ``.cpt`` that
+disagrees with the files or cannot be read, stream headers naming another
+checkpoint, parent or size, damaged side files.  The listing and the
+restore decide with the same function.
+
+Each record has ``status``: ``ok``, ``bad`` (damaged, missing, or the
+checksum does not match) or ``unverifiable`` (a data file without a
+``.chksum``: its structure is sound but its bytes cannot be checked);
+``ok`` is ``status == "ok"``.  `verdict` turns them into the exit code:
+4 when anything is bad, else 9 (*partial*: everything that could be
+checked is sound, some data could not be) when a file is unverifiable,
+else 0.  A chain written by virtnbdbackup before 1.9.40 has no
+``.chksum`` at all: its files are unverifiable, and the chain record says
+why.
 
 ``--dump`` is ``virtnbdrestore -o dump``: the meta header of each stream,
 plus what the scan found (frame counts, data and stored sizes).
@@ -13,13 +28,25 @@ plus what the scan found (frame counts, data and stored sizes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from vmbk.errors import VmbkError
+from vmbk.errors import Exit, StorageError, VmbkError
 from vmbk.records import Record, make
-from vmbk.stream import file_checksum, read_checksum_file, scan
+from vmbk.restore.points import chain_warnings, restore_points
+from vmbk.stream import scan, verify_checksum
 from vmbk.tree import Chain, VmTree
+
+OK, BAD, UNVERIFIABLE = "ok", "bad", "unverifiable"
+LEGACY = ("the chain has no .chksum files (virtnbdbackup before 1.9.40 wrote none): "
+          "only the structure of its streams is checked")
+
+
+class UnverifiedError(VmbkError):
+    """Verification found nothing damaged, but some data has no checksum to be checked against."""
+
+    code = Exit.PARTIAL
+    kind = "unverifiable"
 
 
 def all_chains(tree: VmTree, period: str | None = None) -> list[Chain]:
@@ -32,32 +59,62 @@ def all_chains(tree: VmTree, period: str | None = None) -> list[Chain]:
 
 
 def verify_chains(vm: str, chains: Iterable[Chain], session: str | None = None) -> Iterator[Record]:
-    """One ``verify`` record per data file; ``ok`` is False for a bad one."""
+    """A ``verify`` record per data file, then one for each chain's structure."""
     for chain in chains:
         for f in chain.data:
-            path = chain.path / f.name
-            rec: dict[str, Any] = {"vm": vm, "chain": chain.rel, "file": f.name, "disk": f.disk, "level": f.level,
-                                   "size": f.size}
-            problems: list[str] = []
-            try:
-                scan(path)
-                rec["structure"] = "ok"
-            except VmbkError as e:
-                rec["structure"] = "bad"
-                problems.append(str(e))
-            try:
-                stored = read_checksum_file(path)
-                if stored is None:
-                    rec["checksum"] = "missing"
-                else:
-                    actual = file_checksum(path)
-                    rec["checksum"] = "ok" if actual == stored else "bad"
-                    if actual != stored:
-                        problems.append(f"{path}: adler32 is {actual}, its .chksum says {stored}")
-            except VmbkError as e:
-                rec["checksum"] = "bad"
-                problems.append(str(e))
-            yield make("verify", session, **rec, ok=not problems, problems=problems, path=str(path))
+            yield _file_record(vm, chain, f.name, f.disk, f.level, f.size, session)
+        yield _chain_record(vm, chain, session)
+
+
+def _file_record(vm: str, chain: Chain, name: str, disk: str, level: str, size: int,
+                 session: str | None) -> Record:
+    path = chain.path / name
+    rec: dict[str, Any] = {"vm": vm, "chain": chain.rel, "file": name, "disk": disk, "level": level, "size": size}
+    problems: list[str] = []
+    try:
+        scan(path)
+        rec["structure"] = OK
+    except VmbkError as e:
+        rec["structure"] = BAD
+        problems.append(str(e))
+    try:
+        rec["checksum"] = OK if verify_checksum(path) else "missing"
+    except VmbkError as e:
+        rec["checksum"] = BAD
+        problems.append(str(e))
+    status = BAD if problems else UNVERIFIABLE if rec["checksum"] == "missing" else OK
+    if status == UNVERIFIABLE:
+        problems.append(f"{path}: no .chksum: its data cannot be verified"
+                        + ("" if chain.checksummed else f" ({LEGACY})"))
+    return make("verify", session, **rec, status=status, ok=status == OK, problems=problems, path=str(path))
+
+
+def _chain_record(vm: str, chain: Chain, session: str | None) -> Record:
+    points = restore_points(chain)
+    problems = [f"restore point {p.index}: {line}" for p in points for line in p.problems]
+    status = BAD if problems else UNVERIFIABLE if any(p.unverifiable for p in points) else OK
+    return make(
+        "verify", session, vm=vm, chain=chain.rel, file=None,
+        structure=BAD if problems else OK,
+        checksum=None,
+        restore_points=len(points),
+        incomplete_points=[p.index for p in points if p.problems],
+        unverifiable_points=[p.index for p in points if p.unverifiable],
+        warnings=chain_warnings(chain) + ([] if chain.checksummed else [LEGACY]),
+        status=status, ok=status == OK, problems=problems, path=str(chain.path),
+    )
+
+
+def verdict(vm: str, records: Sequence[Record]) -> None:
+    """Raise what the ``verify`` records add up to: StorageError (4), UnverifiedError (9), or nothing."""
+    statuses = [r.get("status") for r in records]
+    files = sum(1 for r in records if r.get("file") is not None and r.get("status") != OK)
+    if BAD in statuses:
+        raise StorageError(f"verification of VM {vm!r} failed: {statuses.count(BAD)} finding(s), "
+                           f"{files} data file(s) not verified", vm=vm)
+    if UNVERIFIABLE in statuses:
+        raise UnverifiedError(f"{files} data file(s) of VM {vm!r} have no .chksum and cannot be verified; "
+                              f"nothing checked is damaged", vm=vm)
 
 
 def dump_chain(vm: str, chain: Chain, session: str | None = None) -> Iterator[Record]:
