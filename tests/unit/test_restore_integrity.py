@@ -11,6 +11,7 @@ points the damage does not touch restore bit-exact.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from test_restore_command import raw_of, restore, run
 from test_restore_points import HOSTILE, three_points
 
 from vmbk.errors import Exit
-from vmbk.stream import scan
+from vmbk.stream import StreamError, StreamMeta, StreamWriter, file_checksum, scan
+from vmbk.stream.chainread import ChainImage
 
 INC1 = "vda.inc.virtnbdbackup.1.data"
 INC2 = "vda.inc.virtnbdbackup.2.data"
@@ -148,3 +150,26 @@ def test_a_stray_checksum_of_an_unfinished_backup_is_a_chain_warning(chain, tmp_
     code, recs = run("--backup-path", str(root), "--list-restore-points", HOSTILE)
     assert any("without their data file" in w for w in recs[0]["warnings"])
     assert restores(root, c, tmp_path, 1) == 0
+
+
+def test_a_compressed_stream_without_chksum_is_read_through_lz4_s_own_checksums(tmp_path):
+    """Stored (incompressible) lz4 blocks are copied unchecked only where a .chksum covers them."""
+    p = tmp_path / "vda.full.data"
+    payload = os.urandom(300_000)
+    meta = StreamMeta(virtual_size=1 << 20, data_size=len(payload), disk_name="vda", compressed=2)
+    with StreamWriter(p, meta) as w:
+        w.write_data(0, payload)
+    frame = scan(p).data_frames[0]
+    flip(p, frame.file_pos + frame.stored_len // 2)
+
+    def image() -> bytes:
+        out = bytearray(1 << 20)
+        with ChainImage([p]) as img:
+            for off, view in img.runs(65536):
+                out[off:off + len(view)] = view
+        return bytes(out)
+
+    with pytest.raises(StreamError, match="lz4"):
+        image()
+    Path(f"{p}.chksum").write_text(str(file_checksum(p)))  # a .chksum (here: of the damaged file) takes over
+    assert image()[:len(payload)] != payload
