@@ -155,9 +155,26 @@ def _retention(data: Mapping[str, Any], where: str) -> Retention:
         monthly=r.int("monthly", d.monthly, lo=1),
         accumulate_warn_depth=r.int("accumulate_warn_depth", d.accumulate_warn_depth, lo=1),
         accumulate_limit=r.int("accumulate_limit", d.accumulate_limit, lo=1),
+        archives=_archives(r),
+        orphan_min_age=r.int("orphan_min_age", d.orphan_min_age, lo=0),
+        orphan_max_age=r.int("orphan_max_age", d.orphan_max_age, lo=1),
+        min_free_percent=r.int("min_free_percent", d.min_free_percent, lo=0, hi=100),
     )
     r.done()
+    if ret.orphan_min_age > ret.orphan_max_age:
+        raise ConfigError(f"{where}: 'orphan_min_age' ({ret.orphan_min_age}) must not exceed "
+                          f"'orphan_max_age' ({ret.orphan_max_age})")
     return ret
+
+
+def _archives(r: _Reader) -> int | None:
+    """``archives``: "all" (the default) or how many archived chains to keep."""
+    v = r._get("archives")
+    if v is None or v == "all":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise r._bad("archives", '"all" or an integer >= 0')
+    return v
 
 
 def _override(data: Any, where: str) -> VmOverride:

@@ -21,13 +21,33 @@ TRANSPORTS = ("local", "ssh", "rclone")
 
 @dataclasses.dataclass(frozen=True)
 class Retention:
-    """How many periods each policy keeps, and the accumulate chain bounds."""
+    """How many periods each policy keeps, the accumulate chain bounds, and
+    what vmbk-rotate does with what a policy change left behind.
+
+    ``archives``: archived chains an accumulate VM keeps (None: all).
+    ``orphan_min_age``/``orphan_max_age``: days since the last backup in a
+    period directory of another policy's format before it may go / goes.
+    ``min_free_percent``: below this much free space on the backup file
+    system rotate says so (it never deletes more than the policy allows).
+    """
 
     daily: int = 7
     weekly: int = 4
     monthly: int = 3
     accumulate_warn_depth: int = 30
     accumulate_limit: int = 60
+    archives: int | None = None
+    orphan_min_age: int = 7
+    orphan_max_age: int = 90
+    min_free_percent: int = 20
+
+    def keep(self, policy: str) -> int | None:
+        """How many periods (accumulate: archived chains) ``policy`` keeps; None: all."""
+        if policy in ("daily", "weekly", "monthly"):
+            return int(getattr(self, policy))
+        if policy == "accumulate":
+            return self.archives
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

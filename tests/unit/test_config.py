@@ -55,6 +55,10 @@ def test_instance_names_are_not_paths(tmp_path, name):
         ('policy = "hourly"\n', "'policy' must be one of"),
         ("[retention]\ndaily = 0\n", "'daily' must be >= 1"),
         ("[retention]\ndayly = 3\n", r"\[retention\].*unknown key.*dayly"),
+        ('[retention]\narchives = "some"\n', "'archives' must be \"all\" or an integer"),
+        ("[retention]\narchives = -1\n", "'archives' must be"),
+        ("[retention]\norphan_min_age = 30\norphan_max_age = 10\n", "must not exceed 'orphan_max_age'"),
+        ("[retention]\nmin_free_percent = 101\n", "'min_free_percent' must be between 0 and 100"),
         ('exclude = "test-*"\n', "list of strings"),
         ('[vm."web"]\npolicy = "yearly"\n', "web"),
         ('[[replication]]\nname = "n"\npath = "/x"\ntransport = "ssh"\n', "needs 'host'"),
@@ -105,5 +109,20 @@ def test_the_shipped_example_is_valid_and_complete(tmp_path):
     text = EXAMPLE.read_text()
     for key in ["backup_path", "connect", "policy", "compression", "compression_level", "exclude", "fstrim",
                 "fstrim_exclude", "daily", "weekly", "monthly", "accumulate_warn_depth", "accumulate_limit",
+                "archives", "orphan_min_age", "orphan_max_age", "min_free_percent",
                 "transport", "sync_mode", "bwlimit_kbps", "verify", "ssh_key", "remote", "subject_prefix"]:
         assert key in text, key
+
+
+def test_retention_keys_and_their_defaults(tmp_path):
+    d = config.load(env={"VMBK_CONFIG_DIR": str(tmp_path)}).retention
+    assert (d.archives, d.orphan_min_age, d.orphan_max_age, d.min_free_percent) == (None, 7, 90, 20)
+    assert (d.keep("daily"), d.keep("weekly"), d.keep("monthly"), d.keep("accumulate"), d.keep("never")) == \
+        (7, 4, 3, None, None)
+    env = write(tmp_path, "default", "[retention]\narchives = 2\norphan_min_age = 0\norphan_max_age = 30\n"
+                                     "min_free_percent = 0\n")
+    r = config.load(env=env).retention
+    assert (r.archives, r.keep("accumulate"), r.orphan_min_age, r.orphan_max_age, r.min_free_percent) == \
+        (2, 2, 0, 30, 0)
+    env = write(tmp_path, "default", '[retention]\narchives = "all"\n')
+    assert config.load(env=env).retention.archives is None
