@@ -41,24 +41,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from vmbk.fsutil import PARTIAL
-from vmbk.restore.sidefiles import checkpoint_problem, ident_of, qemu_info, size_problems, vmconfig_problem
+from vmbk.restore.sidefiles import SideFiles, ident_of
 from vmbk.tree.model import Chain, DataFile
-from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name, vmconfig_name
+from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name
 
 FULL = "FULL"
 INCREMENTAL = "Incremental"
 COPY = "COPY"
-MAX_VMCONFIG = 16 << 20
-
-#: ``disks_of(chain, ident)``: the disk targets ``vmconfig.<ident>.xml``
-#: lists (device "disk" only), or None when there is no readable config.
-ConfigDisks = Callable[[Chain, str], "set[str] | None"]
-
 
 @dataclasses.dataclass(frozen=True)
 class RestorePoint:
@@ -104,21 +97,8 @@ class RestorePoint:
 
 
 def vmconfig_disks(chain: Chain, ident: str) -> set[str] | None:
-    """Disk targets of ``vmconfig.<ident>.xml`` (cdrom, floppy, LUN excluded)."""
-    name = vmconfig_name(ident)
-    if name not in chain.vmconfigs:
-        return None
-    try:
-        with open(chain.path / name, "rb") as fh:
-            root = ET.fromstring(fh.read(MAX_VMCONFIG))
-    except (OSError, ET.ParseError):
-        return None
-    out: set[str] = set()
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        if disk.get("device", "disk") == "disk" and target is not None and target.get("dev"):
-            out.add(str(target.get("dev")))
-    return out
+    """Disk targets of ``vmconfig.<ident>.xml`` (cdrom, floppy, LUN excluded); None: no readable one."""
+    return SideFiles(chain).vmconfig_disks(ident)
 
 
 def chain_warnings(chain: Chain) -> list[str]:
@@ -142,13 +122,13 @@ def chain_warnings(chain: Chain) -> list[str]:
     return out
 
 
-def restore_points(chain: Chain, disks_of: ConfigDisks = vmconfig_disks) -> list[RestorePoint]:
+def restore_points(chain: Chain) -> list[RestorePoint]:
     """Every restore point of ``chain``, oldest first (empty: no data files)."""
     if not chain.data:
         return []
     if chain.base == "copy":
         return [_copy_point(chain)]
-    return _full_points(chain, disks_of)
+    return _full_points(chain)
 
 
 def _date(files: list[DataFile]) -> str | None:
@@ -187,30 +167,30 @@ def _partials_by_point(chain: Chain) -> dict[int | None, list[str]]:
     return out
 
 
-def _point(chain: Chain, n: int, name: str | None, kind: str, date: str | None,
+def _point(side: SideFiles, n: int, name: str | None, kind: str, date: str | None,
            disks: dict[str, tuple[DataFile, ...]], problems: list[str], sizes: dict[str, str]) -> RestorePoint:
     """The point with the checks every point shares: side files, sizes, checksums."""
-    ident = name or "copy"
-    problems += [p for p in (checkpoint_problem(chain, name) if name else None, vmconfig_problem(chain, ident)) if p]
+    chain, ident = side.chain, name or "copy"
+    problems += [p for p in (side.checkpoint_problem(name) if name else None, side.vmconfig_problem(ident)) if p]
     own = {d: fs[-1] for d, fs in disks.items() if fs and (n == 0 or fs[-1].level != "copy")}
-    problems += [p for d, f in sorted(own.items()) if (p := qemu_info(chain, d, ident_of(f))[1])]
+    problems += [p for d, f in sorted(own.items()) if (p := side.qemu_info(d, ident_of(f))[1])]
     files = list(dict.fromkeys(f for fs in disks.values() for f in fs))
     problems += [sizes[f.name] for f in files if f.name in sizes]
     unverifiable = [f.name for f in files if f.has_checksum is False] if chain.checksummed else []
     return RestorePoint(chain, n, name, kind, date, disks, tuple(dict.fromkeys(problems)), tuple(unverifiable))
 
 
-def _sizes(chain: Chain) -> dict[str, str]:
-    """`size_problems` of every disk's files: its full and incrementals in order, each copy alone."""
-    out: dict[str, str] = {}
+def _sizes(side: SideFiles) -> dict[str, str]:
+    """`SideFiles.size_problems` of every disk's files: its full and incrementals in order, each copy alone."""
+    chain, out = side.chain, {}
     for disk in sorted({f.disk for f in chain.data}):
         files = [f for f in chain.data if f.disk == disk]
         line = [f for f in files if f.level == "full"]
         line += sorted((f for f in files if f.level in ("inc", "diff")), key=lambda f: f.number or 0)
-        out.update(size_problems(chain, disk, line))
+        out.update(side.size_problems(disk, line))
         for f in files:
             if f.level == "copy":
-                out.update(size_problems(chain, disk, [f]))
+                out.update(side.size_problems(disk, [f]))
     return out
 
 
@@ -220,17 +200,19 @@ def _copy_point(chain: Chain) -> RestorePoint:
     leftovers = [p for ps in _partials_by_point(chain).values() for p in ps]
     if leftovers:
         problems.append(f"leftover partial file(s): {', '.join(leftovers)}")
-    return _point(chain, 0, None, COPY, _date(copies), {f.disk: (f,) for f in copies}, problems, _sizes(chain))
+    side = SideFiles(chain)
+    return _point(side, 0, None, COPY, _date(copies), {f.disk: (f,) for f in copies}, problems, _sizes(side))
 
 
-def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
+def _full_points(chain: Chain) -> list[RestorePoint]:
     full = {f.disk: f for f in chain.data if f.level == "full"}
     copies = {f.disk: f for f in chain.data if f.level == "copy"}
     incs = {(f.disk, f.number): f for f in chain.data if f.level in ("inc", "diff") and f.number is not None}
     listed = {n for n in map(checkpoint_number, chain.cpt or ()) if n is not None}
     numbers = sorted({0} | {n for _, n in incs} | listed)
     partials = _partials_by_point(chain)
-    sizes = _sizes(chain)
+    side = SideFiles(chain)
+    sizes = _sizes(side)
     points = []
     for n in numbers:
         name = checkpoint_name(n)
@@ -241,7 +223,7 @@ def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
             problems.append(f"checkpoint list unreadable: {chain.cpt_error} (which backups finished cannot "
                             f"be told)")
         present = sorted(d for d in full if n == 0 or (d, n) in incs)
-        configured = disks_of(chain, name)
+        configured = side.vmconfig_disks(name)
         expected = set(full) if configured is None else set(full) & configured
         problems += [f"{d} has no data file for {name}" for d in sorted(expected - set(present))]
         if full and not present and not expected:
@@ -267,5 +249,5 @@ def _full_points(chain: Chain, disks_of: ConfigDisks) -> list[RestorePoint]:
         if leftovers:
             problems.append(f"leftover partial file(s) of its backup: {', '.join(leftovers)}")
         own = [incs[(d, n)] if n else full[d] for d in present]
-        points.append(_point(chain, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks, problems, sizes))
+        points.append(_point(side, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks, problems, sizes))
     return points

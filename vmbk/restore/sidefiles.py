@@ -12,7 +12,7 @@ is not a problem: older virtnbdbackup versions and copy backups write
 fewer of them.
 
 The qcow.json also holds the source disk's ``virtual-size`` at the
-point, which a stream's meta must repeat: `size_problems` checks every
+point, which a stream's meta must repeat: `SideFiles.size_problems` checks every
 data file of a disk against it, and, where there is none, against the
 file before it in the chain, so a flipped ``virtualSize`` (which would
 restore an image of the wrong size) is found without a checksum.  A disk
@@ -56,33 +56,78 @@ def _xml_root(chain: Chain, rel: str) -> tuple[ET.Element | None, str | None]:
         return None, f"{rel}: damaged XML ({e})"
 
 
-def checkpoint_problem(chain: Chain, name: str) -> str | None:
-    """``checkpoints/<name>.xml``, when the chain has it: a checkpoint of that name."""
-    if name not in chain.checkpoint_xmls:
+class SideFiles:
+    """The side files of one chain, each read at most once (a listing asks for them point by point)."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self._infos: dict[tuple[str, str], tuple[dict[str, Any] | None, str | None]] = {}
+        self._configs: dict[str, tuple[ET.Element | None, str | None]] = {}
+
+    def checkpoint_problem(self, name: str) -> str | None:
+        """``checkpoints/<name>.xml``, when the chain has it: a checkpoint of that name."""
+        if name not in self.chain.checkpoint_xmls:
+            return None
+        rel = checkpoint_xml_name(name)
+        root, problem = _xml_root(self.chain, rel)
+        if root is None:
+            return problem
+        if root.tag != "domaincheckpoint" or (root.findtext("name") or "").strip() != name:
+            return f"{rel}: not the checkpoint XML of {name}"
         return None
-    rel = checkpoint_xml_name(name)
-    root, problem = _xml_root(chain, rel)
-    if root is None:
-        return problem
-    if root.tag != "domaincheckpoint" or (root.findtext("name") or "").strip() != name:
-        return f"{rel}: not the checkpoint XML of {name}"
-    return None
+
+    def vmconfig(self, ident: str) -> tuple[ET.Element | None, str | None]:
+        """(root, problem) of ``vmconfig.<ident>.xml``: a domain XML; (None, None) when the chain has none."""
+        if ident not in self._configs:
+            rel = vmconfig_name(ident)
+            root, problem = _xml_root(self.chain, rel) if rel in self.chain.vmconfigs else (None, None)
+            if root is not None and root.tag != "domain":
+                root, problem = None, f"{rel}: not a domain XML"
+            self._configs[ident] = root, problem
+        return self._configs[ident]
+
+    def vmconfig_problem(self, ident: str) -> str | None:
+        return self.vmconfig(ident)[1]
+
+    def vmconfig_disks(self, ident: str) -> set[str] | None:
+        """Disk targets of ``vmconfig.<ident>.xml`` (cdrom, floppy, LUN excluded); None: no readable one."""
+        root = self.vmconfig(ident)[0]
+        if root is None:
+            return None
+        out: set[str] = set()
+        for disk in root.iterfind("devices/disk"):
+            target = disk.find("target")
+            if disk.get("device", "disk") == "disk" and target is not None and target.get("dev"):
+                out.add(str(target.get("dev")))
+        return out
+
+    def qemu_info(self, disk: str, ident: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(``qemu-img info`` of the disk at the point, problem); (None, None) when there is none."""
+        key = (disk, ident)
+        if key not in self._infos:
+            self._infos[key] = _qemu_info(self.chain, qemu_info_name(disk, ident))
+        return self._infos[key]
+
+    def size_problems(self, disk: str, files: Sequence[DataFile]) -> dict[str, str]:
+        """Data files of ``disk`` (oldest first) whose ``virtualSize`` the chain contradicts, by name."""
+        out: dict[str, str] = {}
+        prev: DataFile | None = None
+        for f in files:
+            if f.virtual_size is None:
+                continue
+            info, _ = self.qemu_info(disk, ident_of(f))
+            confirmed = _size_of(info) if info is not None else None
+            if confirmed is not None and confirmed != f.virtual_size:
+                out[f.name] = (f"{f.name}: stream header says virtualSize {f.virtual_size}, "
+                               f"{qemu_info_name(disk, ident_of(f))} says {confirmed}")
+            elif confirmed is None and prev is not None and prev.virtual_size != f.virtual_size:
+                out[f.name] = (f"{f.name}: virtualSize {f.virtual_size} differs from {prev.virtual_size} "
+                               f"of {prev.name}, and no qcow.json confirms a resize")
+            prev = f
+        return out
 
 
-def vmconfig_problem(chain: Chain, ident: str) -> str | None:
-    """``vmconfig.<ident>.xml``, when the chain has it: a domain XML."""
-    rel = vmconfig_name(ident)
-    if rel not in chain.vmconfigs:
-        return None
-    root, problem = _xml_root(chain, rel)
-    if root is not None and root.tag != "domain":
-        return f"{rel}: not a domain XML"
-    return problem
-
-
-def qemu_info(chain: Chain, disk: str, ident: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(``qemu-img info`` of the disk at the point, problem); (None, None) when there is none."""
-    rel = qemu_info_name(disk, ident)
+def _qemu_info(chain: Chain, rel: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         raw = _read(chain, rel, MAX_JSON)
         info = json.loads(raw) if raw is not None else None
@@ -103,22 +148,3 @@ def _size_of(info: dict[str, Any]) -> int | None:
 def ident_of(f: DataFile) -> str:
     """The ``<ident>`` of the point a data file was written at."""
     return "copy" if f.level == "copy" else checkpoint_name(f.number or 0)
-
-
-def size_problems(chain: Chain, disk: str, files: Sequence[DataFile]) -> dict[str, str]:
-    """Data files of ``disk`` (oldest first) whose ``virtualSize`` the chain contradicts, by name."""
-    out: dict[str, str] = {}
-    prev: DataFile | None = None
-    for f in files:
-        if f.virtual_size is None:
-            continue
-        info, _ = qemu_info(chain, disk, ident_of(f))
-        confirmed = _size_of(info) if info is not None else None
-        if confirmed is not None and confirmed != f.virtual_size:
-            out[f.name] = (f"{f.name}: stream header says virtualSize {f.virtual_size}, "
-                           f"{qemu_info_name(disk, ident_of(f))} says {confirmed}")
-        elif confirmed is None and prev is not None and prev.virtual_size != f.virtual_size:
-            out[f.name] = (f"{f.name}: virtualSize {f.virtual_size} differs from {prev.virtual_size} "
-                           f"of {prev.name}, and no qcow.json confirms a resize")
-        prev = f
-    return out
