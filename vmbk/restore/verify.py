@@ -15,7 +15,9 @@ restore decide with the same function.
 Each record has ``status``: ``ok``, ``bad`` (damaged, missing, or the
 checksum does not match) or ``unverifiable`` (a data file without a
 ``.chksum``: its structure is sound but its bytes cannot be checked);
-``ok`` is ``status == "ok"``.  `verdict` turns them into the exit code:
+``ok`` is ``status == "ok"``; a compressed stream without ``.chksum`` is
+decompressed whole, so that lz4's own checksums can still find damaged
+payloads.  `verdict` turns them into the exit code:
 4 when anything is bad, else 9 (*partial*: everything that could be
 checked is sound, some data could not be) when a file is unverifiable,
 else 0.  A chain written by virtnbdbackup before 1.9.40 has no
@@ -34,7 +36,7 @@ from typing import Any
 from vmbk.errors import Exit, StorageError, VmbkError
 from vmbk.records import Record, make
 from vmbk.restore.points import chain_warnings, restore_points
-from vmbk.stream import scan, verify_checksum
+from vmbk.stream import StreamMap, StreamReader, scan, verify_checksum
 from vmbk.tree import Chain, VmTree
 
 OK, BAD, UNVERIFIABLE = "ok", "bad", "unverifiable"
@@ -71,8 +73,9 @@ def _file_record(vm: str, chain: Chain, name: str, disk: str, level: str, size: 
     path = chain.path / name
     rec: dict[str, Any] = {"vm": vm, "chain": chain.rel, "file": name, "disk": disk, "level": level, "size": size}
     problems: list[str] = []
+    smap = None
     try:
-        scan(path)
+        smap = scan(path)
         rec["structure"] = OK
     except VmbkError as e:
         rec["structure"] = BAD
@@ -82,11 +85,25 @@ def _file_record(vm: str, chain: Chain, name: str, disk: str, level: str, size: 
     except VmbkError as e:
         rec["checksum"] = BAD
         problems.append(str(e))
+    if rec["checksum"] == "missing" and smap is not None and smap.compressed:
+        try:  # no .chksum: lz4's own block and content checksums are all there is
+            _decompress_all(smap)
+        except VmbkError as e:
+            problems.append(str(e))
     status = BAD if problems else UNVERIFIABLE if rec["checksum"] == "missing" else OK
     if status == UNVERIFIABLE:
         problems.append(f"{path}: no .chksum: its data cannot be verified"
                         + ("" if chain.checksummed else f" ({LEGACY})"))
     return make("verify", session, **rec, status=status, ok=status == OK, problems=problems, path=str(path))
+
+
+def _decompress_all(smap: StreamMap) -> None:
+    """Read every compressed payload through lz4, which checks its checksums (StreamError if one fails)."""
+    buf = memoryview(bytearray(1 << 20))
+    with StreamReader(smap.path, smap) as reader:
+        for frame in smap.data_frames:
+            for start in range(0, frame.length, len(buf)):
+                reader.read_frame_into(frame, buf[:min(len(buf), frame.length - start)], start)
 
 
 def _chain_record(vm: str, chain: Chain, session: str | None) -> Record:
