@@ -123,11 +123,11 @@ def test_a_failing_disk_leaves_every_file_of_the_vm_as_it_was(nos_domain, vm_wor
     code, recs = run("--backup-path", str(root), "--vm", nd.name, "--disk", "all")
     assert code == Exit.STORAGE, recs
     assert {d: d.read_bytes() for d in nd.disks} == before
-    # ... and without the checksum pass the stream may still restore wrongly: but
-    # a structural failure during the build (here: a truncated stream) leaves vda alone too
+    # ... and without the checksum pass a truncated stream is refused before anything is
+    # built: the point is incomplete (exit 5), vda is left alone too
     vdb_data.write_bytes(bytes(blob[: len(blob) // 3]))
     code, recs = run("--backup-path", str(root), "--vm", nd.name, "--disk", "all", "--no-verify")
-    assert code == Exit.STORAGE, recs
+    assert code == Exit.VM and "truncated" in recs[-1]["message"], recs
     assert {d: d.read_bytes() for d in nd.disks} == before
     assert not [p for p in nd.disks[0].parent.iterdir() if p.name.endswith((".partial", ".pre-restore"))]
 
