@@ -97,6 +97,58 @@ MIGRATIONS: list[str] = [
         error       TEXT
     );
     """,
+    # 2: retention (vmbk-rotate, vmbackup's "Database Audit Trail"): every
+    # decision, every deleted directory, and a tombstone per deleted chain.
+    # Rows are never dropped; a deletion's rows say NULL/'deleting' from just
+    # before its rename until just after it (vmbk.rotate.history).
+    """
+    CREATE TABLE retention_events (
+        id              INTEGER PRIMARY KEY,
+        session_id      TEXT REFERENCES sessions(id),
+        vm              TEXT NOT NULL,
+        at              TEXT NOT NULL,
+        action          TEXT NOT NULL,   -- delete | protect | refuse
+        tier            TEXT,            -- count | orphan | prune
+        target_type     TEXT,            -- period | archive | vm
+        target_path     TEXT,            -- relative to the VM directory
+        target_period   TEXT,
+        rotation_policy TEXT,
+        retention_limit INTEGER,
+        freed_bytes     INTEGER,
+        reason          TEXT,
+        triggered_by    TEXT NOT NULL,   -- rotate | prune | finish
+        success         INTEGER          -- deletion: NULL under way, 1 done, 0 not done
+    );
+    CREATE INDEX retention_events_vm ON retention_events(vm, at);
+    CREATE TABLE file_operations (
+        id              INTEGER PRIMARY KEY,
+        session_id      TEXT REFERENCES sessions(id),
+        vm              TEXT NOT NULL,
+        at              TEXT NOT NULL,
+        operation       TEXT NOT NULL,   -- delete
+        path            TEXT NOT NULL,
+        file_type       TEXT NOT NULL,   -- directory
+        bytes           INTEGER,
+        reason          TEXT,
+        triggered_by    TEXT,
+        success         INTEGER
+    );
+    CREATE TABLE deleted_chains (
+        id              INTEGER PRIMARY KEY,
+        vm              TEXT NOT NULL,
+        chain           TEXT NOT NULL,   -- relative to the VM directory, where it was
+        period          TEXT,
+        restore_points  INTEGER,
+        bytes           INTEGER,
+        last_backup     TEXT,
+        status          TEXT NOT NULL,   -- deleting | deleted | abandoned
+        deleted_at      TEXT,
+        reason          TEXT,
+        retention_event_id INTEGER REFERENCES retention_events(id)
+    );
+    CREATE INDEX deleted_chains_vm ON deleted_chains(vm, chain);
+    ALTER TABLE vm_backups ADD COLUMN deleted_at TEXT;   -- its period (or VM) was deleted
+    """,
 ]
 
 
@@ -216,7 +268,8 @@ class Catalogue:
             return list(self.db.execute(sql, params))
 
 
-_TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions"}
+_TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions", "retention_events",
+           "file_operations", "deleted_chains"}
 
 
 def _statements(script: str) -> list[str]:

@@ -93,3 +93,18 @@ def test_inserts_inside_a_transaction_are_all_or_nothing(tmp_path):
                 raise RuntimeError("the second half failed")
         assert cat.query("SELECT count(*) FROM vm_backups")[0][0] == 0
         assert cat.query("SELECT count(*) FROM data_files")[0][0] == 0
+
+
+def test_a_version_1_catalogue_gains_the_retention_tables_and_keeps_its_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalogue, "MIGRATIONS", catalogue.MIGRATIONS[:1])
+    with Catalogue.open(tmp_path) as cat:
+        cat.start_session("s1", "vmbk-backup")
+        cat.insert("vm_backups", {"session_id": "s1", "vm": "web", "action": "full", "outcome": "ok",
+                                  "period": "202603", "started_at": "2026-03-01T01:00:00+00:00"})
+    monkeypatch.undo()
+    with Catalogue.open(tmp_path) as cat:
+        assert cat.version >= 2
+        (row,) = cat.query("SELECT vm, period, deleted_at FROM vm_backups")
+        assert tuple(row) == ("web", "202603", None)
+        for table in ("retention_events", "file_operations", "deleted_chains"):
+            assert cat.query(f"SELECT count(*) FROM {table}")[0][0] == 0

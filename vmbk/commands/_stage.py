@@ -1,7 +1,8 @@
 """The loop shared by pipeline stages: read records, handle some, pass the rest.
 
 A stage hands `run_stage` the record types it consumes and a handler that
-returns the records to emit for one input record.  Failures of one VM
+returns the records to emit for one input record (the input record itself
+among them is passed on unchanged, as vmbk-rotate does with a ``backup``).  Failures of one VM
 (`VmbkError` with ``vm`` set) become `error` records and the loop goes on;
 other errors end the stage.  A consumed record of a contract version this
 vmbk does not know ends the stage (exit 7); records of other types pass
@@ -19,7 +20,7 @@ from vmbk.cli import Context
 from vmbk.commands._common import Common, Session, input_records, make_emitter
 from vmbk.errors import VmbkError
 from vmbk.output import Emitter
-from vmbk.records import Record
+from vmbk.records import ReadRecord, Record
 
 Handler = Callable[[Record, str], Iterable[Record]]
 
@@ -54,7 +55,10 @@ def run_stage(
 
     def emit_results(results: Iterable[Record]) -> None:
         for out in results:
-            emitter.emit(out)
+            if isinstance(out, ReadRecord):  # a record as read (the one handled): passed on unchanged
+                emitter.passthrough(out)
+            else:
+                emitter.emit(out)
 
     def failed(e: VmbkError) -> None:
         if e.vm is None:

@@ -17,6 +17,8 @@ either tool are read by vmbk and the other way round::
         <nvram>.<ident> | <nvram>      UEFI vars (a copy backup: plain name)
         tpm-state/                     swtpm state, root only
         .archives/chain-YYYY-MM-DD[.N]/
+        .deleting-<name>/              a period or archive being deleted
+    .deleting-<vm>/                    a VM directory being deleted
     _state/                            catalogue and locks, never a VM
 
 ``<ident>`` is a point's checkpoint name, or ``copy``.  This module is
@@ -44,6 +46,9 @@ TPM_MARKER = ".tpm-backup-marker"
 #: Catalogue and locks: ``<backup_path>/_state``, never a VM directory.
 STATE_DIR = "_state"
 CHKSUM = ".chksum"
+#: A directory being deleted (vmbk-rotate) is first renamed to this prefix
+#: + its name, in the same directory: hidden, so no scan sees it any more.
+DELETING = ".deleting-"
 #: Directories a file system puts at its root; never VM directories.
 NOT_VMS = ("lost+found",)
 PERIODIC = ("daily", "weekly", "monthly")
@@ -102,6 +107,52 @@ def _valid_date(y: int, m: int, d: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+def period_days(name: str) -> tuple[_dt.date, _dt.date] | None:
+    """The first day of a period and the day after its last (None: not a period).
+
+    A period directory receives backups only during its period, so its
+    name bounds when it was last written (and when it began).
+    """
+    policy = policy_of_period(name)
+    if policy == "daily":
+        first = _dt.date(int(name[:4]), int(name[4:6]), int(name[6:8]))
+        return first, first + _dt.timedelta(days=1)
+    if policy == "weekly":
+        first = _dt.date.fromisocalendar(int(name[:4]), int(name[6:8]), 1)
+        return first, first + _dt.timedelta(days=7)
+    if policy == "monthly":
+        first = _dt.date(int(name[:4]), int(name[4:6]), 1)
+        return first, (first + _dt.timedelta(days=31)).replace(day=1)
+    return None
+
+
+def archive_date(name: str) -> _dt.date | None:
+    """The day an archive was made, from ``chain-YYYY-MM-DD[.N]`` (None: not one)."""
+    m = _ARCHIVE.match(name)
+    if not m:
+        return None
+    try:
+        return _dt.date.fromisoformat(m[1])
+    except ValueError:
+        return None
+
+
+def archive_order(name: str) -> tuple[str, int]:
+    """Sort key of archive names, oldest first (``chain-D`` < ``chain-D.1`` < ``chain-D.2``)."""
+    base, _, n = name.partition(".")
+    return base, int(n) if n.isdigit() else 0
+
+
+def deleting_name(name: str) -> str:
+    """The hidden name a directory is renamed to while it is deleted."""
+    return DELETING + name
+
+
+def deleted_name(name: str) -> str | None:
+    """The original name of a ``.deleting-<name>`` directory (None: not one)."""
+    return name[len(DELETING):] if name.startswith(DELETING) and len(name) > len(DELETING) else None
 
 
 def where(rel: str) -> str:
