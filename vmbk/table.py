@@ -16,8 +16,7 @@ COLUMNS: dict[str, list[str]] = {
     "backup": ["name", "action", "checkpoint", "consistency", "outcome", "bytes", "duration"],
     "error": ["vm", "stage", "kind", "code", "message"],
     # vmbk-rotate (removed, kept, protected: their counts; --json for every path and reason)
-    "rotate": ["name", "policy", "keep", "kept", "removed", "protected", "freed_bytes", "dry_run", "refused",
-               "warnings"],
+    "rotate": ["name", "policy", "keep", "kept", "removed", "protected", "freed_bytes", "dry_run", "warnings"],
     "prune_target": ["name", "target", "bytes", "periods", "archives", "command"],
     # vmbk-restore
     "backup_vm": ["vm", "layout", "policy", "periods", "restore_points", "incomplete_points",

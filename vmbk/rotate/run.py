@@ -4,7 +4,9 @@ Per VM (`RotateRun.rotate`): take its lock (a backup or restore of it
 holds the same one: an ``error`` record, exit 3, and the other VMs go
 on), finish what a killed run left (`vmbk.rotate.delete`), scan its tree,
 gather the facts (`vmbk.rotate.facts`), let the pure rules decide
-(`vmbk.policy.retention`), delete, say so in one ``rotate`` record.
+(`vmbk.policy.retention`), delete, say so in one ``rotate`` record.  A
+decision that refuses everything (clock skew) fails the VM: an ``error``
+record (exit 1) that says why.
 A dry run takes no lock and writes nothing: neither the tree nor the
 catalogue.
 
@@ -91,8 +93,10 @@ class RotateRun:
         with self.locked(vm, session, dry_run) as finished:
             facts = self.facts(vm)
             d = retention.decide(facts, policy, self.cfg.retention, self.now, target=target)
-            if d.refused:
-                log.warning("%s: %s", vm, d.refused)
+            if d.refused:  # not rotated: a failure of this VM, said in an error record
+                if not dry_run:
+                    self.history.decisions(session, d, "rotate")
+                raise VmbkError(d.refused, vm=vm)
             done = self.carry_out(session, facts, d, dry_run, "rotate")
         return self.record(session, d, done, dry_run, finished=finished)
 
@@ -144,7 +148,6 @@ class RotateRun:
             freed_bytes=sum(r.bytes for r in done),
             dry_run=dry_run,
             prune=prune,
-            refused=d.refused,
             finished=finished or [],
             free_percent=free,
             low_space=low is not None,
