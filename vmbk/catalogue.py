@@ -149,6 +149,49 @@ MIGRATIONS: list[str] = [
     CREATE INDEX deleted_chains_vm ON deleted_chains(vm, chain);
     ALTER TABLE vm_backups ADD COLUMN deleted_at TEXT;   -- its period (or VM) was deleted
     """,
+    # 3: replication (vmbk-replicate, vmbackup's replication_runs and
+    # replication_vms, "Report 6"): one run per destination and command,
+    # written 'running' at its start and closed with its outcome; one row
+    # per VM.  last_backup: the newest data file the replica then held
+    # (the replication lag, vmbk.replicate.history.lag).
+    """
+    CREATE TABLE replication_runs (
+        id           INTEGER PRIMARY KEY,
+        session_id   TEXT REFERENCES sessions(id),
+        destination  TEXT NOT NULL,
+        transport    TEXT NOT NULL,      -- local | ssh | rclone
+        action       TEXT NOT NULL,      -- push | pull | verify
+        sync_mode    TEXT,               -- mirror | accumulate | append-only
+        started_at   TEXT NOT NULL,
+        duration_s   REAL,
+        outcome      TEXT NOT NULL,      -- running | ok | partial | failed
+        files        INTEGER,
+        bytes        INTEGER,
+        deleted      INTEGER,
+        verified     TEXT,               -- none | size | checksum
+        mismatches   INTEGER,
+        tool_exit    INTEGER,            -- rsync's or rclone's exit status
+        error        TEXT
+    );
+    CREATE INDEX replication_runs_destination ON replication_runs(destination, started_at);
+    CREATE TABLE replication_vms (
+        id           INTEGER PRIMARY KEY,
+        run_id       INTEGER NOT NULL REFERENCES replication_runs(id),
+        vm           TEXT NOT NULL,
+        outcome      TEXT NOT NULL,      -- ok | failed | skipped
+        files        INTEGER,
+        bytes        INTEGER,
+        deleted      INTEGER,
+        moved        INTEGER,
+        verified     TEXT,
+        mismatches   INTEGER,
+        duration_s   REAL,
+        tool_exit    INTEGER,
+        last_backup  TEXT,
+        error        TEXT
+    );
+    CREATE INDEX replication_vms_vm ON replication_vms(vm, run_id);
+    """,
 ]
 
 
@@ -269,7 +312,7 @@ class Catalogue:
 
 
 _TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions", "retention_events",
-           "file_operations", "deleted_chains"}
+           "file_operations", "deleted_chains", "replication_runs", "replication_vms"}
 
 
 def _statements(script: str) -> list[str]:

@@ -30,11 +30,19 @@ from typing import Any
 from vmbk.errors import ConfigError
 from vmbk.settings import (
     COMPRESSIONS,
+    HOST_KEY_CHECKING,
+    ON_FAILURE,
     POLICIES,
+    REPLICATION_ORDERS,
+    SCOPES,
+    SPACE_CHECKS,
+    SYNC_MODES,
     TRANSPORTS,
+    VERIFY_MODES,
     Config,
     Email,
     Replication,
+    ReplicationOptions,
     Retention,
     VmOverride,
 )
@@ -46,6 +54,7 @@ __all__ = [
     "Config",
     "Email",
     "Replication",
+    "ReplicationOptions",
     "Retention",
     "VmOverride",
     "all_backup_paths",
@@ -57,6 +66,8 @@ __all__ = [
 DEFAULT_CONFIG_DIR = "/etc/vmbk"
 DEFAULT_INSTANCE = "default"
 _INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: A destination's name is a file name too (its state file, its records).
+_DEST_NAME = _INSTANCE_NAME
 
 
 def config_dir(env: Mapping[str, str] | None = None) -> str:
@@ -140,9 +151,19 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
         replication=tuple(
             _replication(t, f"{where} [[replication]] #{i + 1}") for i, t in enumerate(r.table_list("replication"))
         ),
+        replication_options=ReplicationOptions(
+            order=r.choice("replication_order", REPLICATION_ORDERS, "config"),
+            on_failure=r.choice("replication_on_failure", ON_FAILURE, "continue"),
+            space_check=r.choice("replication_space_check", SPACE_CHECKS, "skip"),
+            min_free_percent=r.int("replication_min_free_percent", 10, lo=0, hi=100),
+        ),
         email=_email(r.table("email"), f"{where} [email]"),
     )
     r.done()
+    names = [d.name for d in cfg.replication]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ConfigError(f"{where}: [[replication]] names must be unique: {', '.join(dups)}")
     return cfg
 
 
@@ -193,25 +214,37 @@ def _override(data: Any, where: str) -> VmOverride:
 
 def _replication(data: Mapping[str, Any], where: str) -> Replication:
     r = _Reader(data, where)
+    d = Replication(name="", transport="local", path="")
     rep = Replication(
         name=r.req_str("name"),
         transport=r.choice("transport", TRANSPORTS, "local") or "local",
         path=r.req_str("path"),
         enabled=r.bool("enabled", True),
-        sync_mode=r.choice("sync_mode", ("mirror", "accumulate"), "mirror") or "mirror",
+        sync_mode=r.choice("sync_mode", SYNC_MODES, d.sync_mode),
         bwlimit_kbps=r.int("bwlimit_kbps", 0, lo=0),
-        verify=r.choice("verify", ("none", "size", "checksum"), "size") or "size",
+        verify=r.choice("verify", VERIFY_MODES, d.verify),
+        scope=r.choice("scope", SCOPES, d.scope),
+        exclude_vms=r.str_list("exclude_vms"),
+        max_delete_percent=r.int("max_delete_percent", d.max_delete_percent, lo=0, hi=100),
+        replicate_secrets=r.bool("replicate_secrets", False),
         host=r.opt_str("host"),
         user=r.opt_str("user"),
         port=r.opt_int("port"),
         ssh_key=r.opt_str("ssh_key"),
+        strict_host_key_checking=r.choice("strict_host_key_checking", HOST_KEY_CHECKING, d.strict_host_key_checking),
+        known_hosts=r.opt_str("known_hosts"),
         remote=r.opt_str("remote"),
+        rclone_config=r.opt_str("rclone_config"),
     )
     r.done()
+    if not _DEST_NAME.match(rep.name):
+        raise ConfigError(f"{where}: 'name' must be letters, digits, '.', '_' or '-', not {rep.name!r}")
     if rep.transport == "ssh" and not rep.host:
         raise ConfigError(f"{where}: transport 'ssh' needs 'host'")
     if rep.transport == "rclone" and not rep.remote:
         raise ConfigError(f"{where}: transport 'rclone' needs 'remote'")
+    if rep.sync_mode == "append-only" and rep.transport != "ssh":
+        raise ConfigError(f"{where}: sync_mode 'append-only' needs transport 'ssh' (a write-only key on the far side)")
     return rep
 
 

@@ -58,20 +58,68 @@ class VmOverride:
     exclude: bool = False
 
 
+SYNC_MODES = ("mirror", "accumulate", "append-only")
+VERIFY_MODES = ("none", "size", "checksum")
+SCOPES = ("everything", "archives-only", "monthly")
+HOST_KEY_CHECKING = ("yes", "accept-new", "no")
+REPLICATION_ORDERS = ("config", "local_first", "cloud_first", "simultaneous")
+ON_FAILURE = ("continue", "abort")
+SPACE_CHECKS = ("skip", "warn", "disabled")
+
+
 @dataclasses.dataclass(frozen=True)
 class Replication:
+    """One replication destination (vmbackup's DEST_N_* / CLOUD_DEST_N_*)."""
+
     name: str
     transport: str
     path: str
     enabled: bool = True
+    #: mirror (delete what the source deleted) | accumulate (never delete) |
+    #: append-only (ssh to a write-only, no-overwrite key: only add files).
     sync_mode: str = "mirror"
     bwlimit_kbps: int = 0
     verify: str = "size"
+    #: everything | archives-only (archived chains) | monthly (monthly periods).
+    scope: str = "everything"
+    #: VMs (glob patterns) this destination does not get.
+    exclude_vms: tuple[str, ...] = ()
+    #: mirror refuses to delete more than this share of the replica's files.
+    max_delete_percent: int = 50
+    #: TPM state and BitLocker keys on an rclone remote that is not ``crypt``.
+    replicate_secrets: bool = False
     host: str | None = None
     user: str | None = None
     port: int | None = None
     ssh_key: str | None = None
+    #: ssh's StrictHostKeyChecking: yes | accept-new | no.
+    strict_host_key_checking: str = "yes"
+    known_hosts: str | None = None
     remote: str | None = None
+    #: rclone's configuration file (rclone's own default when None).
+    rclone_config: str | None = None
+
+    def excludes(self, vm: str) -> bool:
+        return any(fnmatch.fnmatchcase(vm, p) for p in self.exclude_vms)
+
+    @property
+    def is_cloud(self) -> bool:
+        """The manual's "cloud" group (rclone) as opposed to "local" (rsync)."""
+        return self.transport == "rclone"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationOptions:
+    """Settings of every destination (vmbackup's REPLICATION_* keys)."""
+
+    #: config (one destination after another, as listed) | local_first |
+    #: cloud_first | simultaneous (rsync and rclone destinations at once).
+    order: str = "config"
+    on_failure: str = "continue"
+    #: skip (a destination without room is not written) | warn | disabled.
+    space_check: str = "skip"
+    #: free space a destination must keep after the copy (percent of its size).
+    min_free_percent: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +149,7 @@ class Config:
     fstrim_exclude: tuple[str, ...] = ()
     vms: Mapping[str, VmOverride] = dataclasses.field(default_factory=dict)
     replication: tuple[Replication, ...] = ()
+    replication_options: ReplicationOptions = ReplicationOptions()
     email: Email = Email()
 
     def require_backup_path(self) -> Path:

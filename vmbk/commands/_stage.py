@@ -34,6 +34,7 @@ def run_stage(
     standalone: bool = False,
     source: Callable[[str], Iterable[Record]] | None = None,
     finish: Callable[[str, int], None] | None = None,
+    after: Callable[[str], Iterable[Record]] | None = None,
     jobs: int = 1,
     cancel: Cancel | None = None,
     changes_state: bool = True,
@@ -43,7 +44,9 @@ def run_stage(
     With ``jobs`` > 1 up to that many records are handled at once in
     worker threads (results come out as they finish; records passed
     through come out as they are read); an interrupt sets ``cancel`` and
-    waits for the workers to clean up.  ``finish(session, exit_code)``
+    waits for the workers to clean up.  ``after(session)`` gives the
+    records a stage makes once its input has ended (vmbk-replicate acts on
+    the VMs of all its input at once).  ``finish(session, exit_code)``
     runs at the end (the catalogue closes the session row there).
     ``changes_state`` is False for a stage that only reads (vmbk-plan, a
     dry run): it stops when nobody reads its output any more.
@@ -78,6 +81,11 @@ def run_stage(
                     emit_results(handler(rec, session.ensure()))
                 except VmbkError as e:
                     failed(e)
+        if after is not None:
+            try:
+                emit_results(after(session.ensure()))
+            except VmbkError as e:
+                failed(e)
     finally:
         emitter.close()
         if finish is not None and emitter.session is not None:

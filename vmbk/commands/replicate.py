@@ -2,15 +2,41 @@
 
 Usage:
   vmbk-replicate [options]
+  vmbk-replicate [options] (--all | --vm NAMES...)
+  vmbk-replicate [options] --verify-only [--all | --vm NAMES...]
+  vmbk-replicate [options] --pull --dest NAME --vm NAMES [--to DIR]
+  vmbk-replicate --receive DIR
   vmbk-replicate (-h | --help | --version)
 
-Reads `backup`/`rotate` records on stdin and replicates the trees of those
-VMs (rsync to local or ssh destinations, rclone to cloud remotes); emits
-one `replicate` record per VM and destination; other records pass through.
+As the last stage of the pipe it passes every record on as it comes and,
+when its input ends, replicates the VMs of the `backup` and `rotate`
+records to every enabled destination ([[replication]] in the
+configuration), in replication_order.  With --all or --vm it reads no
+records: the way to run a failed replication again.  Emits one
+`replicate` record per VM and destination; a VM that could not be
+replicated to a destination is an `error` record that names the
+destination, and the other destinations and VMs go on.
+
+Transports: local (rsync to a mounted path), ssh (rsync over ssh with the
+destination's key) and rclone (any rclone remote).  Files arrive in an
+order that keeps an interrupted replica honest -- streams and checksums,
+then side files, then checkpoint lists and domain XML -- and the catalogue
+as a consistent snapshot.  sync_mode mirror deletes what the source
+deleted (and refuses when the source looks unmounted or more than
+max_delete_percent of the replica would go), accumulate never deletes,
+append-only only adds files through a write-only key whose forced command
+on the far side is `vmbk-replicate --receive DIR`.
 
 Options:
+  --all                    Replicate every VM of the backup tree.
+  --vm NAMES               Only these VMs (comma-separated or repeated).
   --dest NAME              Only this destination.
-  --dry-run                Show what would be copied; copy nothing.
+  --verify-only            Check the replicas against the tree; copy nothing.
+  --verify MODE            none, size or checksum instead of each destination's setting (--verify-only: checksum).
+  --pull                   Copy one VM's tree back from --dest, checked by content (disaster recovery).
+  --to DIR                 Where --pull puts the tree (default: the backup path).
+  --receive DIR            Far side of an append-only destination: its ssh forced command.
+  --dry-run                Show what would be copied, moved and deleted; change nothing.
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
   --json                   JSON lines even on a terminal.
@@ -20,20 +46,63 @@ Options:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import IO, Any
 
 from vmbk import cli
 from vmbk.commands._common import Common, existing_backup_path
-from vmbk.commands._stage import not_yet, run_stage
+from vmbk.commands._stage import run_stage
+from vmbk.errors import UsageError
+from vmbk.fsutil import UMASK
+from vmbk.records import Record
+from vmbk.replicate import receive
+from vmbk.replicate.run import WATCHED, ReplicateRun
+from vmbk.settings import VERIFY_MODES
 
 PROG = "vmbk-replicate"
 
 
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
+    if args["--receive"]:
+        return receive.serve(Path(args["--receive"]), os.environ.get("SSH_ORIGINAL_COMMAND", ""),
+                             getattr(ctx.stdin, "buffer", ctx.stdin), getattr(ctx.stdout, "buffer", ctx.stdout),
+                             ctx.stderr)
     common = Common.from_args(args)
-    existing_backup_path(common.config())
-    return run_stage(ctx, common, {"backup", "rotate"}, not_yet(PROG, "replication"),
-                     changes_state=not args["--dry-run"])
+    cfg = common.config()
+    verify = args["--verify"]
+    if verify is not None and verify not in VERIFY_MODES:
+        raise UsageError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
+    dry_run = bool(args["--dry-run"])
+    os.umask(UMASK)
+    if args["--pull"]:
+        if len(common.vms) != 1:
+            raise UsageError("--pull takes one VM (--vm NAME)")
+        to = Path(args["--to"]) if args["--to"] else cfg.require_backup_path()
+        run = ReplicateRun(cfg, to, dest=args["--dest"], catalogue=False)
+        return _stage(ctx, common, run, lambda s: run.pull(common.vms[0], to, s), changes_state=True)
+    if args["--to"]:
+        raise UsageError("--to goes with --pull")
+    root = existing_backup_path(cfg)
+    vms = None if args["--all"] or not common.vms else list(common.vms)
+    if args["--verify-only"]:
+        run = ReplicateRun(cfg, root, dest=args["--dest"], verify=verify or "checksum")
+        return _stage(ctx, common, run, lambda s: run.verify_only(vms, s), changes_state=False)
+    run = ReplicateRun(cfg, root, dest=args["--dest"], dry_run=dry_run, verify=verify)
+    if args["--all"] or common.vms:
+        return _stage(ctx, common, run, lambda s: run.push(vms, s), changes_state=not dry_run)
+    return _stage(ctx, common, run, run.after, changes_state=not dry_run, consumes=WATCHED)
+
+
+def _stage(ctx: cli.Context, common: Common, run: ReplicateRun, after: Callable[[str], Iterable[Record]], *,
+           changes_state: bool, consumes: set[str] | None = None) -> int:
+    """As a stage (``consumes``: records are read and passed on), or alone."""
+    try:
+        return run_stage(ctx, common, consumes or set(), run.handle, standalone=consumes is None, after=after,
+                         finish=run.end, changes_state=changes_state)
+    finally:
+        run.close()
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:
