@@ -111,7 +111,9 @@ def test_the_chain_lists_three_complete_points(backed):
     code, (vm,) = run(restore_main, "--backup-path", str(backed.root), "--list")
     assert code == 0 and vm["vm"] == name and vm["restore_points"] == 3 and vm["layout"] == "periodic"
     code, recs = run(restore_main, "--verify", str(backed.root / name))
-    assert code == 0 and len(recs) == 3 and all(r["ok"] and r["checksum"] == "ok" for r in recs)
+    *files, whole = recs  # a record per data file, then the chain's
+    assert code == 0 and len(files) == 3 and all(r["ok"] and r["checksum"] == "ok" for r in files)
+    assert whole["file"] is None and whole["ok"] and whole["restore_points"] == 3
 
 
 def test_each_point_restores_to_its_reference(backed, tmp_path):
