@@ -6,44 +6,21 @@ last frame (stop, comp header) are found without reading a payload.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from test_stream_fuzz import CORPUS
 
-from vmbk.stream import StreamError, StreamMeta, StreamWriter, scan
+from vmbk.stream import StreamError, scan
 from vmbk.stream.scan import probe
 
-FRAMES = [("data", 0, b"a" * 100), ("zero", 4096, 900), ("data", 8192, os.urandom(3000)), ("data", 20000, b"xyz")]
 
-
-def write(path: Path, compressed: bool | int, frames: list[tuple[str, int, object]]) -> bytes:
-    size = sum(len(p) for k, _, p in frames if k == "data")  # type: ignore[arg-type]
-    meta = StreamMeta(virtual_size=1 << 16, data_size=size, disk_name="vda", compressed=compressed)
-    with StreamWriter(path, meta, piece_size=1024) as w:
-        for kind, off, payload in frames:
-            if kind == "data":
-                w.write_data(off, payload)  # type: ignore[arg-type]
-            else:
-                w.write_zero(off, payload)  # type: ignore[arg-type]
-    return path.read_bytes()
-
-
-CASES = {
-    "plain": (False, FRAMES),
-    "lz4": (2, FRAMES),
-    "plain-empty": (False, []),
-    "lz4-empty": (2, []),
-    "zero-only": (False, [("zero", 0, 1 << 16)]),
-    "lz4-zero-only": (2, [("zero", 0, 1 << 16)]),
-}
-
-
-@pytest.fixture(params=sorted(CASES))
+@pytest.fixture(params=range(len(CORPUS)))
 def stream(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, bytes]:
-    compressed, frames = CASES[request.param]
+    """The fuzzer's valid streams: plain, lz4 (split frames too), empty, zero-only, version 1."""
     p = tmp_path / "s.data"
-    return p, write(p, compressed, frames)
+    p.write_bytes(CORPUS[request.param])
+    return p, CORPUS[request.param]
 
 
 def verdict(p: Path) -> StreamError | None:
@@ -91,10 +68,9 @@ def test_damage_to_the_last_frame_is_found(stream: tuple[Path, bytes]) -> None:
 def test_a_size_that_does_not_add_up_is_found(tmp_path: Path) -> None:
     """dataSize larger than the payloads the file can hold: the end is intact, the size is not."""
     p = tmp_path / "s.data"
-    raw = write(p, False, FRAMES)
-    meta = scan(p).meta
-    j = meta.to_json()
+    p.write_bytes(CORPUS[0])  # uncompressed, 3103 bytes of data in 3 frames
+    j = scan(p).meta.to_json()
     bigger = j.replace(b'"dataSize": 3103', b'"dataSize": 3283')  # more than the frames' room
     assert bigger != j
-    p.write_bytes(raw.replace(j, bigger))
+    p.write_bytes(CORPUS[0].replace(j, bigger))
     assert verdict(p) is not None
