@@ -97,7 +97,8 @@ def choose_point(chain: Chain, requested: int | None, *, include_incomplete: boo
                       f"{hint} (or --include-incomplete, for forensic use)", vm=vm)
     if point.unverifiable and verify:
         raise VmError(f"restore point {point.index} of {chain.path} cannot be verified: "
-                      f"{', '.join(point.unverifiable)} lost their .chksum, their data may be damaged too{hint} "
+                      f"{', '.join(point.unverifiable)} lost their .chksum (or were written by a virtnbdbackup "
+                      f"before 1.9.40, which wrote none), their data may be damaged too{hint} "
                       f"(or --no-verify restores it unchecked)", vm=vm)
     return point
 
