@@ -151,3 +151,33 @@ def test_the_page_states_every_stage_s_rules():
     for name in scripts():
         if name != "vmbk":
             assert name in stages and name in closing, name
+
+
+def test_every_field_vmbk_rotate_writes_is_documented(tmp_path, monkeypatch):
+    """rotate records (Tier 1 and 2 removals, protections, a finished leftover,
+    low space, a dry run, a prune) and prune_target records."""
+    from test_rotate import chain, daily_tree, run
+    from test_plan_golden import materialise
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "default.toml").write_text('policy = "daily"\n[retention]\nmin_free_percent = 100\n')
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(etc))
+    root = tmp_path / "backups"
+    tree = {**daily_tree(), "2025-W01": chain("2025-01-01"), "20260301": chain("2026-03-01"),
+            "2026-W14": chain("2026-04-03", archives={"chain-2026-04-06": chain("2026-04-05")}),
+            ".deleting-20260101": chain("2026-01-01")}
+    materialise(root, "web", "u1", tree)
+    backup = {"type": "backup", "v": 1, "name": "web", "outcome": "ok", "target_dir": str(root / "web" / "20260408")}
+    records: list[dict] = []
+    for argv, stdin in ((["--dry-run"], orjson.dumps(backup).decode() + "\n"), ([], orjson.dumps(backup).decode() + "\n"),
+                        (["--prune", "list", "--vm", "web"], ""), (["--prune", "list"], ""),
+                        (["--prune", "archives", "--vm", "web", "--yes"], "")):
+        code, out = run(root, *argv, stdin=stdin)
+        assert code == 0, out
+        records += out
+    rot = [r for r in records if r["type"] == "rotate"]
+    assert rot[1]["removed"] and rot[1]["kept"] and rot[1]["protected"] and rot[1]["finished"]
+    assert {r["tier"] for r in rot[1]["removed"]} == {"count", "orphan"} and rot[1]["low_space"]
+    assert rot[2]["prune"] == "archives" and {r["type"] for r in records} >= {"backup", "rotate", "prune_target"}
+    assert undocumented(records) == {}

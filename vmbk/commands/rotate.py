@@ -18,14 +18,18 @@ A VM whose lock is held (a backup or restore of it is running) is an
 Tier 1: the period directories of a VM's current policy that hold backups,
 the newest `retention.daily` (7), `weekly` (4) or `monthly` (3) of them,
 stay; older ones go with their archived chains.  accumulate deletes only
-archived chains beyond `retention.archives` (default all); never deletes
-nothing.  Tier 2: period directories of another policy (left by a policy
-change) are protected for `orphan_min_age` days (7) after their last
-backup and deleted after `orphan_max_age` (90).  Never deleted: the current
-period, the directory the backup just wrote, the VM's newest complete
-restore point, anything when a period is dated in the future (clock skew).
+archived chains beyond `retention.archives` (default all); under never
+nothing is deleted.  Tier 2: period directories of another policy (left by
+a policy change) are protected for `orphan_min_age` days (7) after their
+last backup and deleted after `orphan_max_age` (90).  Never deleted: the
+current period, the directory the backup just wrote, the VM's newest
+complete restore point; when a directory is dated in the future (clock
+skew) nothing of that VM is, and it is an `error` record (exit 1).
 A directory is deleted by renaming it to a hidden .deleting-* name first,
 so no listing shows half of it; a later run finishes what a killed one left.
+Below `retention.min_free_percent` free space rotate warns; it never deletes
+more than the policy allows.  --dry-run writes nothing, not even the
+catalogue, and takes no lock.
 
 On demand, as vmbackup --prune does, --prune TARGET removes: list (nothing:
 sizes and the commands to paste), archives (every archived chain; of one VM
