@@ -6,7 +6,8 @@ The VM is the tiny test guest (tests/guest), named ``vmbk-demo``; running
 the demo again reuses it.
 
 Steps: create/boot the VM, write a file in it through the guest agent,
-``vmbk-discover | vmbk-plan | vmbk-backup``, change 4 MiB, back up again
+``vmbk-discover | vmbk-plan | vmbk-backup | vmbk-rotate`` (retention after
+each backup: what it keeps and removes is said), change 4 MiB, back up again
 (an incremental), restore the latest point as a clone with vmbk-restore,
 compare the clone's disk byte for byte with the disk at the backup's
 instant, boot the clone and read the checkfile through its agent.  The
@@ -88,6 +89,7 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
             [str(BIN / "vmbk-discover"), "--json", "--vm", NAME],
             [str(BIN / "vmbk-plan"), *common],
             [str(BIN / "vmbk-backup"), *common],
+            [str(BIN / "vmbk-rotate"), *common],
         )
     finally:
         guest.dom.resume()
@@ -98,6 +100,10 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
     say(f"{label}: vmbk-backup {rec['action']} {rec['checkpoint']} ({rec['consistency']}), "
         f"{sum(d['data_size'] for d in rec['disks']) / 2**20:.1f} MiB of data in {rec['duration']:.2f} s"
         f" — {'; '.join(rec['reasons'])}")
+    (rot,) = [r for r in recs if r["type"] == "rotate"]
+    say(f"{label}: vmbk-rotate ({rot['policy']} keeps {rot['keep'] if rot['keep'] is not None else 'all'}): "
+        f"{len(rot['kept'])} kept, {len(rot['removed'])} removed ({rot['freed_bytes'] / 2**20:.1f} MiB freed)"
+        + "".join(f"; removed {Path(r['path']).name}: {r['reason']}" for r in rot["removed"]))
     return rec
 
 

@@ -30,6 +30,7 @@ def test_demo_backs_up_restores_a_clone_and_verifies_it(libvirt_conn, vm_workdir
         assert "clone of the latest point verified OK" in r.stdout
         assert "full + inc backup" in r.stdout
         assert "identical to the disk at backup time" in r.stderr
+        assert "round 2: vmbk-rotate (" in r.stderr and "1 kept, 0 removed" in r.stderr  # one period, today's
     finally:
         for n in (name, f"{name}-clone"):
             try:
