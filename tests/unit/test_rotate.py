@@ -384,3 +384,20 @@ def test_prune_archives_of_every_vm(root: Path) -> None:
     code, out = run(root, "--prune", "archives", "--dry-run")
     assert code == 0 and [(r["name"], len(r["removed"]), r["dry_run"]) for r in out] == [("a", 2, True)]
     assert len(list(root.rglob("chain-*"))) == 2
+
+
+def test_restore_list_counts_only_live_chains_after_rotation(root: Path) -> None:
+    from backup_helpers import run_restore
+
+    tree = daily_tree()
+    tree["20260402"]["archives"] = {"chain-2026-04-02": chain("2026-04-01", "2026-04-02", hour=1)}
+    materialise(root, "my-vm", "u1", tree)
+    materialise(root, "my-vm", "u1", {".deleting-20260331": chain("2026-03-31")})  # a killed run's
+    assert run(root, "--vm", "my-vm", "--dry-run")[0] == 0
+    code, recs = run_restore("--backup-path", str(root), "--list")
+    assert code == 0 and (recs[0]["chains_active"], recs[0]["chains_broken"]) == (8, 0)
+    assert run(root, "--vm", "my-vm")[0] == 0
+    code, recs = run_restore("--backup-path", str(root), "--list")
+    assert code == 0 and (recs[0]["chains_active"], recs[0]["chains_broken"], recs[0]["archived_chains"]) == (7, 0, 1)
+    assert recs[0]["health"].startswith("Chains: 7 active, 0 broken")
+    assert recs[0]["periods"] == [f"202604{d:02d}" for d in range(2, 9)]
