@@ -212,18 +212,30 @@ CASES = [
          lambda c, r: (c / "checkpoints" / "virtnbdbackup.1.xml").write_bytes(b"\x00garbage"), True),
     Case("catalogue overwritten in the middle",
          lambda c, r: flip_block(r / "_state" / "vmbk.db"), False),
-    Case("every .chksum deleted", lambda c, r: delete_checksums(c), False),
-    # lz4 checks its own blocks where no .chksum does; uncompressed, this is LIMIT below
+    # vmbk's streams say so in their meta (writtenBy): a vmbk chain stripped of
+    # every .chksum is unverifiable, not a pre-1.9.40 virtnbdbackup chain
+    Case("every .chksum deleted", lambda c, r: delete_checksums(c), True),
     Case("every .chksum deleted and a payload byte of inc 1 flipped",
-         lambda c, r: (delete_checksums(c), flip(c / INC.format(1), mid_payload(c / INC.format(1)))), False,
-         ("lz4",)),
+         lambda c, r: (delete_checksums(c), flip(c / INC.format(1), mid_payload(c / INC.format(1)))), True),
 ]
 
-#: A chain without any .chksum looks like one written by virtnbdbackup before
-#: 1.9.40, which restores on its structure alone: an uncompressed payload
-#: byte flipped there is restored.  --verify says it cannot vouch for the
-#: data (exit 9) and the restore names every stream it could not check.
-LIMIT = CASES[-1]
+#: A chain without any .chksum whose streams do not say vmbk wrote them looks
+#: like one written by virtnbdbackup before 1.9.40, which restores on its
+#: structure alone: an uncompressed payload byte flipped there is restored.
+#: --verify says it cannot vouch for the data (exit 9) and the restore names
+#: every stream it could not check.
+LIMIT = Case("every .chksum and vmbk's writtenBy deleted, a payload byte of inc 1 flipped",
+             lambda c, r: (delete_checksums(c), forget_writer(c),
+                           flip(c / INC.format(1), mid_payload(c / INC.format(1)))), False)
+
+
+def forget_writer(chain: Path) -> None:
+    """Rewrite each stream's meta without ``writtenBy`` (same length: the key renamed)."""
+    for f in chain.glob("*.data"):
+        raw = bytearray(f.read_bytes())
+        at = raw.index(b'"writtenBy"')
+        raw[at:at + len(b'"writtenBy"')] = b'"xrittenBy"'
+        f.write_bytes(bytes(raw))
 
 
 def flip_block(db: Path) -> None:

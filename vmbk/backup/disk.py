@@ -39,7 +39,9 @@ from pathlib import Path
 from vmbk.cancel import Cancel
 from vmbk.nbd import Address, Extent, Reader
 from vmbk.nbd.extents import split
+from vmbk import __version__
 from vmbk.stream import StreamMeta, StreamWriter, write_stream_atomic
+from vmbk.stream.format import WRITTEN_BY_KEY
 
 log = logging.getLogger("vmbk.backup")
 
@@ -128,6 +130,7 @@ def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult
             parent_checkpoint=job.parent,
             incremental=job.level == "inc",
             compressed=job.compression if job.compression is not None else False,
+            extra={WRITTEN_BY_KEY: f"vmbk {__version__}"},
         )
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:

@@ -163,6 +163,9 @@ def parse_header(raw: bytes, *, path: str | os.PathLike[str], pos: int) -> tuple
 # -- metadata ---------------------------------------------------------------
 
 #: Keys virtnbdbackup writes, in the order it writes them.
+#: vmbk's meta key: who wrote the stream (see `StreamMeta`).
+WRITTEN_BY_KEY = "writtenBy"
+
 _KNOWN_KEYS = (
     "virtualSize",
     "dataSize",
@@ -196,6 +199,11 @@ class StreamMeta:
     keys that a stream did not carry are ``None`` and are not written back.
     Keys vmbk does not know are kept in ``extra`` and written back after
     the known ones, so a round trip through vmbk loses nothing.
+
+    ``writtenBy`` is vmbk's one addition (``"vmbk 0.1.0"``; virtnbdrestore
+    ignores keys it does not know): a stream vmbk wrote always has its
+    ``.chksum``, so a missing one is a finding even when every file of the
+    chain lost it (`WRITTEN_BY_KEY`, `written_by_vmbk`).
     """
 
     virtual_size: int
@@ -252,6 +260,11 @@ class StreamMeta:
         for k, v in self.extra.items():
             out.setdefault(k, v)
         return out
+
+    @property
+    def written_by_vmbk(self) -> bool:
+        w = self.extra.get(WRITTEN_BY_KEY)
+        return isinstance(w, str) and w.split(" ", 1)[0] == "vmbk"
 
     def to_json(self) -> bytes:
         """Encoded exactly as virtnbdbackup does (``json.dumps(indent=4)``)."""

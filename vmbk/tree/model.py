@@ -27,7 +27,8 @@ class DataFile:
     not add up).  The meta of a copy file names ``virtnbdbackup.0``
     although a copy creates no checkpoint (virtnbdbackup fills it in
     regardless): only the file name says what a file is.
-    ``has_checksum``: a ``<name>.chksum`` lies beside it (None: not looked).
+    ``has_checksum``: a ``<name>.chksum`` lies beside it (None: not looked);
+    ``by_vmbk``: its meta says vmbk wrote it, so it must have one.
     """
 
     name: str
@@ -45,6 +46,7 @@ class DataFile:
     date: str | None = None
     error: str | None = None
     has_checksum: bool | None = None
+    by_vmbk: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,10 +82,10 @@ class Chain:
         """The tool that wrote the chain writes ``.chksum`` files.
 
         vmbk and virtnbdbackup 1.9.40+ write one beside every data file;
-        earlier virtnbdbackup wrote none.  A chain with at least one has
-        lost the others.
+        earlier virtnbdbackup wrote none.  A chain with at least one, or
+        with a stream whose meta says vmbk wrote it, has lost the others.
         """
-        return bool(self.stray_checksums) or any(f.has_checksum for f in self.data)
+        return bool(self.stray_checksums) or any(f.has_checksum or f.by_vmbk for f in self.data)
 
     @property
     def base(self) -> str | None:

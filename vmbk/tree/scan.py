@@ -213,6 +213,7 @@ def _data_file(entry: os.DirEntry[str]) -> DataFile | None:
         meta_parent=meta.parent_checkpoint if isinstance(meta.parent_checkpoint, str) else None,
         incremental=meta.incremental,
         date=meta.date or None,
+        by_vmbk=meta.written_by_vmbk,
     )
 
 
