@@ -401,3 +401,23 @@ def test_restore_list_counts_only_live_chains_after_rotation(root: Path) -> None
     assert code == 0 and (recs[0]["chains_active"], recs[0]["chains_broken"], recs[0]["archived_chains"]) == (7, 0, 1)
     assert recs[0]["health"].startswith("Chains: 7 active, 0 broken")
     assert recs[0]["periods"] == [f"202604{d:02d}" for d in range(2, 9)]
+
+
+def test_the_names_retention_reads() -> None:
+    import datetime as dt
+
+    from vmbk.tree import names
+
+    d = dt.date
+    assert names.period_days("20261231") == (d(2026, 12, 31), d(2027, 1, 1))
+    assert names.period_days("2026-W53") == (d(2026, 12, 28), d(2027, 1, 4))  # the ISO year's last week
+    assert names.period_days("202612") == (d(2026, 12, 1), d(2027, 1, 1))
+    assert names.period_days("202602") == (d(2026, 2, 1), d(2026, 3, 1))
+    assert names.period_days("chain-2026-01-01") is None and names.period_days("2026-W54") is None
+    assert names.archive_date("chain-2026-04-01.3") == d(2026, 4, 1) and names.archive_date("chain-2026-02-30") is None
+    assert sorted(["chain-2026-04-01.10", "chain-2026-04-01.2", "chain-2026-04-01", "chain-2026-03-31"],
+                  key=names.archive_order) == ["chain-2026-03-31", "chain-2026-04-01", "chain-2026-04-01.2",
+                                               "chain-2026-04-01.10"]
+    assert names.deleted_name(names.deleting_name("2026-W14")) == "2026-W14"
+    assert names.deleted_name(".deleting-") is None and names.deleted_name("2026-W14") is None
+    assert not names.is_vm_dir_name(names.deleting_name("web"))
