@@ -197,3 +197,21 @@ def test_stream_file_helper_writes_what_the_stream_reader_reads(tmp_path: Path) 
     stream_file(tmp_path / "x.data", {"virtualSize": 5, "dataSize": 0, "diskName": "vda", "streamVersion": 2}, 1.0)
     assert read_meta(tmp_path / "x.data").virtual_size == 5
     assert os.stat(tmp_path / "x.data").st_mtime == 1.0
+
+
+def test_cleanup_of_a_partial_takes_the_stray_chksum_a_killed_commit_left(tmp_path):
+    """Killed between the .chksum rename and the data rename (stream.atomic):
+    the .partial goes, and with it the .chksum whose data never came."""
+    from vmbk.tree.ops import cleanup_partials
+
+    chain = tmp_path / "vm" / "202612"
+    chain.mkdir(parents=True)
+    (chain / "vda.inc.virtnbdbackup.1.data.partial").write_bytes(b"x")
+    (chain / "vda.inc.virtnbdbackup.1.data.chksum").write_text("1")
+    (chain / "vda.full.data.partial").write_bytes(b"x")  # a full that is complete beside it keeps its .chksum
+    (chain / "vda.full.data").write_bytes(b"y")
+    (chain / "vda.full.data.chksum").write_text("2")
+    removed = cleanup_partials(tmp_path / "vm", ["202612/vda.inc.virtnbdbackup.1.data.partial",
+                                                "202612/vda.full.data.partial"], "vm")
+    assert len(removed) == 2
+    assert sorted(p.name for p in chain.iterdir()) == ["vda.full.data", "vda.full.data.chksum"]

@@ -35,6 +35,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vmbk.stream.checksum import CHKSUM
+
 #: virtnbdbackup's checkpoint prefix (``lib.checkpointName``); vmbk keeps it
 #: so that virtnbdbackup/virtnbdrestore accept vmbk's chains.
 CHECKPOINT_PREFIX = "virtnbdbackup"
@@ -45,7 +47,6 @@ TPM_STATE = "tpm-state"
 TPM_MARKER = ".tpm-backup-marker"
 #: Catalogue and locks: ``<backup_path>/_state``, never a VM directory.
 STATE_DIR = "_state"
-CHKSUM = ".chksum"
 #: A directory being deleted (vmbk-rotate) is first renamed to this prefix
 #: + its name, in the same directory: hidden, so no scan sees it any more.
 DELETING = ".deleting-"

@@ -28,6 +28,7 @@ by `remove_vm_dir`; never a link, the root, or anything outside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -37,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from vmbk.errors import StorageError
 from vmbk.fsutil import PARTIAL, ensure_dir, fsync_dir
-from vmbk.tree.names import ARCHIVES, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
+from vmbk.tree.names import ARCHIVES, chksum_name, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
 
 #: Told each step of a deletion: ``renamed``, then ``removing`` before each entry.
 Step = Callable[[str], None]
@@ -65,6 +66,12 @@ def cleanup_partials(vm_dir: Path, rels: list[str], vm: str) -> list[str]:
             removed.append(rel)
         except FileNotFoundError:
             pass
+        # A backup killed between its two renames leaves the data's .chksum
+        # beside the .partial (stream.atomic): without its data it goes too.
+        final = path.with_name(path.name[: -len(PARTIAL)])
+        if final.name.endswith(".data") and not final.exists():
+            with contextlib.suppress(FileNotFoundError):
+                final.with_name(chksum_name(final.name)).unlink()
     return removed
 
 

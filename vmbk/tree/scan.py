@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmbk.errors import StorageError, VmbkError
-from vmbk.stream.checksum import CHKSUM
 from vmbk.stream.scan import probe
 from vmbk.tree import names as names_
+from vmbk.tree.names import CHKSUM
 from vmbk.tree.model import Chain, DataFile, VmTree
 from vmbk.tree.names import (
     ARCHIVES,
