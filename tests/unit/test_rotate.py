@@ -421,3 +421,25 @@ def test_the_names_retention_reads() -> None:
     assert names.deleted_name(names.deleting_name("2026-W14")) == "2026-W14"
     assert names.deleted_name(".deleting-") is None and names.deleted_name("2026-W14") is None
     assert not names.is_vm_dir_name(names.deleting_name("web"))
+
+
+def test_rotation_goes_on_when_its_reader_goes_away(root: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    for vm in ("a", "b"):
+        materialise(root, vm, "u-" + vm, daily_tree())
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(orjson.dumps(backup_rec(root, vm, "20260408")).decode() + "\n" for vm in ("a", "b")))
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    with open(src, "rb") as stdin:
+        p = subprocess.Popen([sys.executable, str(repo / "bin" / "vmbk-rotate"), "--json", "--backup-path", str(root),
+                              "--now", NOW], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert p.stdout is not None and p.stderr is not None
+        assert p.stdout.readline().startswith(b'{"type":"backup"')
+        p.stdout.close()  # the next stage died
+        err = p.stderr.read().decode()
+        assert p.wait(60) == Exit.GENERAL, err
+    assert len(periods(root, "a")) == 7 and len(periods(root, "b")) == 7  # both rotated all the same
+    assert "not delivered, standard output was closed" in err and "rotate of 'b'" in err
