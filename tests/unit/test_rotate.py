@@ -145,6 +145,9 @@ def test_standalone_vm_and_all(root: Path) -> None:
     materialise(root, HOSTILE, "u1", {"20260331": chain("2026-03-31")})
     code, out = run(root, "--all", "--dry-run")
     assert code == 0 and [(r["name"], len(r["removed"])) for r in out] == [("b", 0), (HOSTILE, 1)]
+    code, out = run(root, "--vm", "typo,b")
+    assert code == Exit.PARTIAL and [(r["type"], r.get("kind")) for r in out] == [("error", "vm"), ("rotate", None)]
+    assert out[0]["message"] == f"no backups of VM 'typo' under {root}" and not (root / "typo").exists()
 
 
 def test_a_vm_name_that_is_not_a_directory_name_or_a_link_is_refused(root: Path, tmp_path: Path) -> None:

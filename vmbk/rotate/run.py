@@ -203,6 +203,9 @@ def standalone(run: RotateRun, vms: list[str], session: str) -> Iterator[Record]
     """``--vm NAMES`` / ``--all``: one ``rotate`` record (or ``error``) per VM, in order."""
     for vm in vms:
         try:
+            check_vm(run.root, vm)
+            if not (run.root / vm).is_dir():
+                raise VmError(f"no backups of VM {vm!r} under {run.root}", vm=vm)
             yield run.rotate(vm, session)
         except VmbkError as e:
             yield error_record(e, stage=PROG, session=session, vm=e.vm or vm)
