@@ -172,6 +172,25 @@ def no_job(dom: libvirt.virDomain) -> bool:
     return dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
 
 
+def wait_no_job(dom: libvirt.virDomain, timeout: float = 10.0) -> float:
+    """Until libvirt has no job for the domain (an aborted pull job takes a
+    moment to go); the seconds it took."""
+    t0 = time.monotonic()
+    while not no_job(dom):
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{dom.name()}: a libvirt job is left: {dom.jobInfo()}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def job_started(dom: libvirt.virDomain) -> bool:
+    """A job runs, or is being set up (libvirt then says "backup job data missing")."""
+    try:
+        return not no_job(dom)
+    except libvirt.libvirtError:
+        return True
+
+
 def proc_stat_state(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

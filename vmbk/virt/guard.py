@@ -9,7 +9,10 @@ its guest (see that module for the whole design).  Protocol, on pipes:
   itself; the guard exits 0 without touching anything.  EOF without it:
   vmbk died (its end of the pipe closes with it), and the guard undoes
   what the marker says -- when the marker is there and was written by
-  OWNER_PID -- then removes the marker and exits.
+  OWNER_PID -- then removes the marker and exits.  ``undone`` before EOF:
+  vmbk died after it resumed/thawed: the marker is only removed.
+  ``held``: the suspend returned, none is in flight in libvirtd (without
+  it a guard that finds the domain running watches for a late one).
 
 It ignores SIGINT, SIGTERM and SIGHUP (the signal that makes vmbk unwind
 must not take its guard first) and runs in its own session.  Every step
@@ -37,21 +40,21 @@ def _say(msg: str) -> None:
         pass
 
 
-def _wait_for_release() -> bool:
+def _messages() -> set[str]:
+    """What vmbk said, up to ``released`` or EOF."""
     data = b""
-    while True:
+    while b"released\n" not in data:
         try:
             chunk = os.read(0, 4096)
         except OSError:
             chunk = b""
         if not chunk:
-            return b"released" in data
+            break
         data += chunk
-        if b"released" in data:
-            return True
+    return {line.decode("ascii", "replace") for line in data.split(b"\n")[:-1]}
 
 
-def _act(marker_path: Path, owner: int) -> int:
+def _act(marker_path: Path, owner: int, said: set[str]) -> int:
     from vmbk.virt import hold
     from vmbk.virt.connection import LibvirtError, libvirt_module
 
@@ -59,6 +62,9 @@ def _act(marker_path: Path, owner: int) -> int:
     marker = hold.read_marker(marker_path)
     if marker is None or marker.get("pid") != owner:
         return 0  # released in time, never written, or another vmbk's
+    if "undone" in said:
+        hold.remove_marker(marker_path)  # vmbk died after it resumed/thawed
+        return 0
     name = marker.get("name") or "?"
     deadline = time.monotonic() + hold.GUARD_RETRY_FOR
     last = ""
@@ -67,7 +73,7 @@ def _act(marker_path: Path, owner: int) -> int:
         try:
             conn = libvirt.open(marker.get("uri") or None)
             dom = conn.lookupByUUIDString(marker["uuid"])
-            done = hold.undo(dom, marker, inflight=True)
+            done = hold.undo(dom, marker, inflight="held" not in said)
             if done:
                 _say(f"{name}: vmbk (pid {owner}) died holding it {marker['action']}: {done} it")
             hold.remove_marker(marker_path)
@@ -112,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.close()
     except OSError:
         pass
-    if _wait_for_release():
+    said = _messages()
+    if "released" in said:
         return 0
-    return _act(Path(args[0]), int(args[1]))
+    return _act(Path(args[0]), int(args[1]), said)
 
 
 if __name__ == "__main__":

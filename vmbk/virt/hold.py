@@ -21,7 +21,8 @@ Three things make it safe:
    vmbk.virt.guard MARKER PID`` (`Hold`; argv, never a shell), a small
    process that reads a pipe from vmbk.  vmbk writes ``released`` when it
    has undone the hold; EOF without it means vmbk died, and the guard
-   undoes the hold at once (`undo`), using the marker.  It ignores
+   undoes the hold at once (`undo`), using the marker (unless vmbk had
+   said ``undone``: then it only removes the marker).  It ignores
    SIGINT/SIGTERM/SIGHUP and sits in its own session, so the Ctrl-C or
    the stop that made vmbk unwind does not take it first; vmbk reaps it,
    or init does when vmbk died, and it exits as soon as it is released or
@@ -42,9 +43,10 @@ left alone and the marker dropped.  ``frozen`` is thawed through the
 agent (``fsThaw`` is harmless on a thawed guest, and libvirt runs it
 after a freeze still in flight: agent commands are serialized).  A
 ``suspend`` the dead vmbk sent may also still be in flight in libvirtd
-when the guard looks, so a guard that finds the domain running watches it
-for `INFLIGHT_GRACE` seconds before it concludes there is nothing to do.
-The next run does not need to: nothing of the dead vmbk is in flight.
+when the guard looks, so a guard that finds the domain running, and was
+not told ``held`` (the suspend returned), watches it for `INFLIGHT_GRACE`
+seconds before it concludes there is nothing to do.  The next run does
+not need to: nothing of the dead vmbk is in flight by then.
 
 Why a file and not libvirt domain metadata: the marker must be durable
 *before* the suspend, which an fsync of our own file guarantees and a
@@ -319,8 +321,11 @@ class Hold:
     """One vmbk's hold on one domain: its marker and its guard.
 
     ``mark(action)`` before each suspend/fsFreeze (the guard is started on
-    the first); ``release()`` once undone, ``release(keep=True)`` when the
-    undo failed, so that the next run tries again.
+    the first), ``held()`` once it returned; ``release()`` once undone,
+    ``release(keep=True)`` when the undo failed, so that the next run
+    tries again.  What the guard is told on its pipe (`vmbk.virt.guard`):
+    ``held`` (no suspend in flight any more), ``undone`` (vmbk resumed or
+    thawed: nothing to undo), ``released`` (the marker is gone too).
     """
 
     def __init__(self, dom: Any) -> None:
@@ -366,8 +371,13 @@ class Hold:
                               vm=self.dom.name())
         self.marked = True
 
+    def held(self) -> None:
+        """The suspend/fsFreeze returned: nothing of it is in flight any more."""
+        self._tell(b"held\n")
+
     def release(self, *, keep: bool = False) -> None:
         if self.marked and not keep:
+            self._tell(b"undone\n")  # from here a death needs no undo, only the marker removed
             remove_marker(self.path)
         elif self.marked:
             log.error("%s: left %s; the next vmbk run for this VM tries again", self.dom.name(), self.path)
@@ -375,6 +385,12 @@ class Hold:
         if self.guard is not None:
             _dismiss(self.guard)
             self.guard = None
+
+    def _tell(self, message: bytes) -> None:
+        if self.guard is not None and self.guard.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.guard.stdin.write(message)
+                self.guard.stdin.flush()
 
 
 def _start_guard(marker: Path) -> subprocess.Popen[bytes] | None:

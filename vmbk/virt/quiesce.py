@@ -119,6 +119,8 @@ def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = 
                 hold.mark("paused")
                 if _pause(dom):
                     level = "paused"
+            if level != "crash":
+                hold.held()
         finally:
             if level == "crash":
                 hold.release()  # nothing held (or an error: nothing held either)
