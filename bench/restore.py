@@ -102,7 +102,7 @@ def worker_main(argv: list[str]) -> int:
     from vmbk.restore import image
 
     srcs = tuple(Path(p) for p in a.sources)
-    job = image.DiskJob("vda", srcs, Path(a.out), 0, 0, ())
+    job = image.DiskRestore("vda", srcs, Path(a.out), 0, 0, ())
     t0 = time.perf_counter()
     if a.kind == "old":
         image.write_raw(srcs, job.raw)

@@ -22,7 +22,7 @@ from vmbk.commands.restore import main
 from vmbk.errors import Exit
 from vmbk.lock import VmLock
 from vmbk.output import Emitter
-from vmbk.restore.plan import image_name
+from vmbk.restore.preflight import image_name
 from vmbk.stream import scan
 
 TEST_URI = "test:///default"
@@ -161,7 +161,7 @@ def test_existing_files_need_force(tree, tmp_path):
 
 
 def test_insufficient_space_is_a_storage_error(tree, tmp_path, monkeypatch):
-    from vmbk.restore import plan
+    from vmbk.restore import preflight as plan
 
     root, _ = tree
     monkeypatch.setattr(plan, "free_space", lambda path: 1000)

@@ -111,7 +111,7 @@ def test_qcow2_is_the_chain_thin_and_checked(tmp_path, seed, size, options):
     paths = make_chain(tmp_path, seed, size)
     img = tmp_path / "out.qcow2"
     image.write_qcow2(paths, img, options)
-    opts = qcow2.Options.parse(options)
+    opts = qcow2.ImageOptions.parse(options)
     info = assert_qcow2_of(img, paths, tmp_path, opts.cluster_size)
     spec = info["format-specific"]["data"]
     assert spec["compat"] == ("0.10" if opts.version == 2 else "1.1")
@@ -208,8 +208,8 @@ def test_runs_are_nonzero_whole_units_in_order(tmp_path):
 # -- build: checksums checked alongside, nothing left on failure ---------------------------------
 
 
-def job_for(paths: list[Path], target: Path) -> image.DiskJob:
-    return image.DiskJob("vda", tuple(paths), target, 0, 0, ("cluster_size=65536",))
+def job_for(paths: list[Path], target: Path) -> image.DiskRestore:
+    return image.DiskRestore("vda", tuple(paths), target, 0, 0, ("cluster_size=65536",))
 
 
 def test_build_with_verify_reports_streams_without_chksum(tmp_path):
@@ -254,17 +254,17 @@ def test_build_with_verify_stops_the_check_on_failure(tmp_path, monkeypatch):
 
 
 def test_options_parse():
-    assert qcow2.Options.parse(()) == qcow2.Options(3, 16, False)
-    assert qcow2.Options.parse(("compat=0.10", "lazy_refcounts=on")) == qcow2.Options(2, 16, False)
+    assert qcow2.ImageOptions.parse(()) == qcow2.ImageOptions(3, 16, False)
+    assert qcow2.ImageOptions.parse(("compat=0.10", "lazy_refcounts=on")) == qcow2.ImageOptions(2, 16, False)
     for bad in ("cluster_size=1000", "cluster_size=4194304", "compat=2.0", "preallocation=full"):
         with pytest.raises(ValueError):
-            qcow2.Options.parse((bad,))
+            qcow2.ImageOptions.parse((bad,))
 
 
 def test_writer_refuses_out_of_order_and_partial_clusters(tmp_path):
     fd = os.open(tmp_path / "x.qcow2", os.O_RDWR | os.O_CREAT)
     try:
-        w = qcow2.Writer(fd, 4 * MiB, qcow2.Options())
+        w = qcow2.Writer(fd, 4 * MiB, qcow2.ImageOptions())
         w.write(MiB, memoryview(b"\1" * 65536))
         with pytest.raises(ValueError):
             w.write(0, memoryview(b"\1" * 65536))

@@ -93,7 +93,7 @@ from vmbk.commands._common import Common, Session, existing_backup_path, make_em
 from vmbk.errors import StorageError, UsageError, VmbkError
 from vmbk.output import Emitter
 from vmbk.restore import listing, verify
-from vmbk.restore.plan import Options
+from vmbk.restore.preflight import RestoreOptions
 from vmbk.restore.run import restore
 from vmbk.restore.select import choose_chain, parse_disks, parse_restore_point
 from vmbk.restore.source import SourceRef, load, resolve
@@ -109,7 +109,7 @@ class Args:
     vm: str | None
     period: str | None
     all_chains: bool
-    options: Options | None
+    options: RestoreOptions | None
 
     @classmethod
     def from_docopt(cls, args: dict[str, Any]) -> Args:
@@ -134,7 +134,7 @@ class Args:
                 raise UsageError("--restore-path is required (only --disk restores in place without it)")
             if args.get("--no-pre-restore") and (raw_path is not None or not disk_restore):
                 raise UsageError("--no-pre-restore goes with an in-place --disk restore (no --restore-path)")
-            options = Options(
+            options = RestoreOptions(
                 restore_path=Path(os.path.abspath(raw_path)) if raw_path is not None else None,
                 period=args.get("--period"),
                 restore_point=parse_restore_point(args.get("--restore-point")),

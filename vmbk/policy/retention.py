@@ -1,6 +1,6 @@
 """Retention: which backups of one VM stay, which go, and why.
 
-Pure, like the planner (`vmbk.policy.plan`) and restic's ``ApplyPolicy``:
+Pure, like the planner (`vmbk.policy.backup`) and restic's ``ApplyPolicy``:
 the facts of a VM's tree (`TreeFacts`, gathered by `vmbk.rotate.facts`),
 the policy, the retention settings and "now" in; a `Decision` out, every
 entry with its reason.  Golden-tested (tests/golden/retention).  The

@@ -13,7 +13,7 @@ data").  One module per concern:
 ``select``   which chain, point and disks a restore uses;
 ``listing``  ``--list`` and ``--list-restore-points`` records;
 ``verify``   ``--verify`` and ``--dump`` records;
-``plan``     names, safety checks and free space, before anything is written;
+``preflight`` names, safety checks and free space, before anything is written;
 ``image``    one disk: merged chain -> qcow2 (or raw), checked; with
            `vmbk.stream.chainread` (the chain's non-zero clusters in
            disk order), ``qcow2`` (the format writer) and ``checker``

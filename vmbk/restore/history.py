@@ -14,7 +14,7 @@ import time
 
 from vmbk.catalogue import Catalogue
 from vmbk.errors import Exit, Terminated, VmbkError
-from vmbk.restore.plan import Options, Plan
+from vmbk.restore.preflight import RestoreOptions, RestorePlan
 from vmbk.restore.source import SourceRef
 
 log = logging.getLogger("vmbk.restore")
@@ -32,7 +32,7 @@ def exit_code(e: BaseException | None) -> int:
     return int(Exit.GENERAL)
 
 
-def record(ref: SourceRef, opts: Options, plan: Plan | None, started_at: str, t0: float,
+def record(ref: SourceRef, opts: RestoreOptions, plan: RestorePlan | None, started_at: str, t0: float,
            error: BaseException | None) -> None:
     """One ``restore_sessions`` row, if there is a catalogue; never fails the restore."""
     try:

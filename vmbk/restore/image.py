@@ -55,7 +55,7 @@ RAW_UNIT = 64 << 10  # write_raw leaves holes of this granularity
 
 
 @dataclasses.dataclass(frozen=True)
-class DiskJob:
+class DiskRestore:
     """What to build for one disk: its streams (oldest first) and its target."""
 
     disk: str
@@ -164,7 +164,7 @@ def write_qcow2(sources: Sequence[Path], target: Path, options: Sequence[str] = 
     ``options``: as `qcow_options` returns them; ``check`` is called
     between windows (it raises to stop the write).
     """
-    opts = qcow2.Options.parse(options)
+    opts = qcow2.ImageOptions.parse(options)
     with ChainImage(sources) as img:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, IMAGE_MODE)
         try:
@@ -187,7 +187,7 @@ def _qemu_img(argv: list[str], what: str, error: type[VmbkError] = ToolError) ->
         raise error(f"qemu-img {what} failed ({r.returncode}): {lines[-1] if lines else 'no message'}")
 
 
-def build(job: DiskJob, *, verify: bool = False) -> Built:
+def build(job: DiskRestore, *, verify: bool = False) -> Built:
     """Write ``job.partial``: a checked qcow2 of the merged chain (not yet renamed).
 
     ``verify``: check the sources' ``.chksum`` meanwhile (`SourceCheck`),
@@ -217,12 +217,12 @@ def build(job: DiskJob, *, verify: bool = False) -> Built:
     return Built(job.disk, time.monotonic() - started, job.data_bytes, unchecked)
 
 
-def _writable_options(job: DiskJob) -> tuple[str, ...]:
+def _writable_options(job: DiskRestore) -> tuple[str, ...]:
     """job.qcow_options without the ones the writer cannot make (warned about)."""
     keep = []
     for opt in job.qcow_options:
         try:
-            qcow2.Options.parse([opt])
+            qcow2.ImageOptions.parse([opt])
         except ValueError as e:
             log.warning("%s: %s; qemu-img's default is used", job.disk, e)
             continue
@@ -230,7 +230,7 @@ def _writable_options(job: DiskJob) -> tuple[str, ...]:
     return tuple(keep)
 
 
-def commit(jobs: Sequence[DiskJob]) -> None:
+def commit(jobs: Sequence[DiskRestore]) -> None:
     """Rename every ``.partial`` to its final name and make it durable."""
     for job in jobs:
         fd = os.open(job.partial, os.O_RDONLY | os.O_CLOEXEC)
@@ -243,7 +243,7 @@ def commit(jobs: Sequence[DiskJob]) -> None:
         fsync_dir(parent)
 
 
-def discard(jobs: Iterable[DiskJob]) -> None:
+def discard(jobs: Iterable[DiskRestore]) -> None:
     """Remove the temporary files of ``jobs`` (never a committed target)."""
     for job in jobs:
         for path in (job.raw, job.partial):

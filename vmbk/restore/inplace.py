@@ -118,7 +118,7 @@ def check_pre_restore(paths: Sequence[Path]) -> None:
                                "confirmed good, or use --no-pre-restore")
 
 
-def build_raw(job: image.DiskJob) -> image.Built:
+def build_raw(job: image.DiskRestore) -> image.Built:
     """A raw disk: the merged chain written thin into ``job.partial`` itself."""
     started = time.monotonic()
     try:
@@ -129,7 +129,7 @@ def build_raw(job: image.DiskJob) -> image.Built:
     return image.Built(job.disk, time.monotonic() - started, job.data_bytes)
 
 
-def swap(jobs: Sequence[image.DiskJob], *, keep: bool) -> list[Swapped]:
+def swap(jobs: Sequence[image.DiskRestore], *, keep: bool) -> list[Swapped]:
     """Put every built ``.partial`` in place of its target; all or nothing.
 
     ``keep``: the replaced file becomes ``<target>.pre-restore``; a failure

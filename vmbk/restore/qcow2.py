@@ -19,7 +19,7 @@ Layout (QEMU's docs/interop/qcow2.txt), in host clusters::
 Every host cluster is used exactly once, so every refcount is 1 and every
 L1/L2 entry carries the COPIED flag, as QEMU writes them.  Clusters the
 chain never wrote, or that hold only zeroes, stay unallocated: in an image
-without a backing file they read as zero.  Options are the three
+without a backing file they read as zero.  ImageOptions are the three
 `vmbk.restore.image.qcow_options` keeps from the source image: ``compat``
 (0.10 = version 2, 1.1 = version 3), ``cluster_size``, ``lazy_refcounts``
 (a compatible feature bit of version 3; the refcounts are exact anyway).
@@ -46,7 +46,7 @@ DEFAULT_CLUSTER_BITS = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class ImageOptions:
     version: int = 3
     cluster_bits: int = DEFAULT_CLUSTER_BITS
     lazy_refcounts: bool = False
@@ -56,8 +56,8 @@ class Options:
         return 1 << self.cluster_bits
 
     @classmethod
-    def parse(cls, options: Sequence[str]) -> Options:
-        """``("compat=1.1", "cluster_size=65536", "lazy_refcounts=on")`` -> Options.
+    def parse(cls, options: Sequence[str]) -> ImageOptions:
+        """``("compat=1.1", "cluster_size=65536", "lazy_refcounts=on")`` -> ImageOptions.
 
         ValueError for anything else: this writer makes only these.
         """
@@ -94,7 +94,7 @@ class Writer:
     read as zero.
     """
 
-    def __init__(self, fd: int, virtual_size: int, options: Options) -> None:
+    def __init__(self, fd: int, virtual_size: int, options: ImageOptions) -> None:
         if virtual_size <= 0:
             raise ValueError("a qcow2 image needs a virtual size above 0")
         self.fd = fd

@@ -17,7 +17,7 @@ from typing import Any
 from vmbk.errors import VmbkError
 from vmbk.records import Record, make
 from vmbk.restore import image, inplace
-from vmbk.restore.plan import Plan
+from vmbk.restore.preflight import RestorePlan
 
 log = logging.getLogger("vmbk.restore")
 
@@ -39,7 +39,7 @@ class Outcome:
     pools: list[str] = dataclasses.field(default_factory=list)
 
 
-def disk_record(plan: Plan, job: image.DiskJob, session: str | None, outcome: str,
+def disk_record(plan: RestorePlan, job: image.DiskRestore, session: str | None, outcome: str,
                  built: image.Built | None, swapped: inplace.Swapped | None = None) -> Record:
     extra: dict[str, Any] = {}
     if built is not None:
@@ -68,7 +68,7 @@ def disk_record(plan: Plan, job: image.DiskJob, session: str | None, outcome: st
     )
 
 
-def summary(plan: Plan, session: str | None, outcome: str, out: Outcome, seconds: float,
+def summary(plan: RestorePlan, session: str | None, outcome: str, out: Outcome, seconds: float,
              blocked: list[str] | None = None) -> Record:
     point = plan.point
     data = sum(j.data_bytes for j in plan.jobs)
@@ -110,7 +110,7 @@ def summary(plan: Plan, session: str | None, outcome: str, out: Outcome, seconds
     return rec
 
 
-def _tpm(plan: Plan, out: Outcome, outcome: str) -> dict[str, Any] | None:
+def _tpm(plan: RestorePlan, out: Outcome, outcome: str) -> dict[str, Any] | None:
     """What became of the backup's TPM state (None: the restore has none to bring back)."""
     if plan.tpm_source is None:
         return None

@@ -7,7 +7,7 @@ Order and why:
    read; the tree is scanned under it.  A read-only backup mount (a
    recovery host) cannot hold a lock file and cannot be written by a
    backup either: the restore then goes on without one;
-2. the plan and its checks (`vmbk.restore.plan`), then the ones that need
+2. the plan and its checks (`vmbk.restore.preflight`), then the ones that need
    libvirt: output files that are disks of defined domains, a clone name
    already taken (`vmbk.restore.livedisks`, `vmbk.restore.clone`);
 3. the ``.chksum`` of every stream the restore reads, checked while the
@@ -42,7 +42,7 @@ from vmbk.errors import StorageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
 from vmbk.records import Record, error_record
 from vmbk.restore import define, domainxml, history, image, inplace, livedisks, pools, report, tpm
-from vmbk.restore.plan import Options, Plan, check_existing, check_space, make_plan
+from vmbk.restore.preflight import RestoreOptions, RestorePlan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt import hold
 from vmbk.virt.connection import LibvirtError, open_connection
@@ -52,13 +52,13 @@ log = logging.getLogger("vmbk.restore")
 Emit = Callable[[Record], None]
 
 
-def restore(ref: SourceRef, opts: Options, *, uri: str | None, session: str | None, emit: Emit) -> None:
+def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: str | None, emit: Emit) -> None:
     """Restore as ``opts`` says, emitting ``restore_disk`` and ``restore`` records."""
     if opts.dry_run:
         _dry_run(ref, opts, uri=uri, session=session, emit=emit)
         return
     started_at, t0 = now_iso(), time.monotonic()
-    plan: Plan | None = None
+    plan: RestorePlan | None = None
     try:
         with _lock(ref):
             source = load(ref)
@@ -81,11 +81,11 @@ def restore(ref: SourceRef, opts: Options, *, uri: str | None, session: str | No
         emit(error_record(outcome.tpm_error, stage="restore", session=session, vm=plan.source.vm))
 
 
-def _current(conn: Any, vm: str, opts: Options) -> dict[str, inplace.CurrentDisk] | None:
+def _current(conn: Any, vm: str, opts: RestoreOptions) -> dict[str, inplace.CurrentDisk] | None:
     return inplace.current_disks(conn, vm) if opts.mode == "inplace" else None
 
 
-def _dry_run(ref: SourceRef, opts: Options, *, uri: str | None, session: str | None, emit: Emit) -> None:
+def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: str | None, emit: Emit) -> None:
     """The whole plan as records; the first failed check is raised afterwards."""
     source = load(ref)
     failed: list[VmbkError] = []
@@ -142,7 +142,7 @@ def _connection(uri: str | None, *, required: bool, write: bool) -> Iterator[Any
                 conn.close()
 
 
-def _preflight(plan: Plan, conn: Any, opts: Options) -> bool:
+def _preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
     """All checks; True when a shut-off namesake must be undefined first.
 
     The VM's name first (a VM problem), then files of domains, then files
@@ -161,7 +161,7 @@ def _preflight(plan: Plan, conn: Any, opts: Options) -> bool:
     return replace
 
 
-def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outcome:
+def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool) -> report.Outcome:
     out = report.Outcome()
     if opts.verify:  # raw images first; qcow2 ones are checked while they are written
         out.unchecked = image.verify_sources(p for j in plan.jobs if j.disk in plan.raw for p in j.sources)
@@ -212,7 +212,7 @@ def _execute(plan: Plan, conn: Any, opts: Options, replace: bool) -> report.Outc
     return out
 
 
-def _after(plan: Plan, conn: Any, out: report.Outcome) -> None:
+def _after(plan: RestorePlan, conn: Any, out: report.Outcome) -> None:
     """Once the files are in place: TPM state, then the storage pool."""
     if plan.tpm_source is not None:
         uuid = (out.domain or {}).get("uuid") or (plan.config.uuid if plan.config else None)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from vmbk.errors import StorageError, UsageError, VmError
 from vmbk.restore import inplace, tpm
-from vmbk.restore.image import DiskJob, measure, qcow_options
+from vmbk.restore.image import DiskRestore, measure, qcow_options
 from vmbk.restore.inplace import CurrentDisk
 from vmbk.restore.points import RestorePoint, chain_warnings
 from vmbk.restore.select import choose_chain, choose_disks, choose_point
@@ -47,7 +47,7 @@ NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class RestoreOptions:
     """What the user asked for, typed (the command layer builds it)."""
 
     #: None only for an in-place disk restore (``--disk`` without ``--restore-path``).
@@ -85,13 +85,13 @@ class Options:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class RestorePlan:
     source: Source
     point: RestorePoint
     mode: str
     name: str
     restore_path: Path
-    jobs: tuple[DiskJob, ...]
+    jobs: tuple[DiskRestore, ...]
     config: DomainConfig | None = None
     nvram_source: Path | None = None
     nvram_target: Path | None = None
@@ -146,7 +146,7 @@ def _idents(point: RestorePoint, disk: str) -> list[str]:
     return ["copy" if f.level == "copy" else checkpoint_name(f.number or 0) for f in point.disks[disk]]
 
 
-def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] | None = None) -> Plan:
+def make_plan(source: Source, opts: RestoreOptions, current: Mapping[str, CurrentDisk] | None = None) -> RestorePlan:
     """Choose, name and measure; VmbkError when the restore cannot be done.
 
     ``current``: the VM's disks as libvirt defines them now, which an
@@ -186,7 +186,7 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
     for disk in disks:
         vsize, data = measure(point.paths(disk))
         qcow = () if disk in raw else qcow_options(chain.path, disk, point.ident, _idents(point, disk))
-        jobs.append(DiskJob(disk, tuple(point.paths(disk)), paths[disk], vsize, data, qcow))
+        jobs.append(DiskRestore(disk, tuple(point.paths(disk)), paths[disk], vsize, data, qcow))
     nvram_src = nvram_dst = xml_dst = None
     aside: tuple[Path, ...] = ()
     if config is not None:
@@ -211,7 +211,7 @@ def make_plan(source: Source, opts: Options, current: Mapping[str, CurrentDisk] 
             warnings.append("--skip-tpm: the backup's TPM state is not restored"
                             + ("; the clone starts with an empty TPM" if opts.mode == "clone" else ""))
     needed = _needed(jobs, nvram_src)
-    return Plan(source, point, opts.mode, name, restore_path, tuple(jobs), config, nvram_src, nvram_dst,
+    return RestorePlan(source, point, opts.mode, name, restore_path, tuple(jobs), config, nvram_src, nvram_dst,
                 xml_dst, sum(needed.values()), free_space(restore_path), tuple(warnings), aside, raw,
                 opts.pre_restore and opts.mode == "inplace", tpm_src, needed)
 
@@ -221,7 +221,7 @@ def _original_name(saved: Path, point: RestorePoint) -> str:
     return saved.name[: -len(suffix)] if saved.name.endswith(suffix) else saved.name
 
 
-def _needed(jobs: list[DiskJob], nvram: Path | None) -> dict[Path, int]:
+def _needed(jobs: list[DiskRestore], nvram: Path | None) -> dict[Path, int]:
     """Bytes the restore needs per directory it writes to: each image,
     data plus metadata (qcow2 tables: well under 1/4096 of the disk)."""
     out: dict[Path, int] = {}
@@ -247,7 +247,7 @@ def _file_names(point: RestorePoint, disks: tuple[str, ...], name: str, dr: Doma
     return names if len(set(names.values())) == len(names) else ours
 
 
-def check_existing(plan: Plan, *, force: bool) -> None:
+def check_existing(plan: RestorePlan, *, force: bool) -> None:
     if plan.restore_path.exists() and not plan.restore_path.is_dir():
         raise StorageError(f"--restore-path {plan.restore_path} exists and is not a directory")
     if plan.mode == "inplace":
@@ -263,7 +263,7 @@ def check_existing(plan: Plan, *, force: bool) -> None:
             raise StorageError(f"{target} exists: --force overwrites it")
 
 
-def check_space(plan: Plan) -> None:
+def check_space(plan: RestorePlan) -> None:
     """StorageError (4) when a file system lacks the bytes it gets, plus 10 %."""
     per_fs: dict[int, tuple[Path, int, int | None]] = {}
     for d, n in (plan.needed or {plan.restore_path: plan.needed_bytes}).items():
