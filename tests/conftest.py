@@ -14,4 +14,5 @@ time.tzset()
 pytest_plugins = [
     "fixtures.nbd_servers",
     "fixtures.guest",
+    "fixtures.replication",
 ]

@@ -30,7 +30,7 @@ from vmbk.errors import StorageError, UsageError
 from vmbk.replicate import files
 from vmbk.replicate.receive import INCOMING, MANIFEST, sha256_file
 from vmbk.replicate.ssh import SshTransport
-from vmbk.replicate.transport import Space, ToolFailed, failure
+from vmbk.replicate.transport import Batch, Space, ToolFailed, failure
 from vmbk.settings import Replication
 from vmbk.tree import names
 
@@ -60,15 +60,16 @@ class AppendOnlyTransport(SshTransport):
         a = self._query("list", {"vms": None if vms is None else list(vms)})
         return {str(rel): files.Entry(int(size), float(mtime)) for rel, size, mtime in a.get("files") or []}
 
-    def send(self, src_root: Path, rels: Sequence[str], updates: Sequence[str] = ()) -> None:
-        if rels:
-            sent = set(self.rsync.push(src_root, sorted(rels), what=f"copy to {self.where()}"))
-            there = sorted(set(rels) - sent)
-            if there:
-                raise StorageError(f"{self.where()}: already there in another version, left as it is: "
-                                   f"{', '.join(there[:5])}{' ...' if len(there) > 5 else ''}")
-        if updates:
-            self._stage(src_root, updates, [])
+    def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        for new, updates in phases:
+            if new:
+                sent = set(self.rsync.push(src_root, sorted(new), what=f"copy to {self.where()}"))
+                there = sorted(set(new) - sent)
+                if there:
+                    raise StorageError(f"{self.where()}: already there in another version, left as it is: "
+                                       f"{', '.join(there[:5])}{' ...' if len(there) > 5 else ''}")
+            if updates:
+                self._stage(src_root, updates, [])
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         if moves:

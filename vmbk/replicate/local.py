@@ -19,7 +19,7 @@ from pathlib import Path
 from vmbk.fsutil import ensure_dir, ensure_secret_dir, fsync_dir
 from vmbk.replicate import files
 from vmbk.replicate.rsync import PARTIAL_DIR, Rsync
-from vmbk.replicate.transport import Space, Transport, Unreachable, failure
+from vmbk.replicate.transport import Batch, Space, Transport, Unreachable, failure
 from vmbk.settings import Replication
 
 
@@ -50,8 +50,9 @@ class LocalTransport(Transport):
             out[files.CATALOGUE] = files.Entry(st.st_size, st.st_mtime)
         return out
 
-    def send(self, src_root: Path, rels: Sequence[str], updates: Sequence[str] = ()) -> None:
-        self.rsync.push(src_root, sorted({*rels, *updates}), what=f"copy to {self.root}")
+    def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        for new, updates in phases:
+            self.rsync.push(src_root, sorted({*new, *updates}), what=f"copy to {self.root}")
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         touched: set[Path] = set()

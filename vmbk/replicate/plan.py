@@ -104,19 +104,23 @@ def plan_vm(vm: str, src: Mapping[str, Entry], dst: Mapping[str, Entry], mode: s
 
     src_chains = _chains(src)
     for chain, members in sorted(_chains(dst).items()):
-        if chain not in src_chains or all(same(r) for r in members if is_data(r)):
+        if all(same(r) for r in members):
             continue
+        # the source reuses the directory for another chain: its old one must go first
+        stale = chain in src_chains and any(is_data(r) and not same(r) for r in members)
         _follow_archive(plan, chain, members, src, dst, tolerance)
+        if not stale:
+            continue  # what is left goes with the deletions (mirror) or stays
         left = [r for r in members if r in dst and not same(r)]
         if mode == MIRROR:
             plan.retract += _order(left, commit_first=True)
             for r in left:
                 dst.pop(r)
         elif any(is_data(r) for r in left):
-            stale = ", ".join(sorted(r.rsplit("/", 1)[-1] for r in left if is_data(r)))
+            old = ", ".join(sorted(r.rsplit("/", 1)[-1] for r in left if is_data(r)))
             plan.blocked.append(chain)
             plan.problems.append(
-                f"{chain}: the replica holds a chain the source no longer has ({stale}) and {mode} never deletes: "
+                f"{chain}: the replica holds a chain the source no longer has ({old}) and {mode} never deletes: "
                 "nothing of the source's new chain is copied there until it is moved away on the replica")
 
     for rel in _order(src):

@@ -218,9 +218,9 @@ class Destination:
                 self.t.move(plan.moves)
             if plan.retract:
                 self.t.remove(plan.retract, [])
-            for p in PHASES:
-                if plan.new[p] or plan.updates[p]:
-                    self.t.send(self.opts.root, sorted(plan.new[p]), sorted(plan.updates[p]))
+            phases = [(sorted(plan.new[p]), sorted(plan.updates[p])) for p in PHASES]
+            if any(new or updates for new, updates in phases):
+                self.t.send(self.opts.root, [b for b in phases if b[0] or b[1]])
             if plan.deletes or plan.emptied:
                 self.t.remove(plan.deletes, plan.emptied)
             blocked = tuple(c + "/" for c in plan.blocked)
@@ -257,7 +257,7 @@ class Destination:
     def _send_catalogue(self) -> None:
         with tempfile.TemporaryDirectory(prefix="vmbk-replicate-") as tmp:
             if snapshot.take(self.opts.root, Path(tmp)):
-                self.t.send(Path(tmp), [CATALOGUE])
+                self.t.send(Path(tmp), [([CATALOGUE], [])])
 
     def _end(self, run: int | None, started: float, outcome: dict[str, Any], verified: str) -> None:
         self.history.end(run, {

@@ -9,9 +9,10 @@ Safe writes: rclone 1.60 (Debian 12) writes a file under its own name as
 it uploads it (partial uploads came in 1.63), so a killed upload would
 leave a truncated file that looks like the real one.  Every copy therefore
 goes to a staging directory on the remote first, ``<path>/.vmbk-partial/``
-(not a VM directory, so no listing ever sees it), and is moved into place
-once the whole phase has arrived -- a rename on sftp and local, a
-server-side copy where the backend has no rename.  What a killed run
+(not a VM directory, so no listing ever sees it): all phases in one
+upload, then moved into place phase after phase (``rclone move`` per VM
+directory) -- a rename on sftp and local, a server-side copy where the
+backend has no rename.  What a killed run
 leaves is a half-filled staging directory; the next run uploads again.
 Pulls stage the same way on the local side.
 
@@ -32,6 +33,7 @@ import orjson
 
 from vmbk.replicate import files
 from vmbk.replicate.transport import (
+    Batch,
     Space,
     ToolFailed,
     Transport,
@@ -105,14 +107,23 @@ class RcloneTransport(Transport):
                     out[path] = files.Entry(int(item["Size"]), _mtime(item["ModTime"]))
         return out
 
-    def send(self, src_root: Path, rels: Sequence[str], updates: Sequence[str] = ()) -> None:
-        every = sorted({*rels, *updates})
+    def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        every = sorted({r for new, updates in phases for r in (*new, *updates)})
         if not every:
             return
         staging = self._path(STAGING)
         self._rclone("copy", f"{src_root}/", staging, "--no-traverse", "--no-check-dest", rels=every,
                      what=f"copy to {self.root}")
-        self._rclone("move", staging, self.root, "--no-traverse", rels=every, what=f"placing files in {self.root}")
+        # into place phase by phase, one top directory at a time (rclone
+        # refuses to move from a directory into one that contains it)
+        for new, updates in phases:
+            tops: dict[str, list[str]] = {}
+            for rel in sorted({*new, *updates}):
+                top, _, inner = rel.partition("/")
+                tops.setdefault(top, []).append(inner)
+            for top, names in tops.items():
+                self._rclone("move", f"{staging}/{top}", self._path(top), "--no-traverse", rels=names,
+                             what=f"placing files in {self._path(top)}")
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         groups: dict[tuple[str, str], list[str]] = {}

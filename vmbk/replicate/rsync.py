@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmbk.replicate.files import Entry, Listing, replicable
-from vmbk.replicate.transport import need, nul_list, run_tool
+from vmbk.replicate.transport import classify, need, nul_list, run_tool
 
 PARTIAL_DIR = ".~tmp~"
 #: I/O timeout: a far side that stops answering fails the run instead of hanging it.
@@ -107,8 +107,13 @@ class Rsync:
         if self.rsh:
             argv += ["-e", self.rsh]
         prefix = rel.strip("/")
-        r = run_tool([*argv, self.root + (prefix + "/" if prefix else "")], what=what, env={"TZ": "UTC"})
+        r = run_tool([*argv, self.root + (prefix + "/" if prefix else "")], what=what, env={"TZ": "UTC"},
+                     ok=(0, 23))
         out: Listing = {}
+        if r.returncode == 23:
+            if prefix and b"No such file or directory" in r.stderr:
+                return out  # nothing of that VM there
+            raise classify(what, self.exe, r.returncode, r.stderr.decode("utf-8", "replace"))
         for line in r.stdout.decode("utf-8", "surrogateescape").splitlines():
             parts = line.split(None, 4)
             if len(parts) < 5 or not parts[0].startswith("-"):

@@ -22,6 +22,7 @@ from pathlib import Path
 from vmbk.replicate import files
 from vmbk.replicate.rsync import PARTIAL_DIR, Rsync
 from vmbk.replicate.transport import (
+    Batch,
     Space,
     ToolFailed,
     Transport,
@@ -94,16 +95,12 @@ class SshTransport(Transport):
     def listing(self, vms: Sequence[str] | None = None) -> files.Listing:
         out: files.Listing = {}
         for rel in [""] if vms is None else vms:
-            try:
-                out.update(self.rsync.list_only(rel, what=f"listing {self.where(rel)}"))
-            except ToolFailed as e:
-                if rel and e.tool_exit == 23:  # no such directory: nothing of that VM there
-                    continue
-                raise
+            out.update(self.rsync.list_only(rel, what=f"listing {self.where(rel)}"))
         return out
 
-    def send(self, src_root: Path, rels: Sequence[str], updates: Sequence[str] = ()) -> None:
-        self.rsync.push(src_root, sorted({*rels, *updates}), what=f"copy to {self.where()}")
+    def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        for new, updates in phases:
+            self.rsync.push(src_root, sorted({*new, *updates}), what=f"copy to {self.where()}")
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         q = shlex.quote

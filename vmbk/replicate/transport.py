@@ -7,9 +7,10 @@ called, and nothing else: it never decides what to copy.
 
 ``space()``      reachable?  free and total bytes (None: not known);
 ``listing(vms)`` the replica's files (`vmbk.replicate.files.Listing`);
-``send``         copy files from a local tree (new ones, and ``updates``
-                 of files the replica has), keeping modification times
-                 and modes, never leaving a partial file under its name;
+``send``         copy files from a local tree, phase after phase (each a
+                 `Batch`: new files, and updates of files the replica
+                 has), keeping modification times and modes, never
+                 leaving a partial file under its name;
 ``move``         renames on the replica (a chain the source archived);
 ``remove``       delete files, then the directories they emptied;
 ``mismatches``   the files whose content differs between a local tree
@@ -32,6 +33,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -47,7 +49,7 @@ UNREACHABLE = (
     "connection refused", "connection reset", "connection timed out", "connection closed by", "no route to host",
     "could not resolve hostname", "name or service not known", "permission denied (publickey",
     "host key verification failed", "couldn't connect ssh", "handshake failed", "unable to authenticate",
-    "connection unexpectedly closed", "broken pipe", "network is unreachable", "failed to create file system",
+    "connection unexpectedly closed", "network is unreachable", "failed to create file system",
     "timed out", "kex_exchange_identification", "remote host identification has changed",
 )
 FULL = ("no space left on device", "disk quota exceeded", "file too large", "quota exceeded")
@@ -106,10 +108,11 @@ def run_tool(argv: Sequence[str], *, what: str, input: bytes | None = None,
     Ctrl-C, with its partial files where they belong.
     """
     full = ["setpriv", "--pdeathsig", "TERM", "--", *argv] if shutil.which("setpriv") else list(argv)
-    log.debug("running %s", " ".join(argv))
     merged = {**os.environ, "LC_ALL": "C", **(env or {})}
+    started = time.monotonic()
     r = subprocess.run(full, input=input, stdin=None if input is not None else subprocess.DEVNULL,
                        capture_output=True, env=merged, check=False)
+    log.debug("%.2f s, exit %d: %s", time.monotonic() - started, r.returncode, " ".join(argv))
     if r.returncode not in ok:
         raise classify(what, argv[0], r.returncode, r.stderr.decode("utf-8", "replace"))
     return r
@@ -141,6 +144,10 @@ def line_list(rels: Sequence[str]) -> bytes:
     return b"".join(r.encode("utf-8", "surrogateescape") + b"\n" for r in rels)
 
 
+#: One phase of a copy: (files the replica lacks, files it has in another version).
+Batch = tuple[Sequence[str], Sequence[str]]
+
+
 class Transport(abc.ABC):
     """One destination's transport; subclasses are local, ssh, append-only ssh and rclone."""
 
@@ -168,7 +175,9 @@ class Transport(abc.ABC):
     def listing(self, vms: Sequence[str] | None = None) -> Listing: ...
 
     @abc.abstractmethod
-    def send(self, src_root: Path, rels: Sequence[str], updates: Sequence[str] = ()) -> None: ...
+    def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        """Copy the phases' files, one phase after the other: none of a phase
+        appears under its name before every file of the phases before it."""
 
     @abc.abstractmethod
     def move(self, moves: Sequence[tuple[str, str]]) -> None: ...
