@@ -8,7 +8,7 @@ from pathlib import Path
 from test_restore_points import Chain
 
 from vmbk.restore.domainxml import clone_xml
-from vmbk.restore.points import restore_points
+from vmbk.tree.points import restore_points
 from vmbk.restore.vmconfig import nvram_backup, point_config
 from vmbk.tree import scan_vm
 

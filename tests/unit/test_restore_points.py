@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmbk.errors import Exit, UsageError, VmbkError, VmError
-from vmbk.restore.points import COPY, FULL, INCREMENTAL, chain_warnings, restore_points
+from vmbk.tree.points import COPY, FULL, INCREMENTAL, chain_warnings, restore_points
 from vmbk.restore.select import choose_chain, choose_disks, choose_point, parse_disks, parse_restore_point
 from vmbk.restore.source import load, resolve, resolve_path
 from vmbk.stream import StreamMeta, write_stream_atomic

@@ -6,10 +6,8 @@ here needs the catalogue, and nothing here writes into the backup tree
 data").  One module per concern:
 
 ``source``   ``--vm NAME`` or ``--vm /path`` -> the VM's scanned tree;
-``points``   the restore points of a chain and what makes one incomplete or
-           unverifiable (the one place that decides, for the listing,
-           verify and the restore), with ``sidefiles`` (checkpoint and
-           vmconfig XML, qcow.json: readable, and the virtual sizes);
+           its restore points and what makes one incomplete come from
+           `vmbk.tree.points` (shared with rotate and status);
 ``select``   which chain, point and disks a restore uses;
 ``listing``  ``--list`` and ``--list-restore-points`` records;
 ``verify``   ``--verify`` and ``--dump`` records;

@@ -7,7 +7,7 @@ disagree: a chain is *active* when it is a period directory (or the
 accumulate chain) that the listing shows -- data or leftovers of a
 backup, archives do not count -- and *broken* when it is not complete: a
 restore point that cannot be restored, or a flaw of the chain as a whole
-(`vmbk.restore.points.chain_warnings`).  A failed backup that was cleaned
+(`vmbk.tree.points.chain_warnings`).  A failed backup that was cleaned
 up breaks nothing; an archived chain is no longer in its period.
 
 The catalogue (an index, DESIGN "On-disk layout") adds what the tree
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.catalogue import db_path
-from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 from vmbk.tree import Chain
 
 log = logging.getLogger("vmbk.restore")

@@ -24,7 +24,7 @@ from typing import Any
 from vmbk.errors import VmError
 from vmbk.records import Record, make
 from vmbk.restore import health
-from vmbk.restore.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
 from vmbk.tree import Chain, names

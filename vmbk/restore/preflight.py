@@ -35,7 +35,7 @@ from vmbk.errors import StorageError, UsageError, VmError
 from vmbk.restore import inplace, tpm
 from vmbk.restore.image import DiskRestore, measure, qcow_options
 from vmbk.restore.inplace import CurrentDisk
-from vmbk.restore.points import RestorePoint, chain_warnings
+from vmbk.tree.points import RestorePoint, chain_warnings
 from vmbk.restore.select import choose_chain, choose_disks, choose_point
 from vmbk.restore.source import Source
 from vmbk.restore.vmconfig import DomainConfig, nvram_backup, point_config

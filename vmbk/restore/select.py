@@ -8,7 +8,7 @@ restored unless ``--disk`` names some.  The latest point is refused when
 it is incomplete (guide, 9.2); so is an explicitly named incomplete point,
 unless ``--include-incomplete`` (forensic use).  A point whose data files
 lost their ``.chksum`` is refused unless ``--no-verify``
-(`vmbk.restore.points`, "unverifiable").
+(`vmbk.tree.points`, "unverifiable").
 
 Exit codes (guide, section 17): an unknown period, an incomplete target
 and a disk not in the point are VM problems (5); a malformed or
@@ -18,7 +18,7 @@ non-existent ``--restore-point`` is a usage error (7).
 from __future__ import annotations
 
 from vmbk.errors import UsageError, VmError
-from vmbk.restore.points import RestorePoint, restore_points
+from vmbk.tree.points import RestorePoint, restore_points
 from vmbk.restore.source import Source
 from vmbk.tree import Chain
 from vmbk.tree.names import where

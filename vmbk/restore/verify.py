@@ -6,7 +6,7 @@ vmrestore guide, section 13: ``--verify`` recomputes the adler32 of every
 lengths, CRLFs, stop frame, trailer, ``dataSize``; `vmbk.stream.scan`),
 which a checksum written over a truncated file would not catch, and then
 the chain's: one ``verify`` record for the chain (``file`` null) carries
-the problems `vmbk.restore.points` finds in its restore points -- a data
+the problems `vmbk.tree.points` finds in its restore points -- a data
 file a point needs that is gone (a deleted incremental), a ``.cpt`` that
 disagrees with the files or cannot be read, stream headers naming another
 checkpoint, parent or size, damaged side files.  The listing and the
@@ -35,7 +35,7 @@ from typing import Any
 
 from vmbk.errors import Exit, StorageError, VmbkError
 from vmbk.records import Record, make
-from vmbk.restore.points import chain_warnings, restore_points
+from vmbk.tree.points import chain_warnings, restore_points
 from vmbk.stream import StreamMap, StreamReader, scan, verify_checksum
 from vmbk.tree import Chain, VmTree
 

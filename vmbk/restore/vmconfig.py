@@ -13,7 +13,7 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from vmbk.restore.points import RestorePoint
+from vmbk.tree.points import RestorePoint
 from vmbk.tree.names import vmconfig_name, vmconfig_order
 
 MAX_XML = 16 << 20

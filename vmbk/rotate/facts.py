@@ -4,7 +4,7 @@
 `vmbk.policy.retention.TreeFacts` the pure rules take: every period
 directory and archived chain with its size, whether it holds a backup,
 when its last backup was and when its newest complete restore point was
-made.  "Complete" is the listing's rule (`vmbk.restore.points`), so the
+made.  "Complete" is the listing's rule (`vmbk.tree.points`), so the
 point rotate keeps is one vmbk-restore would restore.  Reads only.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmbk.policy.retention import ARCHIVE, PERIOD, TreeFacts, Unit
-from vmbk.restore.points import RestorePoint, restore_points
+from vmbk.tree.points import RestorePoint, restore_points
 from vmbk.tree import Chain, VmTree
 
 

@@ -12,7 +12,7 @@ writes is the durability rule every reader relies on::
 The rename of the data file is the commit marker: a ``<f>`` exists only
 with the ``<f>.chksum`` that describes it, so a data file without its
 ``.chksum`` in a chain whose other files have one was damaged or tampered
-with, never left by a crash (`vmbk.restore.points` then calls it
+with, never left by a crash (`vmbk.tree.points` then calls it
 unverifiable).  A kill at any instant leaves one of:
 
 * before 3: ``*.partial`` files only: nothing looks complete;

@@ -3,7 +3,11 @@
 ``names``: period ids, file names, archive names (pure);
 ``model``: `DataFile`, `Chain`, `VmTree` (what the planner looks at);
 ``scan``: `scan_vm`, `scan_chain`, `vm_dirs`, `next_archive_name`, `find_uuid` (reads);
-``ops``: `inside`, `cleanup_partials`, `archive_chain` (the writes that are not data).
+``ops``: `inside`, `cleanup_partials`, `archive_chain` (the writes that are not data);
+``points``: the restore points of a chain and what makes one incomplete or
+unverifiable -- the one place that decides, for the listing, verify, the
+restore, rotate and status -- with ``sidefiles`` (checkpoint and vmconfig
+XML, qcow.json: readable, and the virtual sizes).
 """
 
 from vmbk.tree.model import Chain, DataFile, VmTree

@@ -6,7 +6,7 @@ A backup writes, besides the data files, ``checkpoints/<name>.xml``,
 that each one that is there is readable and says what it should: the
 checkpoint XML names its checkpoint, the vmconfig is a domain, the
 qcow.json is ``qemu-img info`` output.  A damaged one makes its point
-incomplete (`vmbk.restore.points`): the backup that wrote it is not
+incomplete (`vmbk.tree.points`): the backup that wrote it is not
 sound, even where the restore would not need that file.  A missing one
 is not a problem: older virtnbdbackup versions and copy backups write
 fewer of them.

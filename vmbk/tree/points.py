@@ -19,7 +19,7 @@ when a ``.partial`` of it is left over, or when its checkpoint is not in
 listed, flagged, and refused as restore targets unless
 ``--include-incomplete``.  So is a point whose streams' ends or headers
 contradict the chain (truncated, another checkpoint or parent, another
-``virtualSize``; `vmbk.restore.sidefiles`), whose side files are
+``virtualSize``; `vmbk.tree.sidefiles`), whose side files are
 damaged, or any point of a chain whose ``.cpt`` is unreadable (which
 backups finished cannot be told).
 
@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmbk.fsutil import PARTIAL
-from vmbk.restore.sidefiles import SideFiles, ident_of
+from vmbk.tree.sidefiles import SideFiles, ident_of
 from vmbk.tree.model import Chain, DataFile
 from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name
 
