@@ -61,6 +61,29 @@ def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
     return path
 
 
+def ensure_root(path: Path) -> bool:
+    """Give an existing backup root vmbackup's owner and mode; True when changed.
+
+    vmbackup (``ensure_backup_path_sgid``, at the start of every run) sets
+    the root to ``root:backup 2750`` when the ``backup`` group exists and
+    the root is not in it or lacks the SGID bit; a root made by hand
+    (``mkdir``, 755) is fixed so.  vmbk does the same, as root only (it
+    cannot give files away otherwise) and only when the group exists; a
+    root that already has the group and SGID keeps its mode (an admin's
+    2770 stays).  The tree below is left alone: vmbk creates it right.
+    """
+    path = Path(path)
+    gid = backup_gid()
+    if gid is None or not path.is_dir() or path.is_symlink():
+        return False
+    st = path.stat()
+    if st.st_gid == gid and st.st_mode & 0o2000:
+        return False
+    os.chown(path, 0, gid)
+    os.chmod(path, DIR_MODE)
+    return True
+
+
 def ensure_secret_dir(path: Path) -> Path:
     """A root-only directory (no SGID, no group access) for key material."""
     path = Path(path)
@@ -140,3 +163,20 @@ def atomic_write(path: Path, mode: int = FILE_MODE, binary: bool = True) -> Iter
 def write_file_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     with atomic_write(path, mode) as f:
         f.write(data)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the regular files below ``path`` (``du -sb``), links not followed."""
+    total = 0
+    stack = [Path(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total

@@ -61,7 +61,7 @@ def test_period_id_rejects_unknown_policies() -> None:
 @pytest.mark.parametrize(
     ("name", "policy"),
     [("20260206", "daily"), ("2026-W06", "weekly"), ("2026-W53", "weekly"), ("202602", "monthly"),
-     ("20260230", None), ("2027-W53", None), ("2026-W00", None), ("202613", None), ("checkpoints", None),
+     ("20260230", None), ("2027-W53", "weekly"), ("2025-W53", None), ("2026-W00", None), ("202613", None), ("checkpoints", None),
      (".archives", None), ("2026-02", None)],
 )
 def test_policy_of_period(name: str, policy: str | None) -> None:

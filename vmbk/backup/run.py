@@ -41,6 +41,7 @@ from vmbk.catalogue import Catalogue
 from vmbk.clock import now_iso
 from vmbk.discover import discover
 from vmbk.errors import LockError, VmbkError
+from vmbk.fsutil import ensure_root
 from vmbk.lock import VmLock
 from vmbk.planner import plan_record
 from vmbk.policy import PlannedVm
@@ -70,6 +71,8 @@ class BackupRun:
         self.cancel = cancel
         self.progress = progress
         self.link = Link(uri)
+        if not dry_run and ensure_root(root):
+            log.info("backup root %s set to root:backup 2750, as vmbackup sets it", root)
         self.history = History(None if dry_run else Catalogue.open(root))
         #: VMs whose backup libvirtd's death cut short: job and checkpoint to clean up.
         self.pending: list[PlannedVm] = []
@@ -81,7 +84,7 @@ class BackupRun:
         lz4 = self.cfg.compression_for(vm) == "lz4"
         return BackupOptions(backup_path=self.root, compression=self.cfg.compression_level if lz4 else None,
                        fstrim=self.cfg.fstrim_for(vm), dry_run=self.dry_run, cancel=self.cancel,
-                       progress=self.progress)
+                       progress=self.progress, default_policy=self.cfg.policy)
 
     def handle(self, rec: Record, session: str) -> Iterator[Record]:
         """The ``backup`` record of one ``plan`` record."""

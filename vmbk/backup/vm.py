@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import datetime as _dt
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ from vmbk.progress import Board
 from vmbk.records import Record, make
 from vmbk.tree import names, ops
 from vmbk.virt import backupjob, hold
+from vmbk.vmbackup import markers
 from vmbk.virt.connection import libvirt_module
 
 log = logging.getLogger("vmbk.backup")
@@ -49,6 +51,9 @@ class BackupOptions:
     dry_run: bool = False
     cancel: Cancel | None = None
     progress: Board | None = None
+    #: The configuration's default policy: vmbackup's markers are named
+    #: after it (`vmbk.vmbackup.markers`); None: the VM's own.
+    default_policy: str | None = None
 
 
 def _copy(job: DiskBackup, board: Board | None, label: str) -> DiskResult:
@@ -236,6 +241,34 @@ def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome) ->
         sidefiles.append_cpt(target_dir, name, checkpoint)
 
 
+def _vmbackup_files(dom: Any, planned: PlannedVm, vm_dir: Path, target_dir: Path, opts: BackupOptions,
+                    out: Outcome) -> None:
+    """vmbackup's state files, so vmbackup/vmrestore go on from this backup.
+
+    After the backup is complete: a failure here is a warning, never a
+    failed backup (vmbackup treats its ``config/`` the same way).
+    """
+    plan, vm = planned.plan, planned.vm
+    now = _plan_time(planned.record)
+    try:
+        markers.write_all(vm_dir, target_dir, plan.name, period=plan.period, policy=plan.policy or "",
+                          default_policy=opts.default_policy, level=plan.action, xml=dom.XMLDesc(0),
+                          tpm=bool(vm.tpm_state_dir and (target_dir / names.TPM_STATE).is_dir()),
+                          size=sum(r.stored_size for r in out.disks), now=now)
+    except (OSError, VmbkError, libvirt_module().libvirtError) as e:
+        log.warning("%s: vmbackup's state files not written (vmbackup's next backup may be a full): %s",
+                    plan.name, e)
+
+
+def _plan_time(rec: Any) -> _dt.datetime:
+    """The plan's "now" in local time (vmbackup names from the local ``date``); else the clock."""
+    now = rec.get("now") if hasattr(rec, "get") else None
+    if isinstance(now, str):
+        with contextlib.suppress(ValueError):
+            return _dt.datetime.fromisoformat(now).astimezone()
+    return _dt.datetime.now().astimezone()
+
+
 def _undo(dom: Any, plan: Plan, out: Outcome, created_checkpoint: bool) -> None:
     for path in out.files:
         with contextlib.suppress(FileNotFoundError):
@@ -288,6 +321,7 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
             if isinstance(e, VmbkError) and e.vm is None:
                 e.vm = name
             raise
+        _vmbackup_files(dom, planned, vm_dir, target_dir, opts, out)
     disks = [{"target": r.target, "level": r.level, "path": str(r.path), "virtual_size": r.virtual_size,
               "data_size": r.data_size, "stored_size": r.stored_size, "checksum": r.checksum,
               "seconds": round(r.seconds, 3)} for r in out.disks]

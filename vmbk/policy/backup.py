@@ -19,6 +19,12 @@ Matrix", "Archive Triggers"; vmrestore guide, section 10):
 
 A new period leaves the previous period's chain in place (vmrestore guide
 10.1-10.3: each period directory keeps its own current chain).
+
+Tonight's period directory is the one whose days hold today
+(`current_period`): vmbk's own name (an ISO week's, `period_id`), or a
+directory of the same period that vmbackup named its way and began a
+chain in (``2027-W53`` on 2027-01-02), so a chain is continued whichever
+tool wrote the name.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
 from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems
 from vmbk.tree.model import Chain, VmTree
-from vmbk.tree.names import archive_name, checkpoint_name, checkpoint_number, period_id, where
+from vmbk.tree.names import archive_name, checkpoint_name, checkpoint_number, period_id, same_period, where
 
 FULL, INC, COPY, SKIP = "full", "inc", "copy", "skip"
 #: What a plan (and each of its disks) may do.
@@ -208,6 +214,26 @@ def decide(vm: VmFacts, tree: VmTree, policy: str, retention: Retention, now: _d
     return _Planner(vm, tree, policy, retention, now).plan()
 
 
+def current_period(tree: VmTree, policy: str, now: _dt.datetime) -> str | None:
+    """The period directory of ``policy`` that tonight's backup goes to (None: the VM directory).
+
+    vmbk's name for today (`period_id`), unless a directory of the policy
+    whose days hold today (`Chain.days`: whatever its name's form) already
+    has a chain: then the one with the newest backup, so that a chain
+    vmbackup began under its own name for this week is continued, never
+    replaced by a full under vmbk's name (and the other way round).
+    """
+    name = period_id(policy, now)
+    if name is None:
+        return None
+    today = now.date()
+    held = [c for c in tree.chains.values()
+            if c.period and c.policy == policy and c.data and same_period(c.period, c.days, today)]
+    if not held:
+        return name
+    return max(held, key=lambda c: (c.last_time or 0.0, c.rel)).rel
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -221,7 +247,7 @@ class _Planner:
         self.policy = policy
         self.retention = retention
         self.now = now
-        self.period = period_id(policy, now)
+        self.period = current_period(tree, policy, now)
         self.rel = self.period or "."
         self.target = tree.chain(self.rel) or Chain(tree.path / self.rel, self.rel, self.period, policy)
         self.latest = tree.latest()
@@ -248,6 +274,10 @@ class _Planner:
             )
         self._identity_notes()
         self._foreign_checkpoints()
+        own = period_id(self.policy, self.now)
+        if self.period != own:
+            self.reasons.append(f"{self.period} is this period's directory ({own} in vmbk's naming): "
+                                "its chain is continued")
         return self._online() if self.vm.online else self._offline()
 
     # -- online ---------------------------------------------------------------

@@ -10,7 +10,11 @@ rules are vmbackup's (manual, "Automated Retention System", "Tier 1",
 * **Tier 1, count** (``count``): the period directories of the VM's
   current policy, newest first; the first ``retention.<policy>`` that hold
   a backup are kept (the current one included), every older one goes with
-  its archived chains.  A period without any backup in it (a failed
+  its archived chains.  "Newest" is by the days a directory covers
+  (`Unit.days`), never by its name: vmbackup's weekly names do not sort
+  (``2024-W01`` of December 2024 sorts before ``2024-W52``), and two
+  directories of one week (vmbk's ``2026-W53`` and vmbackup's
+  ``2027-W53``) count as one period.  A period without any backup in it (a failed
   backup's leftover) does not count, so failing backups never push good
   periods out.  accumulate never deletes on its own (the planner archives
   its chain at ``accumulate_limit`` restore points); its archived chains
@@ -45,7 +49,7 @@ from collections.abc import Iterable
 
 from vmbk.errors import UsageError, VmError
 from vmbk.settings import Retention
-from vmbk.tree.names import archive_date, archive_order, period_days, period_id
+from vmbk.tree.names import archive_date, archive_order, period_days
 
 COUNT, ORPHAN, PRUNE = "count", "orphan", "prune"
 #: Tiers of `Removal.tier`: Tier 1, Tier 2 and a manual prune.
@@ -67,6 +71,8 @@ class Unit:
     the time of its newest complete restore point.  A period's ``bytes``,
     ``backups``, ``last_backup`` and ``newest_complete`` include its
     ``archives``.  ``points`` counts the restore points of its own chain.
+    ``days``: the days a period covers (`vmbk.tree.model.Chain.days`: its
+    name read with its backups; None: from the name alone).
     """
 
     rel: str
@@ -79,10 +85,18 @@ class Unit:
     newest_complete: float | None = None
     points: int = 0
     archives: tuple[Unit, ...] = ()
+    days: tuple[_dt.date, _dt.date] | None = None
 
     @property
     def name(self) -> str:
         return self.rel.rpartition("/")[2]
+
+    @property
+    def span(self) -> tuple[_dt.date, _dt.date] | None:
+        """The days of a period directory (None: an archive, or not a period)."""
+        if self.kind != PERIOD or self.period is None:
+            return None
+        return self.days if self.days is not None else period_days(self.period)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,6 +222,12 @@ def low_space(free_percent: float | None, retention: Retention) -> str | None:
             "rotate removes no more than the policy allows; see vmbk-rotate --prune list")
 
 
+def _newest_first(u: Unit) -> tuple[_dt.date, float, str]:
+    """Sort key of period directories by the days they cover (then their last backup)."""
+    span = u.span
+    return (span[0] if span else _dt.date.min), (u.last_backup or 0.0), u.rel
+
+
 def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -220,7 +240,7 @@ class _Rules:
         self.retention = retention
         self.now = now
         self.target = target
-        self.current = period_id(policy, now)
+        self.today = now.date()
         self.newest = facts.newest_complete()
         self.kept: list[Kept] = []
         self.removed: list[Removal] = []
@@ -243,7 +263,7 @@ class _Rules:
         else:
             assert keep is not None
             mine = [u for u in self.facts.periods if u.policy == self.policy]
-            self._count(sorted(mine, key=lambda u: u.rel, reverse=True), keep, f"{self.policy} periods")
+            self._count(sorted(mine, key=_newest_first, reverse=True), keep, f"{self.policy} periods")
             orphans = [u for u in self.facts.periods if u.policy != self.policy] + list(self.facts.archives)
         for u in orphans:
             self._orphan(u)
@@ -271,15 +291,22 @@ class _Rules:
 
     # -- the rules ------------------------------------------------------------
     def _count(self, units: list[Unit], keep: int | None, what: str) -> None:
-        """Tier 1: the first ``keep`` of ``units`` (newest first) that hold a backup stay."""
-        counted = 0
+        """Tier 1: the first ``keep`` of ``units`` (newest first) that hold a backup stay.
+
+        Directories of the same period (one week named by both tools)
+        count once, as the period they are.
+        """
+        counted: list[object] = []
         for u in units:
+            period = u.span or u.rel
             if keep is None:
                 self.kept.append(Kept(u.rel, f"{self.policy} keeps all {what} (archives = \"all\")"))
-            elif counted < keep:
+            elif period in counted:
+                self.kept.append(Kept(u.rel, f"{counted.index(period) + 1} of the {keep} newest {what}"))
+            elif len(counted) < keep:
                 if u.backups:
-                    counted += 1
-                    self.kept.append(Kept(u.rel, f"{counted} of the {keep} newest {what}"))
+                    counted.append(period)
+                    self.kept.append(Kept(u.rel, f"{len(counted)} of the {keep} newest {what}"))
                 else:
                     self.kept.append(Kept(u.rel, "holds no backup: not counted"))
             else:
@@ -307,7 +334,7 @@ class _Rules:
             self.removed.append(Removal(u.rel, u.kind, tier, u.bytes, reason))
 
     def _guard(self, u: Unit) -> str | None:
-        if u.kind == PERIOD and u.period is not None and u.period == self.current:
+        if u.policy == self.policy and (span := u.span) is not None and span[0] <= self.today < span[1]:
             return "the current period"
         if self.target is not None and (self.target == u.rel or self.target.startswith(u.rel + "/")):
             return "holds the backup just made"
@@ -338,7 +365,7 @@ class _Rules:
     @staticmethod
     def _end_day(u: Unit) -> _dt.date | None:
         if u.kind == PERIOD and u.period is not None:
-            days = period_days(u.period)
+            days = u.span
             return days[1] if days else None
         made = archive_date(u.name)
         return made + _dt.timedelta(days=1) if made else None
@@ -349,7 +376,7 @@ class _Rules:
         future = []
         for u in (*self.facts.periods, *self.facts.all_archives()):
             if u.kind == PERIOD and u.period is not None:
-                days = period_days(u.period)
+                days = u.span
                 if days and days[0] > today:
                     future.append(u.rel)
             elif (made := archive_date(u.name)) and made > today:

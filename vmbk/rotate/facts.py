@@ -50,6 +50,7 @@ def _unit(chain: Chain, kind: str, policy: str | None, catalogue: float | None) 
         newest_complete=max((t for t in completes if t is not None), default=None),
         points=points,
         archives=archives,
+        days=chain.days if kind == PERIOD else None,
     )
 
 

@@ -11,9 +11,10 @@ so the tree stays the source of truth (DESIGN, "On-disk layout").
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 from pathlib import Path
 
-from vmbk.tree.names import checkpoint_name
+from vmbk.tree.names import checkpoint_name, period_days
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +48,21 @@ class DataFile:
     error: str | None = None
     has_checksum: bool | None = None
     by_vmbk: bool = False
+
+    @property
+    def day(self) -> _dt.date:
+        """The (local) day the file was written: its meta's ``date``, else its mtime.
+
+        The meta is the writer's own clock at the backup, kept by a copy
+        that loses file times; virtnbdbackup and vmbk write it as local
+        ``isoformat()``.
+        """
+        if self.date and len(self.date) >= 10:
+            try:
+                return _dt.date.fromisoformat(self.date[:10])
+            except ValueError:
+                pass
+        return _dt.datetime.fromtimestamp(self.mtime).date()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,6 +152,20 @@ class Chain:
     @property
     def archive_names(self) -> tuple[str, ...]:
         return tuple(a.path.name for a in self.archives)
+
+    @property
+    def backup_days(self) -> tuple[_dt.date, ...]:
+        """The days of the backups in this directory, its archives' included."""
+        return tuple(sorted({f.day for c in (self, *self.archives) for f in c.data}))
+
+    @property
+    def days(self) -> tuple[_dt.date, _dt.date] | None:
+        """The days its period covers, ``(first, day after the last)`` (None: not a period).
+
+        Read from the name and, where vmbackup's weekly names make it
+        ambiguous, from the days of its backups (`vmbk.tree.names.period_days`).
+        """
+        return period_days(self.period, self.backup_days) if self.period else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from vmbk.errors import StorageError
 from vmbk.fsutil import PARTIAL, ensure_dir, fsync_dir
-from vmbk.tree.names import ARCHIVES, chksum_name, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
+from vmbk.tree.names import ARCHIVES, STAYS, chksum_name, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
 
 #: Told each step of a deletion: ``renamed``, then ``removing`` before each entry.
 Step = Callable[[str], None]
@@ -80,8 +80,10 @@ def archive_chain(vm_dir: Path, rel_from: str, rel_to: str, vm: str) -> Path:
 
     Everything in the chain directory moves (data, checksums, vmconfig,
     NVRAM, checkpoints/, .cpt, tpm-state/) so an archived chain restores on
-    its own; ``.archives`` and, at the VM root (accumulate), period
-    directories stay.
+    its own; ``.archives``, vmbackup's state of the directory
+    (`names.STAYS`: ``.full-backup-month``, ``config/``,
+    ``chain-manifest.json``, which vmbackup leaves where they are too)
+    and, at the VM root (accumulate), period directories stay.
     """
     src = inside(vm_dir, rel_from, vm)
     dst = inside(vm_dir, rel_to, vm)
@@ -93,7 +95,7 @@ def archive_chain(vm_dir: Path, rel_from: str, rel_to: str, vm: str) -> Path:
     at_root = src == vm_dir.resolve()
     moved = 0
     for entry in sorted(os.listdir(src)):
-        if entry == ARCHIVES or (at_root and policy_of_period(entry)) or deleted_name(entry) is not None:
+        if entry in (ARCHIVES, *STAYS) or (at_root and policy_of_period(entry)) or deleted_name(entry) is not None:
             continue
         os.rename(src / entry, dst / entry)
         moved += 1
