@@ -199,6 +199,29 @@ def db_path(backup_path: Path) -> Path:
     return backup_path / "_state" / DB_NAME
 
 
+def connect_readonly(backup_path: Path) -> sqlite3.Connection | None:
+    """A read-only connection to the catalogue, None when there is none.
+
+    For readers that must work on a read-only backup mount and for the
+    ``backup`` group (vmbk-status, vmbk-report): never created, never
+    migrated; an older schema simply lacks tables (`table_names`).
+    """
+    path = db_path(backup_path)
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        db.row_factory = sqlite3.Row
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot read catalogue {path}: {e}") from None
+    return db
+
+
+def table_names(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 class Catalogue:
     """A connection to the catalogue of one backup path."""
 

@@ -30,11 +30,13 @@ from typing import Any
 from vmbk.errors import ConfigError
 from vmbk.settings import (
     COMPRESSIONS,
+    EMAIL_TRANSPORTS,
     HOST_KEY_CHECKING,
     ON_FAILURE,
     POLICIES,
     REPLICATION_ORDERS,
     SCOPES,
+    SMTP_TLS,
     SPACE_CHECKS,
     SYNC_MODES,
     TRANSPORTS,
@@ -43,7 +45,9 @@ from vmbk.settings import (
     Email,
     Replication,
     ReplicationOptions,
+    Report,
     Retention,
+    Status,
     VmOverride,
 )
 
@@ -55,7 +59,9 @@ __all__ = [
     "Email",
     "Replication",
     "ReplicationOptions",
+    "Report",
     "Retention",
+    "Status",
     "VmOverride",
     "all_backup_paths",
     "config_dir",
@@ -158,6 +164,8 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
             min_free_percent=r.int("replication_min_free_percent", 10, lo=0, hi=100),
         ),
         email=_email(r.table("email"), f"{where} [email]"),
+        report=_report(r.table("report"), f"{where} [report]"),
+        status=_status(r.table("status"), f"{where} [status]"),
     )
     r.done()
     names = [d.name for d in cfg.replication]
@@ -257,11 +265,64 @@ def _email(data: Mapping[str, Any], where: str) -> Email:
         subject_prefix=r.opt_str("subject_prefix") or "[VM Backup]",
         on_success=r.bool("on_success", True),
         on_failure=r.bool("on_failure", True),
+        transport=r.choice("transport", EMAIL_TRANSPORTS, "smtp"),
+        smtp_host=r.opt_str("smtp_host") or "localhost",
+        smtp_port=_port(r),
+        smtp_tls=r.choice("smtp_tls", SMTP_TLS, "none"),
+        smtp_user=r.opt_str("smtp_user"),
+        smtp_password_file=r.opt_str("smtp_password_file"),
+        smtp_ca_file=r.opt_str("smtp_ca_file"),
+        sendmail=r.opt_str("sendmail") or "/usr/sbin/sendmail",
+        hostname=r.opt_str("hostname"),
+        timeout=r.int("timeout", 30, lo=1, hi=3600),
     )
     r.done()
-    if em.enabled and not (em.to and em.sender):
+    if em.enabled and not (em.recipients and em.sender):
         raise ConfigError(f"{where}: enabled email needs 'to' and 'sender'")
+    for addr in (*em.recipients, em.sender or ""):
+        if addr.startswith("-") or any(c in addr for c in "\r\n\0"):
+            raise ConfigError(f"{where}: {addr!r} is not an email address")
+    if em.smtp_password_file and not em.smtp_user:
+        raise ConfigError(f"{where}: 'smtp_password_file' needs 'smtp_user'")
     return em
+
+
+def _port(r: _Reader) -> int | None:
+    port = r.opt_int("smtp_port")
+    if port is not None and not 0 < port < 65536:
+        raise r._bad("smtp_port", "a port number (1-65535)")
+    return port
+
+
+def _url(r: _Reader, key: str) -> str | None:
+    url = r.opt_str(key)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise r._bad(key, "an http:// or https:// URL")
+    return url or None
+
+
+def _report(data: Mapping[str, Any], where: str) -> Report:
+    r = _Reader(data, where)
+    d = Report()
+    rep = Report(
+        ping_url=_url(r, "ping_url"),
+        webhook_url=_url(r, "webhook_url"),
+        timeout=r.int("timeout", d.timeout, lo=1, hi=300),
+        history_days=r.int("history_days", d.history_days, lo=1, hi=3660),
+    )
+    r.done()
+    return rep
+
+
+def _status(data: Mapping[str, Any], where: str) -> Status:
+    r = _Reader(data, where)
+    v = r._get("stale_hours")
+    if v is None:
+        v = Status().stale_hours
+    elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise r._bad("stale_hours", "a number of hours > 0")
+    r.done()
+    return Status(stale_hours=float(v))
 
 
 class _Reader:

@@ -20,6 +20,7 @@ file content is for the bash tools and for people.  Taking a lock:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -136,6 +137,52 @@ class VmLock:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+@dataclasses.dataclass(frozen=True)
+class LockState:
+    """What a VM's lock file says: ``free`` (none), ``held`` (by a live
+    vmbk/vmbackup/vmrestore), ``stale`` (its owner is gone: the next backup
+    takes it over) or ``unknown`` (unreadable)."""
+
+    state: str
+    pid: int | None
+    path: Path
+
+
+def probe(backup_path: Path, vm: str) -> LockState:
+    """The lock of ``vm`` as it is, read without taking it.
+
+    Taking the flock, even for an instant, would make a backup starting at
+    that instant fail with a lock conflict; so the owner is judged as
+    `VmLock.acquire` judges it (the PID in the file, alive and one of
+    ours), and a file without a PID yet by the kernel's list of flocks.
+    """
+    path = lock_path(backup_path, vm)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return LockState("free", None, path)
+    except OSError:
+        return LockState("unknown", None, path)
+    try:
+        pid = _read_pid(fd)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if pid is not None:
+        return LockState("held" if pid != os.getpid() and _owner_alive(pid) else "stale", pid, path)
+    return LockState("held" if _flocked(st) else "stale", None, path)
+
+
+def _flocked(st: os.stat_result) -> bool:
+    """Does any process hold a flock on the file of ``st`` (/proc/locks)?"""
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    return any(len(f) > 5 and f[1] == "FLOCK" and f[5] == ident for f in (line.split() for line in text.splitlines()))
 
 
 def _read_pid(fd: int) -> int | None:

@@ -125,11 +125,11 @@ class Emitter:
     def close(self) -> None:
         """Print the table (terminal), or name the records that were not delivered."""
         if not self.json and self._table and not self.closed:
-            from vmbk.table import render
+            from vmbk.table import render, wants_colour
 
             rows, self._table = self._table, []
             try:
-                write_bytes(self._out, render(rows).encode("utf-8"))
+                write_bytes(self._out, render(rows, colour=wants_colour(self._out)).encode("utf-8"))
             except BrokenPipeError:
                 self._reader_gone(rows)
         if self.undelivered_count:

@@ -122,14 +122,74 @@ class ReplicationOptions:
     min_free_percent: int = 10
 
 
+EMAIL_TRANSPORTS = ("smtp", "sendmail")
+SMTP_TLS = ("none", "starttls", "tls")
+#: The SMTP port of each ``smtp_tls`` when ``smtp_port`` is not set.
+SMTP_PORTS = {"none": 25, "starttls": 587, "tls": 465}
+
+
 @dataclasses.dataclass(frozen=True)
 class Email:
+    """``[email]``: how vmbk-report --email sends its report (vmbackup's email.conf).
+
+    ``to``: one address or several, comma-separated.  ``transport``: smtp
+    (``smtp_host``/``smtp_port``, ``smtp_tls`` none | starttls | tls, an
+    optional login whose password is read from ``smtp_password_file``,
+    never given on a command line) or sendmail (the local ``sendmail``
+    binary).  ``hostname``: the host named in the subject (default: this
+    host's name).
+    """
+
     enabled: bool = False
     to: str | None = None
     sender: str | None = None
     subject_prefix: str = "[VM Backup]"
     on_success: bool = True
     on_failure: bool = True
+    transport: str = "smtp"
+    smtp_host: str = "localhost"
+    smtp_port: int | None = None
+    smtp_tls: str = "none"
+    smtp_user: str | None = None
+    smtp_password_file: str | None = None
+    #: CA certificates that verify the SMTP server (default: the system's).
+    smtp_ca_file: str | None = None
+    sendmail: str = "/usr/sbin/sendmail"
+    hostname: str | None = None
+    #: Seconds for the whole conversation with the server (or sendmail).
+    timeout: int = 30
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in (self.to or "").split(",") if a.strip())
+
+    @property
+    def port(self) -> int:
+        return self.smtp_port if self.smtp_port is not None else SMTP_PORTS[self.smtp_tls]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """``[report]``: vmbk-report's notifications and its HTML page.
+
+    ``ping_url``: a dead-man's-switch URL (healthchecks.io style: ``/start``,
+    the URL itself, ``/fail``); ``webhook_url``: gets the summary as JSON;
+    ``timeout``: seconds per request; ``history_days``: the days the HTML
+    report's charts show.
+    """
+
+    ping_url: str | None = None
+    webhook_url: str | None = None
+    timeout: int = 10
+    history_days: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """``[status]``: ``stale_hours``, the age past which a VM's newest complete
+    restore point is a problem for vmbk-status (``--stale`` overrides it)."""
+
+    stale_hours: float = 26.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +211,8 @@ class Config:
     replication: tuple[Replication, ...] = ()
     replication_options: ReplicationOptions = ReplicationOptions()
     email: Email = Email()
+    report: Report = Report()
+    status: Status = Status()
 
     def require_backup_path(self) -> Path:
         if self.backup_path is None:

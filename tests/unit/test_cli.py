@@ -75,9 +75,9 @@ def test_umbrella_dispatches(capsys, tmp_path):
     from vmbk.commands.umbrella import main
 
     out = io.StringIO()
-    (tmp_path / "web").mkdir()
-    code = main(["status", "--json", "--backup-path", str(tmp_path)], io.StringIO(""), out)
-    assert code == 0 and '"vm":"web"' in out.getvalue()
+    (tmp_path / "web").mkdir()  # named with --vm: reported even without a backup (a problem: exit 5)
+    code = main(["status", "--json", "--backup-path", str(tmp_path), "--vm", "web"], io.StringIO(""), out)
+    assert code == Exit.VM and '"vm":"web"' in out.getvalue()
     assert main(["frobnicate"], io.StringIO(""), io.StringIO()) == Exit.USAGE
     assert main(["backup", "--bogus"], io.StringIO(""), io.StringIO()) == Exit.USAGE
 
