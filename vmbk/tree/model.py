@@ -103,6 +103,22 @@ class Chain:
         """
         return bool(self.stray_checksums) or any(f.has_checksum or f.by_vmbk for f in self.data)
 
+    def lost_checksum(self, f: DataFile) -> bool:
+        """``f`` has no ``.chksum`` though its writer made one: its data cannot be vouched for.
+
+        vmbk writes one beside every data file (its meta says vmbk wrote
+        it); virtnbdbackup does from 1.9.40 on, so a file of another
+        writer lacks one only when that writer's other files in the chain
+        have theirs.  A chain vmbackup began with an older virtnbdbackup
+        (Debian's 1.9.15) and vmbk continued, or the other way round,
+        holds files of both kinds: only vmbk's are expected to have one.
+        The limit: a chain stripped of every ``.chksum`` virtnbdbackup
+        wrote cannot be told from one written by a version that wrote none.
+        """
+        if f.has_checksum is not False:
+            return False
+        return f.by_vmbk or bool(self.stray_checksums) or any(g.has_checksum and not g.by_vmbk for g in self.data)
+
     @property
     def base(self) -> str | None:
         """``full`` (a checkpoint chain), ``copy`` (offline copy) or None."""

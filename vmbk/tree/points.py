@@ -24,9 +24,10 @@ damaged, or any point of a chain whose ``.cpt`` is unreadable (which
 backups finished cannot be told).
 
 A point is *unverifiable* when a data file it needs has no ``.chksum``
-in a chain whose other files have theirs (`Chain.checksummed`): vmbk
-commits a data file only after its checksum (`vmbk.stream.atomic`), so
-the checksum was lost and the data may be damaged too.  It is not
+though its writer made one (`Chain.lost_checksum`: vmbk wrote it, or
+the chain's other files of its writer have theirs): vmbk commits a data
+file only after its checksum (`vmbk.stream.atomic`), so the checksum was
+lost and the data may be damaged too.  It is not
 complete either, and a restore refuses it unless ``--no-verify``.  A
 chain without any ``.chksum`` (virtnbdbackup before 1.9.40) is restored
 on its structure alone, as before; ``--verify`` says so.
@@ -176,7 +177,7 @@ def _point(side: SideFiles, n: int, name: str | None, kind: str, date: str | Non
     problems += [p for d, f in sorted(own.items()) if (p := side.qemu_info(d, ident_of(f))[1])]
     files = list(dict.fromkeys(f for fs in disks.values() for f in fs))
     problems += [sizes[f.name] for f in files if f.name in sizes]
-    unverifiable = [f.name for f in files if f.has_checksum is False] if chain.checksummed else []
+    unverifiable = [f.name for f in files if chain.lost_checksum(f)]
     return RestorePoint(chain, n, name, kind, date, disks, tuple(dict.fromkeys(problems)), tuple(unverifiable))
 
 
