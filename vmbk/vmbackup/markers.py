@@ -97,7 +97,7 @@ def write_config(chain_dir: Path, vm: str, period: str, xml: str, now: _dt.datet
     config = ensure_dir(chain_dir / names.CONFIG_DIR)
     first = config / names.config_first_name(vm, period)
     stamp = config / names.config_stamp_name(vm, now)
-    data = xml.encode() if xml.endswith("\n") else xml.encode() + b"\n"  # as virsh dumpxml prints it
+    data = xml.encode() + b"\n"  # virsh dumpxml prints libvirt's XML (ending in a newline) and one more
     if not first.exists():
         write_file_atomic(stamp, data)
         write_file_atomic(first, data)
