@@ -285,7 +285,8 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
     started = time.monotonic()
     base = make("backup", session, name=name, action=plan.action, period=plan.period,
                 target_dir=planned.target_dir, checkpoint=plan.checkpoint, parent=plan.parent,
-                reasons=list(plan.reasons))
+                reasons=list(plan.reasons), policy=plan.policy or None,
+                excluded=planned.vm.excluded or plan.policy == "never")
     if plan.action == "skip":
         return {**base, "outcome": "skipped", "consistency": None, "disks": [], "bytes": 0, "duration": 0.0}
     if opts.dry_run:

@@ -13,7 +13,8 @@ Commands:
   rotate     apply retention                       (vmbk-rotate)
   replicate  copy backups to other destinations    (vmbk-replicate)
   restore    list and restore backups              (vmbk-restore)
-  status     what the backup tree holds            (vmbk-status)
+  status     how the backups are doing             (vmbk-status)
+  report     summary of a run: text, HTML, email   (vmbk-report)
 
 Options:
   -h --help    Show this help.
@@ -29,7 +30,7 @@ from vmbk import cli
 from vmbk.errors import UsageError
 
 PROG = "vmbk"
-COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status")
+COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status", "report")
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:
