@@ -15,7 +15,9 @@ cannot know: the last attempt and how it ended, appended to the line when
 the newest attempt failed.  It is read-only (``mode=ro``, never migrated
 from here, so listing works on a read-only backup mount) and optional:
 without one (a recovery host with the tree alone), or when it cannot be
-read, the line has no such part.
+read, the line has no such part.  vmbackup's catalogue
+(`vmbk.vmbackup.db`) is read the same way; its failed attempt is named
+when it is the newest, marked "(vmbackup)".
 """
 
 from __future__ import annotations
@@ -47,11 +49,18 @@ def of_chains(chains: Sequence[Chain], points: Mapping[str, Sequence[RestorePoin
     return {"chains_active": len(active), "chains_broken": len(broken), "broken_chains": broken}
 
 
-def line(h: Mapping[str, Any], last_backup: str | None, history: Mapping[str, Any] | None = None) -> str:
+def line(h: Mapping[str, Any], last_backup: str | None, history: Mapping[str, Any] | None = None,
+         vmbackup: Mapping[str, Any] | None = None) -> str:
+    """The health line; the newest attempt of either catalogue, when it failed, is named
+    (vmbackup's marked so: a site that switched has both)."""
     text = (f"Chains: {h['chains_active']} active, {h['chains_broken']} broken, "
             f"last backup {last_backup or 'never'}")
-    if history and history.get("last_outcome") == "failed":
-        text += f"; last attempt {history['last_attempt']} failed"
+    attempts = [(a.get("last_attempt") or "", a.get("last_outcome"), mark)
+                for a, mark in ((history, ""), (vmbackup, " (vmbackup)")) if a]
+    if attempts:
+        at, outcome, mark = max(attempts, key=lambda a: a[0])
+        if outcome == "failed":
+            text += f"; last attempt {at} failed{mark}"
     return text
 
 

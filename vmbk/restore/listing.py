@@ -4,7 +4,11 @@ vmrestore guide, 9.1: one line per VM with its layout, restore point count
 (summed over its periods), archived chains, size and tags (TPM,
 multi-disk), and the health line (`vmbk.restore.health`: chains active
 and broken by the same rule as the ``chain`` records below, the
-catalogue's last failed attempt when there is one).  9.2: every period
+catalogue's last failed attempt when there is one).  A tree vmbackup
+wrote to has its history in ``_state/vmbackup.db``: read-only, it adds
+the ``vmbackup`` object (its backups, last attempt and per-period chain
+health, `vmbk.vmbackup.db.VmbackupDb.summary`) and, when vmbackup's
+attempt is the newest and failed, says so in the health line.  9.2: every period
 with its numbered restore points (date, type FULL/Incremental/COPY, disk
 set) and the archived chains expanded inline; incomplete chains flagged.
 Here each chain is a ``chain`` record followed by its ``restore_point``
@@ -30,32 +34,36 @@ from vmbk.restore.source import Source, locate_name
 from vmbk.tree import Chain, names
 from vmbk.tree.scan import vm_dirs
 from vmbk.virt.domain import parse_domain_xml
+from vmbk.vmbackup.db import VmbackupDb
 
 def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
     """One ``backup_vm`` record per VM directory that holds backups."""
     entries = vm_dirs(backup_path)
     history = health.History(backup_path)
+    theirs = VmbackupDb(backup_path)
     try:
         for entry in entries:
             source = locate_name(backup_path, entry.name)
             chains = active_chains(source)
             if not chains:
                 continue
-            yield vm_record(source, chains, session, history.of(source.vm))
+            yield vm_record(source, chains, session, history.of(source.vm), theirs.summary(source.vm))
     finally:
         history.close()
+        theirs.close()
 
 
 def vm_record(source: Source, chains: list[Chain], session: str | None,
-              history: dict[str, Any] | None = None) -> Record:
-    """The ``backup_vm`` record; ``history`` is the catalogue's (`health.History.of`)."""
+              history: dict[str, Any] | None = None, vmbackup: dict[str, Any] | None = None) -> Record:
+    """The ``backup_vm`` record; ``history`` is the catalogue's (`health.History.of`),
+    ``vmbackup`` vmbackup's (`vmbk.vmbackup.db.VmbackupDb.summary`)."""
     tree = source.tree
     points = {c.rel: restore_points(c) for c in chains}
     state = health.of_chains(chains, points)
     last_backup = _iso(tree.last_backup)
     latest = tree.latest()
     disks = sorted(points[latest.rel][-1].disks) if latest is not None and points.get(latest.rel) else []
-    periods = [c.rel for c in chains if c.rel != "."]
+    periods = [c.rel for c in sorted(chains, key=_by_days) if c.rel != "."]
     accumulate = any(c.rel == "." for c in chains)
     tags = [t for t, on in (("tpm", any(_has_tpm(c) for c in chains)), ("uefi", _has_nvram(latest)),
                             ("multi-disk", len(disks) > 1)) if on]
@@ -75,8 +83,9 @@ def vm_record(source: Source, chains: list[Chain], session: str | None,
         last_backup=last_backup,
         uuid=latest.uuid if latest is not None else None,
         **state,
-        health=health.line(state, last_backup, history),
+        health=health.line(state, last_backup, history, vmbackup),
         catalogue=history,
+        vmbackup=vmbackup,
     )
 
 
@@ -134,6 +143,13 @@ def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str |
         size=p.own_size,
         path=str(p.chain.path),
     )
+
+
+def _by_days(chain: Chain) -> tuple[_dt.date, str]:
+    """Periods in the order of the days they cover, not of their names (vmbackup's
+    ``2024-W01`` of December 2024 comes after ``2024-W52``)."""
+    days = chain.days
+    return (days[0] if days else _dt.date.min), chain.rel
 
 
 def _has_tpm(chain: Chain) -> bool:
