@@ -192,6 +192,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX replication_vms_vm ON replication_vms(vm, run_id);
     """,
+    # 4: history imported from vmbackup's catalogue (vmbk-status
+    # --import-vmbackup, vmbk.vmbackup.importer): each row says where it came
+    # from and its id there, so an import runs any number of times and adds
+    # each of vmbackup's backups once.  NULL: vmbk's own.
+    """
+    ALTER TABLE vm_backups ADD COLUMN source TEXT;        -- NULL (vmbk) | vmbackup
+    ALTER TABLE vm_backups ADD COLUMN source_id INTEGER;  -- vm_backups.id in vmbackup.db
+    CREATE UNIQUE INDEX vm_backups_source ON vm_backups(source, source_id);
+    """,
 ]
 
 
