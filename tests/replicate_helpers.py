@@ -112,3 +112,37 @@ def points(root: Path, vm: str) -> list[dict[str, Any]]:
     recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert code in (0, 9), recs
     return [r for r in recs if r["type"] == "restore_point"]
+
+
+MiB = 1 << 20
+
+
+def qemu_write(dom: Any, pattern: int, offset_mib: int, length: str = "1M") -> None:
+    """Write into a running no-OS domain's vda through QEMU."""
+    import libvirt_qemu
+
+    libvirt_qemu.qemuMonitorCommand(
+        dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P {pattern} {offset_mib}M {length}"',
+        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
+def reference(disk: Path, dest: Path) -> Path:
+    """The disk as it is now, raw (what a restore of the backup just made must equal)."""
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(dest)], check=True)
+    return dest
+
+
+def restore_point(chain_dir: Path, point: int, into: Path) -> Path:
+    """Restore point ``point`` of the chain in ``chain_dir`` (a period or archive
+    directory of any tree); the restored image."""
+    out = io.StringIO()
+    code = restore_main(["--json", "--vm", str(chain_dir), "--restore-point", str(point), "--restore-path", str(into),
+                         "--skip-config"], io.StringIO(""), out)
+    recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0, recs
+    (disk,) = [r["target"] for r in recs if r["type"] == "restore_disk"]
+    return Path(disk)
+
+
+def same_disk(image: Path, ref: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(image), str(ref)]).returncode == 0

@@ -132,7 +132,7 @@ def test_a_replica_through_its_whole_life(replica: Replica, tmp_path: Path) -> N
     plan = replan(replica, src)
     assert sorted(plan.new[files.DATA]) == ["web/202603/vda.inc.virtnbdbackup.2.data",
                                             "web/202603/vda.inc.virtnbdbackup.2.data.chksum"]
-    assert plan.updates[files.COMMIT] == ["web/202603/web.cpt"] and plan.files == 3
+    assert plan.updates[files.CPT] == ["web/202603/web.cpt"] and plan.files == 3
     push(replica, src)
     same_as_source(replica, src)
     if replica.far is not None:

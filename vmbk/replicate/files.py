@@ -18,8 +18,10 @@ whose data is missing (`vmbk.replicate.plan`):
 
 ``DATA``   the streams and their ``.chksum``;
 ``SIDE``   what a point needs beside them (qemu info, NVRAM, TPM state ...);
-``COMMIT`` what says a point is there: checkpoint XMLs, the domain XMLs
-           and, above all, ``<vm>.cpt``.
+``COMMIT`` the checkpoint XMLs and the domain XMLs;
+``CPT``    ``<vm>.cpt``, the list of the chain's finished points: the
+           marker that says a point is there, so it comes last of all
+           (and goes first when a chain is removed).
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from vmbk.stream.checksum import CHKSUM
 from vmbk.tree import names
 from vmbk.tree.scan import vm_dirs
 
-DATA, SIDE, COMMIT = 0, 1, 2
-PHASES = (DATA, SIDE, COMMIT)
-PHASE_NAMES = {DATA: "data", SIDE: "side", COMMIT: "commit"}
+DATA, SIDE, COMMIT, CPT = 0, 1, 2, 3
+PHASES = (DATA, SIDE, COMMIT, CPT)
 #: The catalogue's snapshot on a replica (`vmbk.replicate.snapshot`).
 CATALOGUE = f"{names.STATE_DIR}/vmbk.db"
 #: Left by a TPM state swap (`vmbk.backup.sidefiles.save_tpm_state`).
@@ -114,9 +115,10 @@ def phase(rel: str) -> int:
     name = rel.rsplit("/", 1)[-1]
     if name.endswith((".data", ".data" + CHKSUM)):
         return DATA
+    if name.endswith(".cpt"):
+        return CPT
     parts = rel.split("/")
-    if name.endswith(".cpt") or names.vmconfig_order(name) is not None or (
-            len(parts) >= 3 and parts[-2] == names.CHECKPOINTS):
+    if names.vmconfig_order(name) is not None or (len(parts) >= 3 and parts[-2] == names.CHECKPOINTS):
         return COMMIT
     return SIDE
 

@@ -18,9 +18,9 @@ is missing or from another chain:
    there, ``.cpt`` first -- a new full beside old incrementals would
    otherwise make points that look whole and restore garbage;
 3. the copies, phase by phase: data (streams and ``.chksum``), side files,
-   then the commit files (``checkpoints/``, ``vmconfig.*.xml``, ``.cpt``):
-   until the ``.cpt`` that lists a point has arrived, the replica lists
-   that point as incomplete;
+   the checkpoint and domain XMLs, and last the ``.cpt``: until the
+   ``.cpt`` that lists a point has arrived, the replica lists that point
+   as incomplete;
 4. ``deletes`` (mirror only): what rotate removed at the source, the
    ``.cpt`` of a chain first, then emptied directories.
 
@@ -37,8 +37,6 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 from vmbk.replicate.files import (
-    COMMIT,
-    DATA,
     PHASES,
     Entry,
     Listing,
@@ -193,5 +191,5 @@ def removal_share(plans: Iterable[VmPlan], replica_files: int) -> float:
     return removed / replica_files if replica_files else 0.0
 
 
-__all__ = ["ACCUMULATE", "APPEND_ONLY", "COMMIT", "DATA", "MIRROR", "VmPlan", "plan_vm", "removal_share",
+__all__ = ["ACCUMULATE", "APPEND_ONLY", "MIRROR", "VmPlan", "plan_vm", "removal_share",
            "replaceable"]

@@ -136,7 +136,7 @@ class RcloneTransport(Transport):
                          what=f"renames on {self.root}")
 
     def remove(self, rels: Sequence[str], dirs: Sequence[str]) -> None:
-        for p in reversed(files.PHASES):  # commit files first
+        for p in reversed(files.PHASES):  # the .cpt first
             batch = [r for r in rels if files.phase(r) == p]
             if batch:
                 self._rclone("delete", self.root, rels=batch, what=f"deletions on {self.root}")
