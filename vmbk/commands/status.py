@@ -31,6 +31,11 @@ The catalogue's history instead: with --restores one `restore_history`
 record per restore (default: the last 30 days), with --sessions one
 `session_history` record per run (default: the last 7 days).
 
+A site that ran vmbackup on this tree: --import-vmbackup first copies its
+runs and VM backups into the catalogue (read-only on vmbackup's side; each
+row marked as vmbackup's, so running it again adds only what is new) and
+says on standard error how many; the status then counts them.
+
 With --prometheus FILE the VMs' metrics are written in the node_exporter
 textfile format too (written aside, then renamed over FILE): last
 success, attempt, duration and bytes, restore points, chains, size, lock,
@@ -43,6 +48,7 @@ Options:
   --restores               Restores from the catalogue instead.
   --sessions               Runs from the catalogue instead.
   --days N                 How many days of history --restores/--sessions show.
+  --import-vmbackup        First copy vmbackup's _state/vmbackup.db into the catalogue.
   --now ISO8601            Judge as if it were this time.
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
@@ -62,6 +68,7 @@ from vmbk.commands._common import Common, Session, existing_backup_path, make_em
 from vmbk.errors import UsageError
 from vmbk.status import run
 from vmbk.status.run import PROG, Outcome, StatusOptions
+from vmbk.vmbackup.importer import import_history
 
 
 def _hours(raw: str | None, default: float) -> float:
@@ -94,6 +101,10 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
         return emitter.exit_code()
     if args["--days"] is not None:
         raise UsageError("--days goes with --restores or --sessions")
+    if args.get("--import-vmbackup"):
+        done = import_history(root)
+        ctx.stderr.write(f"{PROG}: imported {done.backups} backups of {len(done.vms)} VMs in {done.sessions} runs "
+                         f"from {done.database} (schema {done.schema}); {done.known} were already imported\n")
     prom = args.get("--prometheus")
     opts = StatusOptions(cfg=cfg, backup_path=root, now=now, stale_hours=_hours(args["--stale"], cfg.status.stale_hours),
                          vms=common.vms, prometheus=Path(prom) if prom else None)

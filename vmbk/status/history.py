@@ -65,6 +65,15 @@ class History:
     def present(self) -> bool:
         return self.db is not None
 
+    @property
+    def _source(self) -> str:
+        """``source``: null for vmbk's own backups, ``vmbackup`` for those
+        `vmbk.vmbackup.importer` copied in (a catalogue before migration 4 has none)."""
+        if self.db is None or "vm_backups" not in self.tables:
+            return "NULL AS source"
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(vm_backups)")}
+        return "source" if "source" in cols else "NULL AS source"
+
     def _rows(self, table: str, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         if self.db is None or table not in self.tables:
             return []
@@ -90,7 +99,8 @@ class History:
     def last_success(self, vm: str) -> dict[str, Any] | None:
         """Report 10: the newest backup that went well (a skip is not one)."""
         row = self._one("vm_backups", """
-            SELECT started_at AS at, action, consistency, policy, period, bytes, duration_s AS duration
+            SELECT started_at AS at, action, consistency, policy, period, bytes, duration_s AS duration, """
+            + self._source + """
             FROM vm_backups WHERE vm = ? AND outcome = 'ok' AND action != 'skip'
             ORDER BY started_at DESC, id DESC""", (vm,))
         return row
@@ -98,7 +108,7 @@ class History:
     def last_attempt(self, vm: str) -> dict[str, Any] | None:
         """The newest backup attempt, however it ended, and its error."""
         return self._one("vm_backups", """
-            SELECT started_at AS at, action, outcome, error, duration_s AS duration
+            SELECT started_at AS at, action, outcome, error, duration_s AS duration, """ + self._source + """
             FROM vm_backups WHERE vm = ? AND action != 'skip' ORDER BY started_at DESC, id DESC""", (vm,))
 
     def last_unchanged(self, vm: str) -> str | None:
