@@ -14,8 +14,8 @@ its status, action, policy, consistency, duration, bytes and errors; what
 rotate and replicate did; the space of the backup file system; and the
 subject line, `[VM Backup] 3 backed up, 1 FAILED - host`.  The records
 are consumed: passed on only with --tee (then the `report` record comes
-last).  On a terminal it prints the summary as text; in a pipe, or with
---json, it writes one `report` record.
+last).  On a terminal it prints the summary as text; in a pipe (or with
+the option --json) it writes one `report` record.
 
 With --email the summary is sent as `[email]` says: through SMTP (host,
 port, none/STARTTLS/TLS, a login whose password is read from

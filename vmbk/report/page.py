@@ -32,6 +32,7 @@ h1{font-size:1.15em;margin:.2em 0 .6em}h2{font-size:1.05em;margin:1.4em 0 .5em}h
 .scroll{overflow-x:auto;background:#fff;border-radius:8px;box-shadow:0 1px 2px #0001}
 table{border-collapse:collapse;width:100%;font-size:.92em}
 th,td{padding:6px 8px;text-align:left;border-bottom:1px solid #e4e7eb;white-space:nowrap}
+th{font-size:.8em;text-transform:uppercase;color:#5f6b76;font-weight:600}
 td.err{white-space:normal;min-width:14em}
 tr.failed td:nth-child(2){color:#c62828;font-weight:600}tr.success td:nth-child(2){color:#2e7d32}
 .vmchart{background:#fff;border-radius:8px;padding:6px 10px;margin:8px 0;box-shadow:0 1px 2px #0001}
@@ -52,7 +53,7 @@ def _t(t: _dt.datetime | None) -> str:
 
 def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None,
            keys: list[str] | None = None) -> str:
-    head = "".join(f"<th>{escape(h.title())}</th>" for h in headers)
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = []
     for i, r in enumerate(rows):
         cls = f' class="{escape(classes[i])}"' if classes else ""
