@@ -36,6 +36,7 @@ from vmbk.policy import Plan, PlannedVm, VmFacts
 from vmbk.progress import Board
 from vmbk.records import Record, make
 from vmbk.tree import names, ops
+from vmbk.tree.scan import scan_vm
 from vmbk.virt import backupjob, hold
 from vmbk.vmbackup import markers
 from vmbk.virt.connection import libvirt_module
@@ -251,10 +252,13 @@ def _vmbackup_files(dom: Any, planned: PlannedVm, vm_dir: Path, target_dir: Path
     plan, vm = planned.plan, planned.vm
     now = _plan_time(planned.record)
     try:
+        stale = [c.path for c in scan_vm(opts.backup_path, plan.name).chains.values()
+                 if c.period and c.rel != plan.target and c.policy == plan.policy and c.data
+                 and names.same_period(c.period, c.days, now.date())]
         markers.write_all(vm_dir, target_dir, plan.name, period=plan.period, policy=plan.policy or "",
                           default_policy=opts.default_policy, level=plan.action, xml=dom.XMLDesc(0),
                           tpm=bool(vm.tpm_state_dir and (target_dir / names.TPM_STATE).is_dir()),
-                          size=sum(r.stored_size for r in out.disks), now=now)
+                          size=sum(r.stored_size for r in out.disks), now=now, stale=stale)
     except (OSError, VmbkError, libvirt_module().libvirtError) as e:
         log.warning("%s: vmbackup's state files not written (vmbackup's next backup may be a full): %s",
                     plan.name, e)

@@ -40,6 +40,15 @@ vmbackup 0.5.3 and vmrestore 0.5.4:
     VM has a manifest (a VM vmbackup backed up); vmbackup creates one
     where there is none.
 
+The marker of a *stale* chain goes: when vmbk backs up into one
+directory of this period while another directory of the same period
+holds an older chain (vmbackup's ``%Y-W%V`` names split an ISO week in
+two, ``2024-W01`` and ``2025-W01``), libvirt's checkpoints now belong to
+the chain vmbk wrote, and an incremental on the other chain would miss
+what changed in between.  Without its marker vmbackup takes that
+directory for new: a full (after archiving what is there), never a wrong
+incremental.
+
 ``.agent-status`` is written by vmbackup and read by nothing: vmbk
 leaves it out.  Every write is atomic (`vmbk.fsutil.write_file_atomic`).
 """
@@ -48,7 +57,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,15 +182,33 @@ def add_point(manifest: Mapping[str, Any], vm: str, period: str | None, level: s
     return out
 
 
+def forget_stale(chain_dirs: Iterable[Path]) -> list[Path]:
+    """Remove the marker of chains libvirt's checkpoints no longer follow; those removed."""
+    gone = []
+    for d in chain_dirs:
+        path = d / names.FULL_BACKUP_MONTH
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        gone.append(path)
+        log.info("%s: its chain is not the one libvirt's checkpoints follow now: marker removed, "
+                 "vmbackup starts a full there", d)
+    return gone
+
+
 def write_all(vm_dir: Path, chain_dir: Path, vm: str, *, period: str | None, policy: str,
               default_policy: str | None, level: str, xml: str, tpm: bool, size: int,
-              now: _dt.datetime) -> list[Path]:
+              now: _dt.datetime, stale: Iterable[Path] = ()) -> list[Path]:
     """Every vmbackup state file of one successful backup; the files created.
 
     ``period``: the chain's period directory (None: accumulate); ``level``:
-    full, inc or copy; ``xml``: the live domain XML.
+    full, inc or copy; ``xml``: the live domain XML; ``stale``: other
+    directories of this period whose chains are not libvirt's any more
+    (`forget_stale`).
     """
     created: list[Path] = []
+    forget_stale(stale)
     marker = full_backup_period(period, policy, default_policy, now)
     if marker is not None:
         path = write_full_backup_period(chain_dir, marker, started=level != "inc")
