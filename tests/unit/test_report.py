@@ -339,3 +339,21 @@ def test_notification_failures_are_said_and_change_the_exit_only_when_strict(etc
     down = f"http://127.0.0.1:{free_port()}/x"
     assert run_cmd(report_main, ["--json", "--ping", down], ok)[0] == 0
     assert "Connection refused" in capsys.readouterr().err
+
+
+def test_every_field_of_the_report_record_is_documented(etc, tmp_path):
+    from contract_doc import undocumented
+
+    records = run_records() + [
+        rec("replicate", vm="web", destination="nas", transport="local", action="push", sync_mode="mirror",
+            outcome="ok", bytes=1, files=2),
+        rec("error", stage="vmbk-replicate", vm="web", kind="tool", code=6, message="x", destination="cloud"),
+        rec("error", stage="vmbk-rotate", vm=None, kind="storage", code=4, message="y")]
+    root = tmp_path / "b"
+    root.mkdir()
+    code, out, _ = run_cmd(report_main, ["--json", "--backup-path", str(root), "--html", str(tmp_path / "r.html")],
+                           lines(records))
+    (r,) = out
+    assert r["disk"] and r["stage_errors"] and r["later_failures"] == [{"stage": "vmbk-replicate", "vms": 1}]
+    cut = run_cmd(report_main, ["--json"], lines(records)[:-5])[1]
+    assert undocumented(out + cut) == {}

@@ -177,3 +177,20 @@ def test_restore_list_on_a_terminal_shows_human_sizes(root):
                        env={**os.environ, "PYTHONPATH": os.getcwd(), "TERM": "dumb"})
     assert r.returncode == 0, r.stdout
     assert " KiB" in r.stdout and " ago" in r.stdout
+
+
+def test_every_field_of_the_status_records_is_documented(root):
+    from contract_doc import undocumented
+
+    three_points(root / "web" / "202612", "web")
+    history(root, NOW, {"web": 1 << 20}, days=3)
+    with Catalogue.open(root) as cat:
+        run = cat.insert("replication_runs", {"destination": "nas", "transport": "local", "action": "push",
+                                              "started_at": NOW.isoformat(), "outcome": "ok"})
+        cat.insert("replication_vms", {"run_id": run, "vm": "web", "outcome": "ok", "last_backup": NOW.isoformat()})
+        for mode in ("clone", "drill"):
+            cat.insert("restore_sessions", {"vm": "web", "mode": mode, "started_at": NOW.isoformat(), "outcome": "ok"})
+    records = status(root)[1] + status(root, "--sessions")[1] + status(root, "--restores")[1]
+    web = records[0]
+    assert web["last_success"] and web["last_attempt"] and web["replication"] and web["last_drill"]
+    assert undocumented(records) == {}

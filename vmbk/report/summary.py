@@ -237,7 +237,7 @@ class Summary:
             "skipped": c["skipped"],
             "dry_run": c["dry_run"],
             "failed": c["failed"],
-            "later_failures": c["later_failures"],
+            "later_failures": [{"stage": k, "vms": n} for k, n in c["later_failures"].items()],
             "bytes": self.bytes,
             "vms": [r.as_record() for r in sorted(self.vms.values(), key=lambda r: r.vm)],
             "stage_errors": self.stage_errors,
