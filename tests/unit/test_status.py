@@ -194,3 +194,20 @@ def test_every_field_of_the_status_records_is_documented(root):
     web = records[0]
     assert web["last_success"] and web["last_attempt"] and web["replication"] and web["last_drill"]
     assert undocumented(records) == {}
+
+
+def test_the_nagios_plugin_of_examples(root, tmp_path):
+    three_points(root / "web" / "202612", "web")
+    plugin = Path(__file__).resolve().parents[2] / "examples" / "check_vmbk"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def check(*argv: str) -> tuple[int, str]:
+        r = subprocess.run([str(plugin), *argv, "--backup-path", str(root)], capture_output=True, text=True,
+                           env=env, timeout=60)
+        return r.returncode, r.stdout
+
+    assert check("26") == (0, "VMBK OK - every VM has a fresh complete restore point\n")
+    code, out = check("26", "--now", (NOW + _dt.timedelta(hours=40)).isoformat())
+    assert code == 2 and out.startswith("VMBK CRITICAL - 1 problem(s): web: newest complete restore point is 40 h")
+    code, out = check("x")
+    assert code == 3 and out.startswith("VMBK UNKNOWN - vmbk-status exited 7")
