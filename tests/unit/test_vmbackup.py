@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from test_plan_golden import materialise, materialise_chain
+from vmbackup_helpers import vmbackup_level
 
 from vmbk.catalogue import Catalogue
 from vmbk.fsutil import ensure_root
@@ -89,19 +90,6 @@ def test_the_scanner_reads_vmbackup_s_names_with_their_days(tmp_path: Path) -> N
 
 
 # -- markers ---------------------------------------------------------------------
-
-
-def vmbackup_level(chain_dir: Path, default_policy: str, now: dt.datetime) -> str:
-    """vmbackup's ``backup_vm`` (0.5.3): ``full`` unless ``.full-backup-month``
-    holds ``get_current_month`` (its default policy's period, ``date`` formats);
-    an empty marker counts as the current one (its self-heal)."""
-    fmt = {"daily": "%Y%m%d", "weekly": "%Y-W%V", "monthly": "%Y%m"}
-    current = now.strftime(fmt[default_policy]) if default_policy in fmt else default_policy
-    try:
-        marker = (chain_dir / ".full-backup-month").read_text().split("\n")[0]
-    except FileNotFoundError:
-        return "full"
-    return "auto" if marker in ("", current) else "full"
 
 
 def write(d: Path, level: str, now: dt.datetime, *, period: str | None, policy: str = "weekly",
