@@ -6,12 +6,15 @@ The VM is the tiny test guest (tests/guest), named ``vmbk-demo``; running
 the demo again reuses it.
 
 Steps: create/boot the VM, write a file in it through the guest agent,
-``vmbk-discover | vmbk-plan | vmbk-backup | vmbk-rotate`` (retention after
-each backup: what it keeps and removes is said), change 4 MiB, back up again
+``vmbk-discover | vmbk-plan | vmbk-backup | vmbk-rotate | vmbk-report``
+(retention after each backup: what it keeps and removes is said; the
+report writes its HTML page), change 4 MiB, back up again
 (an incremental), restore the latest point as a clone with vmbk-restore,
 compare the clone's disk byte for byte with the disk at the backup's
-instant, boot the clone and read the checkfile through its agent.  The
-clone is removed at the end; the demo VM and its backups stay.
+instant, boot the clone and read the checkfile through its agent, then
+``vmbk-status`` and where the HTML report of ``vmbk-report`` (at the end
+of each round's pipe) is.  The clone is removed at the end; the demo VM,
+its backups and the report stay.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_doma
 NAME = os.environ.get("VMBK_DEMO_NAME", "vmbk-demo")
 HOME = Path(os.environ.get("VMBK_DEMO_DIR", "/var/lib/vmbk-demo"))
 BIN = ROOT / ".venv" / "bin"
+REPORT = HOME / "report.html"
 
 
 def say(msg: str) -> None:
@@ -90,6 +94,7 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
             [str(BIN / "vmbk-plan"), *common],
             [str(BIN / "vmbk-backup"), *common],
             [str(BIN / "vmbk-rotate"), *common],
+            [str(BIN / "vmbk-report"), *common, "--tee", "--html", str(REPORT)],
         )
     finally:
         guest.dom.resume()
@@ -158,8 +163,14 @@ def main() -> int:
             remove_clone(conn, clone)
         ok = same and booted
         print(f"summary: {NAME}: {first['action']} + {second['action']} backup in {second['target_dir']}; "
-              f"clone of the latest point {'verified OK' if ok else 'FAILED'}")
-        return 0 if ok else 1
+              f"clone of the latest point {'verified OK' if ok else 'FAILED'}", flush=True)
+        # How the backups are doing (a table on a terminal, records in a pipe),
+        # and the page vmbk-report wrote at the end of each round's pipe.
+        say("vmbk-status:")
+        status = subprocess.run([str(BIN / "vmbk-status"), "--backup-path", str(backups)]).returncode
+        say(f"vmbk-status exit status {status} (0: every VM has a fresh complete restore point)")
+        print(f"report: the HTML report of the last run is {REPORT} (open it in a browser)", flush=True)
+        return 0 if ok and status == 0 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
