@@ -4,7 +4,7 @@ Usage:
   vmbk-replicate [options]
   vmbk-replicate [options] (--all | --vm NAMES...)
   vmbk-replicate [options] --verify-only [--all | --vm NAMES...]
-  vmbk-replicate [options] --pull --dest NAME --vm NAMES [--to DIR]
+  vmbk-replicate [options] --pull --vm NAMES [--to DIR]
   vmbk-replicate --receive DIR
   vmbk-replicate (-h | --help | --version)
 
@@ -33,7 +33,7 @@ Options:
   --dest NAME              Only this destination.
   --verify-only            Check the replicas against the tree; copy nothing.
   --verify MODE            none, size or checksum instead of each destination's setting (--verify-only: checksum).
-  --pull                   Copy one VM's tree back from --dest, checked by content (disaster recovery).
+  --pull                   Copy one VM's tree back from --dest (required), checked by content: disaster recovery.
   --to DIR                 Where --pull puts the tree (default: the backup path).
   --receive DIR            Far side of an append-only destination: its ssh forced command.
   --dry-run                Show what would be copied, moved and deleted; change nothing.
@@ -82,8 +82,6 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
         to = Path(args["--to"]) if args["--to"] else cfg.require_backup_path()
         run = ReplicateRun(cfg, to, dest=args["--dest"], catalogue=False)
         return _stage(ctx, common, run, lambda s: run.pull(common.vms[0], to, s), changes_state=True)
-    if args["--to"]:
-        raise UsageError("--to goes with --pull")
     root = existing_backup_path(cfg)
     vms = None if args["--all"] or not common.vms else list(common.vms)
     if args["--verify-only"]:

@@ -185,10 +185,12 @@ def _emptied(removed: list[str], kept: list[str]) -> list[str]:
     return sorted(gone, key=lambda d: (-d.count("/"), d))
 
 
-def removal_share(plans: Iterable[VmPlan], replica_files: int) -> float:
-    """Share of the replica's files a set of plans removes (0..1)."""
-    removed = sum(p.removals for p in plans)
-    return removed / replica_files if replica_files else 0.0
+def removal_share(plans: Iterable[VmPlan], replica: Iterable[str]) -> tuple[int, int]:
+    """(streams the plans remove, streams on the replica): what mirror's
+    ``max_delete_percent`` weighs.  Streams (``.data``) only: a killed
+    copy's temporary file or a stale side file is not a backup lost."""
+    removed = sum(1 for p in plans for r in p.retract + p.deletes if is_data(r))
+    return removed, sum(1 for r in replica if is_data(r))
 
 
 __all__ = ["ACCUMULATE", "APPEND_ONLY", "MIRROR", "VmPlan", "plan_vm", "removal_share",

@@ -180,14 +180,12 @@ class Destination:
             if not files.source_vms(self.opts.root):
                 return StorageError(f"refusing to mirror to {self.dest.name}: the source {self.opts.root} has no VM "
                                     "directories (not mounted? emptied?); nothing is deleted on the replica")
-            total = len(self.cut(replica))
-            share = removal_share(plans.values(), total)
-            if share * 100 > self.dest.max_delete_percent:
-                removed = sum(p.removals for p in plans.values())
+            removed, total = removal_share(plans.values(), self.cut(replica))
+            if removed * 100 > total * self.dest.max_delete_percent:
                 return StorageError(
-                    f"refusing to mirror to {self.dest.name}: {removed} of the replica's {total} files would be "
-                    f"deleted ({share:.0%} > max_delete_percent {self.dest.max_delete_percent}%); is the source "
-                    f"{self.opts.root} the tree it should be? Nothing was copied or deleted")
+                    f"refusing to mirror to {self.dest.name}: {removed} of the replica's {total} streams would be "
+                    f"deleted ({removed / total:.0%} > max_delete_percent {self.dest.max_delete_percent}%); is "
+                    f"the source {self.opts.root} the tree it should be? Nothing was copied or deleted")
         need = sum(p.send_bytes for p in plans.values())
         if (self.opts.settings.space_check == "skip" and space.known and space.free is not None
                 and need > space.free and not self.opts.dry_run):
