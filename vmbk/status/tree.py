@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vmbk.fsutil import dir_size
 from vmbk.tree import Chain, scan_vm
-from vmbk.tree.names import archive_date, period_days
+from vmbk.tree.names import archive_date
 from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 
 #: Reasons kept per broken chain (the listing has them all).
@@ -122,7 +122,7 @@ def chain_state(chain: Chain, *, archived: bool) -> ChainState:
 
 def _start(chain: Chain) -> tuple[_dt.date, str]:
     """Sort key: the day a chain's period began (an accumulate chain: its first file)."""
-    days = period_days(chain.period) if chain.period else None
+    days = chain.days  # its name read with its backups' days: vmbackup's weekly names (vmbk.tree.names)
     if days is not None:
         return days[0], chain.rel
     first = min((f.mtime for f in chain.data), default=None)
