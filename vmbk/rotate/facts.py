@@ -10,10 +10,9 @@ point rotate keeps is one vmbk-restore would restore.  Reads only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
+from vmbk.fsutil import dir_size
 from vmbk.policy.retention import ARCHIVE, PERIOD, TreeFacts, Unit
 from vmbk.tree.points import RestorePoint, restore_points
 from vmbk.tree import Chain, VmTree
@@ -63,20 +62,3 @@ def _complete(chain: Chain) -> tuple[float | None, int]:
 def point_time(p: RestorePoint) -> float:
     """When a point was made: the newest mtime of the files it is rebuilt from."""
     return max((f.mtime for files in p.disks.values() for f in files), default=0.0)
-
-
-def dir_size(path: Path) -> int:
-    """Bytes of the regular files below ``path`` (``du -sb``), links not followed."""
-    total = 0
-    stack = [Path(path)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(Path(e.path))
-                    elif e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_size
-        except OSError:
-            continue
-    return total
