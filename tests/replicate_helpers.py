@@ -37,13 +37,18 @@ def _toml_value(v: Any) -> str:
     return orjson.dumps(str(v)).decode()
 
 
-def configure(config_dir: Path, destinations: Iterable[Mapping[str, Any]], **top: Any) -> Path:
-    """``config_dir/default.toml`` with these destinations (and top-level keys)."""
+def configure(config_dir: Path, destinations: Iterable[Mapping[str, Any]], *,
+              replicate: Mapping[str, Any] | None = None, **top: Any) -> Path:
+    """``config_dir/default.toml`` with these destinations, a ``[replicate]``
+    table and top-level keys."""
     config_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     for d in destinations:
         lines.append("[[replication]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in d.items()]
+    if replicate:
+        lines.append("[replicate]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in replicate.items()]
     (config_dir / "default.toml").write_text("\n".join(lines) + "\n")
     return config_dir
 

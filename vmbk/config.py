@@ -157,12 +157,7 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
         replication=tuple(
             _replication(t, f"{where} [[replication]] #{i + 1}") for i, t in enumerate(r.table_list("replication"))
         ),
-        replication_options=ReplicationOptions(
-            order=r.choice("replication_order", REPLICATION_ORDERS, "config"),
-            on_failure=r.choice("replication_on_failure", ON_FAILURE, "continue"),
-            space_check=r.choice("replication_space_check", SPACE_CHECKS, "skip"),
-            min_free_percent=r.int("replication_min_free_percent", 10, lo=0, hi=100),
-        ),
+        replication_options=_replicate(r.table("replicate"), f"{where} [replicate]"),
         email=_email(r.table("email"), f"{where} [email]"),
         report=_report(r.table("report"), f"{where} [report]"),
         status=_status(r.table("status"), f"{where} [status]"),
@@ -254,6 +249,19 @@ def _replication(data: Mapping[str, Any], where: str) -> Replication:
     if rep.sync_mode == "append-only" and rep.transport != "ssh":
         raise ConfigError(f"{where}: sync_mode 'append-only' needs transport 'ssh' (a write-only key on the far side)")
     return rep
+
+
+def _replicate(data: Mapping[str, Any], where: str) -> ReplicationOptions:
+    r = _Reader(data, where)
+    d = ReplicationOptions()
+    opts = ReplicationOptions(
+        order=r.choice("order", REPLICATION_ORDERS, d.order),
+        on_failure=r.choice("on_failure", ON_FAILURE, d.on_failure),
+        space_check=r.choice("space_check", SPACE_CHECKS, d.space_check),
+        min_free_percent=r.int("min_free_percent", d.min_free_percent, lo=0, hi=100),
+    )
+    r.done()
+    return opts
 
 
 def _email(data: Mapping[str, Any], where: str) -> Email:

@@ -110,7 +110,9 @@ class Replication:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationOptions:
-    """Settings of every destination (vmbackup's REPLICATION_* keys)."""
+    """``[replicate]``: how vmbk-replicate uses the destinations (vmbackup's
+    REPLICATION_ORDER, REPLICATION_ON_FAILURE, REPLICATION_SPACE_CHECK,
+    REPLICATION_MIN_FREE_PERCENT)."""
 
     #: config (one destination after another, as listed) | local_first |
     #: cloud_first | simultaneous (rsync and rclone destinations at once).

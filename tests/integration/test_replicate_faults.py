@@ -93,7 +93,7 @@ def test_a_full_replica_is_skipped_or_fails_and_shows_no_point(transport, tiny_f
     assert code == 4 and errors(recs) == [("a", "tiny", 4)] and "not enough space" in recs[0]["message"]
     assert not any(tiny_fs.iterdir())
     # without it, the copy runs into the full file system
-    cfg = configure(tmp_path / "etc2", [dest], replication_space_check="disabled")
+    cfg = configure(tmp_path / "etc2", [dest], replicate={"space_check": "disabled"})
     code, recs = replicate(cfg, root, "--all")
     assert code == 4 and errors(recs) == [("a", "tiny", 4)], recs
     assert "full" in recs[0]["message"] and recs[0]["message"].count("No space left") >= 1

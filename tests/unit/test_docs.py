@@ -181,3 +181,28 @@ def test_every_field_vmbk_rotate_writes_is_documented(tmp_path, monkeypatch):
     assert {r["tier"] for r in rot[1]["removed"]} == {"count", "orphan"} and rot[1]["low_space"]
     assert rot[2]["prune"] == "archives" and {r["type"] for r in records} >= {"backup", "rotate", "prune_target"}
     assert undocumented(records) == {}
+
+
+def test_every_field_vmbk_replicate_writes_is_documented(tmp_path):
+    """replicate records (push, a dry run, skipped by exclude_vms and by
+    [replicate] on_failure = abort, verify, pull) and its error records."""
+    from replicate_helpers import configure, replicate, synthetic_tree
+
+    root = tmp_path / "backups"
+    synthetic_tree(root, "web")
+    synthetic_tree(root, "db")
+    (tmp_path / "nas").mkdir()
+    cfg = configure(tmp_path / "etc", [
+        {"name": "gone", "transport": "local", "path": str(tmp_path / "not-mounted")},
+        {"name": "nas", "transport": "local", "path": str(tmp_path / "nas"), "exclude_vms": ["d*"]},
+    ], replicate={"on_failure": "abort"})
+    records: list[dict] = []
+    for argv in (["--all"], ["--all", "--dest", "nas"], ["--all", "--dest", "nas", "--dry-run"],
+                 ["--verify-only", "--dest", "nas"],
+                 ["--pull", "--dest", "nas", "--vm", "web", "--to", str(tmp_path / "pulled")]):
+        records += replicate(cfg, root, *argv)[1]
+    rep = [r for r in records if r["type"] == "replicate"]
+    assert {(r["action"], r["outcome"]) for r in rep} == {("push", "skipped"), ("push", "ok"), ("push", "dry-run"),
+                                                         ("verify", "ok"), ("pull", "ok")}
+    assert any(r["type"] == "error" and r["destination"] == "gone" for r in records)
+    assert undocumented(records) == {}

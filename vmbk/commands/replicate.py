@@ -11,21 +11,51 @@ Usage:
 As the last stage of the pipe it passes every record on as it comes and,
 when its input ends, replicates the VMs of the `backup` and `rotate`
 records to every enabled destination ([[replication]] in the
-configuration), in replication_order.  With --all or --vm it reads no
-records: the way to run a failed replication again.  Emits one
-`replicate` record per VM and destination; a VM that could not be
-replicated to a destination is an `error` record that names the
-destination, and the other destinations and VMs go on.
+configuration), in `order` (config, local_first, cloud_first,
+or simultaneous: the rsync and the rclone destinations at once).  It
+reads no records given --all or --vm: the way to run a failed
+replication again.  Emits one `replicate` record per VM and destination;
+a VM that could not be replicated to a destination is an `error` record
+naming the destination (4: unreachable, refused, full or damaged; 6:
+rsync or rclone failed; 3: the VM's lock is held), and the other
+destinations and VMs go on (9 when some succeeded).
+`on_failure = "abort"` stops at the first destination that fails.  A VM is replicated under its lock.
 
-Transports: local (rsync to a mounted path), ssh (rsync over ssh with the
-destination's key) and rclone (any rclone remote).  Files arrive in an
-order that keeps an interrupted replica honest -- streams and checksums,
-then side files, then checkpoint lists and domain XML -- and the catalogue
-as a consistent snapshot.  sync_mode mirror deletes what the source
-deleted (and refuses when the source looks unmounted or more than
-max_delete_percent of the replica would go), accumulate never deletes,
-append-only only adds files through a write-only key whose forced command
-on the far side is `vmbk-replicate --receive DIR`.
+Transports: local (rsync to a mounted path that must exist), ssh (rsync
+over ssh with the destination's key, BatchMode, StrictHostKeyChecking as
+configured) and rclone (any remote of `rclone_config`).  Bandwidth:
+`bwlimit_kbps`.  Files arrive phase by phase so that a replica cut short
+at any instant never shows a restore point whose data is missing: streams
+and their checksums, side files, checkpoint and domain XMLs, and last the
+chain's .cpt; rsync writes through --partial-dir/--delay-updates, rclone
+through a staging directory on the remote.  The catalogue goes as a
+consistent snapshot (SQLite's backup API); _state/locks never.
+
+sync_mode mirror deletes what the source deleted (the .cpt of a chain
+first) and refuses, changing nothing, when the source has no VM directory
+or more than `max_delete_percent` (50) of the replica's streams would go;
+accumulate never deletes; append-only only adds files, through a key whose
+forced command on the far side is `vmbk-replicate --receive DIR`, which
+lets rsync add files and nothing else, and applies what only the far
+side may change: a .cpt that extends the one it has, the renames of a
+chain the source archived, a new TPM state (the old one kept).  A chain
+the source archived is renamed on the replica, not copied again; a
+directory the source reuses for a new chain loses the old one first.
+
+The space check (`space_check`): skip does not write a
+destination the copy does not fit, warn only says so, and both warn below
+`min_free_percent`.  Verify (`verify`, or --verify): none,
+size (the replica's listing) or checksum (rsync --checksum, rclone check
+or cryptcheck, sha256 on an append-only far side); a mismatch is an error
+that names the files.  `scope` limits a destination to archived chains or
+monthly periods, `exclude_vms` to the other VMs.  TPM state and BitLocker
+keys keep 0600 on local and ssh replicas; on an rclone remote they go only
+to a crypt remote or with `replicate_secrets = true`.
+
+The disaster-recovery path: --pull brings one VM's tree back from --dest
+into --to (default: the backup path), in the same order and checked by
+content, ready for vmbk-restore --backup-path.  A dry run and a
+verification (--dry-run, --verify-only) change nothing.
 
 Options:
   --all                    Replicate every VM of the backup tree.

@@ -1,6 +1,6 @@
 """Which destinations a run uses, in which order, through which transport.
 
-The order (``replication_order``, the manual's ``REPLICATION_ORDER``):
+The order (``[replicate] order``, the manual's ``REPLICATION_ORDER``):
 ``config``: one after another as ``[[replication]]`` lists them;
 ``local_first`` / ``cloud_first``: the rsync destinations (local, ssh)
 before the rclone ones or after; ``simultaneous``: the two groups at the

@@ -7,7 +7,7 @@ outcome, totals, the tool's exit status and the first error; one row per
 VM with what was copied, deleted, moved and verified.  ``last_backup`` of
 a VM row is the time of the newest data file the replica holds after it:
 the replication lag of a destination is how far that trails the newest
-backup (`lag`).
+backup (vmbk-status shows it per VM and destination, `vmbk.status`).
 
 A dry run writes nothing.  The catalogue is optional (a replica being
 verified from a host without one): then nothing is recorded.
@@ -15,7 +15,6 @@ verified from a host without one): then nothing is recorded.
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,32 +60,3 @@ class History:
     def close_session(self, session: str, code: int) -> None:
         if self.cat is not None and session in self._sessions:
             self.cat.end_session(session, code)
-
-
-def lag(cat: Catalogue, vm: str | None = None) -> list[dict[str, Any]]:
-    """Per destination (and VM): the last good replication and how far it trails.
-
-    ``replicated_through`` is the newest backup the replica held after its
-    last successful push; ``lag_s`` the seconds from it to the VM's newest
-    backup in the catalogue (0: the replica is current; None: nothing known).
-    """
-    where, params = ("AND v.vm = ?", (vm,)) if vm is not None else ("", ())
-    rows = cat.query(
-        "SELECT r.destination, v.vm, max(r.started_at) AS last_ok, max(v.last_backup) AS replicated_through "
-        "FROM replication_vms v JOIN replication_runs r ON r.id = v.run_id "
-        f"WHERE r.action = 'push' AND v.outcome = 'ok' {where} GROUP BY r.destination, v.vm "
-        "ORDER BY r.destination, v.vm", params)
-    out = []
-    for row in rows:
-        newest = cat.query("SELECT max(started_at) FROM vm_backups WHERE vm = ? AND outcome = 'ok'", (row["vm"],))
-        lag_s = None
-        if newest and newest[0][0] and row["replicated_through"]:
-            lag_s = max(0.0, (_parse(newest[0][0]) - _parse(row["replicated_through"])).total_seconds())
-        out.append({"destination": row["destination"], "vm": row["vm"], "last_ok": row["last_ok"],
-                    "replicated_through": row["replicated_through"], "lag_s": lag_s})
-    return out
-
-
-def _parse(text: str) -> _dt.datetime:
-    t = _dt.datetime.fromisoformat(text)
-    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)

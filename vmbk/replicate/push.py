@@ -11,9 +11,9 @@ For a destination:
    delete more than ``max_delete_percent`` of the replica's files: a
    source that is not mounted looks exactly like one whose every backup
    was deleted, and a mirror of it would empty the replica;
-4. the space check (``replication_space_check``): ``skip`` fails the
+4. the space check (``[replicate] space_check``): ``skip`` fails the
    destination when what is to be sent does not fit, ``warn`` only says so,
-   and both warn when less than ``replication_min_free_percent`` would be
+   and both warn when less than ``min_free_percent`` would be
    left;
 5. VM by VM, under the VM's lock (a backup of it cannot change its tree
    meanwhile): the source is listed again and planned again, then moves,
@@ -190,7 +190,7 @@ class Destination:
         if (self.opts.settings.space_check == "skip" and space.known and space.free is not None
                 and need > space.free and not self.opts.dry_run):
             return StorageError(f"not enough space on {self.dest.name}: {need} bytes to copy, {space.free} free "
-                                "(replication_space_check = skip)")
+                                "([replicate] space_check = skip)")
         return None
 
     def _space_warnings(self, plans: dict[str, VmPlan], space: Space) -> list[str]:

@@ -9,7 +9,7 @@ A VM whose records were all dry runs is replicated as a dry run.  Alone,
 ``--all`` (the whole tree) or ``--vm NAMES`` needs nothing from the
 stages before: the path to take again after a failed replication.
 
-``replication_on_failure = "abort"``: once a destination has failed, the
+``[replicate] on_failure = "abort"``: once a destination has failed, the
 later destinations of its lane are not written (a ``replicate`` record
 ``skipped`` per VM says why); ``continue`` (the default) goes on.
 """
@@ -110,7 +110,7 @@ class ReplicateRun:
             if failed is not None:
                 for vm in vms if vms is not None else files.source_vms(self.root):
                     yield replicate_record(session, vm, dest, dest.transport, "push", "skipped", reasons=[
-                        f"destination {failed} failed and replication_on_failure is 'abort'"])
+                        f"destination {failed} failed and [replicate] on_failure is 'abort'"])
                 continue
             d = yield from self._with(dest, session, vms, lambda d: d.push(vms))
             if abort and (d is None or d.failed):
