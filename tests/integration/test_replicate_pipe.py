@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import orjson
 import pytest
@@ -40,8 +39,8 @@ def test_the_five_stage_pipe_with_one_destination_failing(nos_domain, vm_workdir
     procs: list[subprocess.Popen[bytes]] = []
     prev = None
     for argv in stages:
-        p = subprocess.Popen([sys.executable, str(ROOT / "bin" / argv[0]), *argv[1:]], stdin=prev, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+        p = subprocess.Popen([sys.executable, str(ROOT / "bin" / argv[0]), *argv[1:]], stdin=prev,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         if prev is not None:
             prev.close()
         prev = p.stdout
