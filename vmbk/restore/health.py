@@ -29,23 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.catalogue import db_path
-from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree.points import RestorePoint, chain_complete
 from vmbk.tree import Chain
 
 log = logging.getLogger("vmbk.restore")
-
-
-def complete(chain: Chain, points: Sequence[RestorePoint] | None = None) -> bool:
-    """Every restore point of ``chain`` can be restored and the chain has no flaw."""
-    points = restore_points(chain) if points is None else points
-    return bool(points) and all(p.complete for p in points) and not chain_warnings(chain)
 
 
 def of_chains(chains: Sequence[Chain], points: Mapping[str, Sequence[RestorePoint]] | None = None) -> dict[str, Any]:
     """``chains_active``, ``chains_broken`` and ``broken_chains`` (their rel paths)
     of a VM's chains (archives are not looked at)."""
     active = [c for c in chains if c.data or c.partials]
-    broken = [c.rel for c in active if not complete(c, None if points is None else points.get(c.rel))]
+    broken = [c.rel for c in active if not chain_complete(c, None if points is None else points.get(c.rel))]
     return {"chains_active": len(active), "chains_broken": len(broken), "broken_chains": broken}
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from vmbk.errors import VmError
 from vmbk.records import Record, make
 from vmbk.restore import health
-from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree.points import RestorePoint, chain_complete, chain_warnings, restore_points
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
 from vmbk.tree import Chain, names
@@ -119,7 +119,7 @@ def chain_records(vm: str, chain: Chain, session: str | None = None) -> Iterator
         "chain", session, **where,
         base=chain.base,
         restore_points=len(points),
-        complete=health.complete(chain, points),
+        complete=chain_complete(chain, points),
         disks=sorted({d for p in points for d in p.disks}),
         size=sum(f.size for f in chain.data),
         warnings=warnings,

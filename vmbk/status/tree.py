@@ -26,7 +26,7 @@ from pathlib import Path
 from vmbk.fsutil import dir_size
 from vmbk.tree import Chain, scan_vm
 from vmbk.tree.names import archive_date
-from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
+from vmbk.tree.points import RestorePoint, chain_complete, chain_warnings, restore_points
 
 #: Reasons kept per broken chain (the listing has them all).
 MAX_REASONS = 5
@@ -105,9 +105,8 @@ def point_time(p: RestorePoint) -> float:
 def chain_state(chain: Chain, *, archived: bool) -> ChainState:
     points = restore_points(chain)
     good = [p for p in points if p.complete]
-    warnings = chain_warnings(chain)
-    complete = bool(points) and len(good) == len(points) and not warnings
-    reasons = list(warnings)
+    complete = chain_complete(chain, points)
+    reasons = chain_warnings(chain)
     if not points:
         reasons.append("no restore point (leftovers of an interrupted backup only)")
     reasons += [f"restore point {p.index}: {p.findings[0]}" for p in points if not p.complete]

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vmbk.fsutil import PARTIAL
@@ -252,3 +252,13 @@ def _full_points(chain: Chain) -> list[RestorePoint]:
         own = [incs[(d, n)] if n else full[d] for d in present]
         points.append(_point(side, n, name, FULL if n == 0 else INCREMENTAL, _date(own), disks, problems, sizes))
     return points
+
+
+def chain_complete(chain: Chain, points: Sequence[RestorePoint] | None = None) -> bool:
+    """Every restore point of ``chain`` can be restored and the chain has no flaw.
+
+    THE rule for a chain: the health line of ``--list``, the ``chain``
+    records of ``--list-restore-points`` and vmbk-status all say this.
+    """
+    points = restore_points(chain) if points is None else points
+    return bool(points) and all(p.complete for p in points) and not chain_warnings(chain)
