@@ -20,12 +20,12 @@ lock, so it works unprivileged on a copied tree.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vmbk.errors import VmError
+from vmbk.fsutil import dir_size
 from vmbk.records import Record, make
 from vmbk.restore import health
 from vmbk.tree.points import RestorePoint, chain_complete, chain_warnings, restore_points
@@ -79,7 +79,7 @@ def vm_record(source: Source, chains: list[Chain], session: str | None,
         archived_chains=sum(len(c.archives) for c in chains),
         disks=disks,
         tags=tags,
-        size=_du(tree.path),
+        size=dir_size(tree.path),
         last_backup=last_backup,
         uuid=latest.uuid if latest is not None else None,
         **state,
@@ -164,17 +164,6 @@ def _has_nvram(chain: Chain | None) -> bool:
         return bool(parse_domain_xml(xml)["firmware"]["nvram"])
     except (OSError, ValueError, SyntaxError):
         return False
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _iso(ts: float | None) -> str | None:
