@@ -39,7 +39,9 @@ from kill_helpers import (
     kill_when,
     marker_of,
     no_job,
+    scratch_files,
     spawn_backup,
+    wait_no_job,
     wait_released,
 )
 
@@ -79,6 +81,30 @@ def test_sigkill_while_paused_the_guard_resumes_at_once(nos_domain, vm_workdir, 
             print(f"round {i}: running again {seconds:.2f} s after the kill")
     print(f"{inside} of {ROUNDS} kills landed while the domain was paused")
     assert inside >= 1, "no kill landed while the domain was held: the test proved nothing"
+
+
+def test_sigkill_inside_backup_begin_the_guard_waits_for_it_before_resuming(nos_domain, vm_workdir, tmp_path):
+    """Killed while libvirt is still setting the job up (its scratch files
+    appear): libvirt lets a resume run beside that, and QEMU 7.2 crashed
+    (blk_ref / qcow2_get_specific_info assertions) when the guard resumed at
+    once -- the VM went down instead of staying paused (in about 1 of 2
+    runs of this test).  Six disks make backupBegin long enough for the
+    guard to land inside it."""
+    nd = nos_domain(6, size="64M", writes=[(0x21, 0, MiB)])
+    root = vm_workdir / "backups"
+    root.mkdir()
+    for i in range(12):
+        before = scratch_files()
+        p = spawn_backup(root, nd.name, tmp_path / f"run{i}")
+        assert kill_when(p, lambda before=before: bool(scratch_files() - before), interval=0.0005), \
+            (tmp_path / f"run{i}.err").read_text()
+        try:
+            wait_released(nd.dom, timeout=15)
+        finally:
+            assert nd.dom.isActive(), f"round {i}: QEMU died (see /var/log/libvirt/qemu/{nd.name}.log)"
+        rec = backup_ok(root, nd.name)
+        assert rec["outcome"] == "ok" and domain_state(nd.dom) == "running"
+        wait_no_job(nd.dom)
 
 
 class GuardStopper:

@@ -9,6 +9,7 @@ as a process and SIGKILLs it at a point chosen in turn from
 
 * ``marker``    -- the hold marker appears (just before the pause),
 * ``suspended`` -- libvirt's SUSPENDED lifecycle event (the domain is held),
+* ``scratch``   -- libvirt made the job's scratch file (inside ``backupBegin``),
 * ``job``       -- libvirt reports the backup job (``backupBegin`` ran),
 * ``resumed``   -- libvirt's RESUMED event (the transfer begins),
 * ``bytes``     -- a random number of bytes of the ``.data.partial`` are on disk,
@@ -43,10 +44,12 @@ import pytest
 from backup_helpers import backup_ok, run_restore
 from kill_helpers import (
     Lifecycle,
+    allocated,
     job_started,
     kill_on_event,
     kill_when,
     marker_of,
+    scratch_files,
     spawn_backup,
     wait_no_job,
     wait_released,
@@ -59,7 +62,7 @@ FIRST_DAY = _dt.datetime(2026, 3, 2, 1, 30, tzinfo=_dt.UTC)
 FULL_DAYS = 20  # a day (a new period) with one killed run: a full
 INC_DAYS = 4  # a day with a killed full, then INCS_PER_DAY killed incrementals
 INCS_PER_DAY = 6  # 24 killed fulls, 24 killed incrementals
-TRIGGERS = ("marker", "suspended", "job", "resumed", "bytes", "stream", "delay")
+TRIGGERS = ("marker", "suspended", "scratch", "job", "resumed", "bytes", "stream", "delay")
 VDA = "/machine/peripheral/virtio-disk0/virtio-backend"
 
 
@@ -130,10 +133,13 @@ def test_sigkill_at_four_dozen_points_of_full_and_incremental_backups(nos_domain
             version_of.setdefault(ino, version)
 
     def partial_bytes() -> int:  # the chains being written (archives are under .archives: not matched)
-        return sum(p.stat().st_blocks * 512 for p in vm_dir.glob("*/*.data.partial"))
+        return allocated(vm_dir.glob("*/*.data.partial"))
 
     def streams() -> set[Path]:
-        return set(vm_dir.glob("*/*.data"))
+        try:
+            return set(vm_dir.glob("*/*.data"))
+        except OSError:  # a chain archived under our feet
+            return set()
 
     # (day, round): round 0 of a day is a full (a new period), the others incrementals
     schedule = [(d, 0) for d in range(FULL_DAYS)] + [
@@ -148,7 +154,7 @@ def test_sigkill_at_four_dozen_points_of_full_and_incremental_backups(nos_domain
             n = len(refs)
             trigger = TRIGGERS[i % len(TRIGGERS)]
             new_version(n, trigger)
-            before = streams()
+            before, scratches = streams(), scratch_files()
             p = spawn_backup(root, nd.name, tmp_path / f"run{n}", "--now", now, config_dir=config)
             t0 = time.monotonic()
             if trigger in ("suspended", "resumed"):
@@ -158,6 +164,8 @@ def test_sigkill_at_four_dozen_points_of_full_and_incremental_backups(nos_domain
                 p.wait(120)
                 lc.handler = None
                 killed = flag.is_set()
+            elif trigger == "scratch":
+                killed = kill_when(p, lambda scratches=scratches: bool(scratch_files() - scratches))
             elif trigger == "marker":
                 killed = kill_when(p, marker_of(nd.dom).exists)
             elif trigger == "job":

@@ -37,7 +37,9 @@ Three things make it safe:
    never resumed (consistency ``paused``, as before).
 
 Undo rules: ``paused`` is resumed only while the domain is paused with
-reason ``user`` (libvirt's reason for ``virDomainSuspend``); a domain
+reason ``user`` (libvirt's reason for ``virDomainSuspend``), and only
+once a ``backupBegin`` the dead vmbk left in progress is done
+(`settle_backup_begin`: resuming in the middle of it crashed QEMU); a domain
 paused for another reason (I/O error, migration) or restarted since is
 left alone and the marker dropped.  ``frozen`` is thawed through the
 agent (``fsThaw`` is harmless on a thawed guest, and libvirt runs it
@@ -71,6 +73,7 @@ import select
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,8 @@ GUARD_RETRY_FOR = 60.0
 GUARD_WAIT = 30.0
 #: The guard's look for a suspend still in flight when vmbk died.
 INFLIGHT_GRACE = 2.0
+#: How long a resume waits for a ``backupBegin`` in progress (`settle_backup_begin`).
+BEGIN_SETTLE = 30.0
 ACTIONS = ("paused", "frozen")
 
 
@@ -214,6 +219,7 @@ def undo(dom: Any, marker: dict[str, Any], *, inflight: bool = False) -> str | N
     try:
         if marker["action"] == "paused":
             if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+                settle_backup_begin(dom)
                 dom.resume()
                 return "resumed"
             if state == libvirt.VIR_DOMAIN_PAUSED:
@@ -248,11 +254,66 @@ def _late_suspend(dom: Any, libvirt: Any) -> bool:
         if state == libvirt.VIR_DOMAIN_PAUSED:
             if reason != libvirt.VIR_DOMAIN_PAUSED_USER:
                 return False
+            settle_backup_begin(dom)
             dom.resume()
             return True
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
+
+
+def settle_backup_begin(dom: Any, timeout: float = BEGIN_SETTLE) -> None:
+    """Wait until a ``backupBegin`` in progress is done: its exports are served.
+
+    libvirt lets ``virDomainResume`` run *while* ``backupBegin`` is still
+    setting the job up (it allows modify jobs beside the backup job from
+    its start), and QEMU 7.2 crashed (``blk_ref``/``qcow2_get_specific_info``
+    assertions) when the guard resumed a domain whose vmbk died inside
+    ``backupBegin``.  vmbk itself resumes only after ``backupBegin``
+    returned; the guard waits for the same point: no job, a job that is not
+    a backup, a backup whose every disk is exported on its NBD socket, or
+    ``timeout``.  A job still being set up answers ``jobInfo`` with an error
+    ("backup job data missing").
+    """
+    libvirt = libvirt_module()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return
+        except libvirt.libvirtError:
+            time.sleep(0.05)  # being set up
+            continue
+        try:
+            xml = dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_BACKUP:
+                return  # another kind of job
+            time.sleep(0.05)
+            continue
+        if _exports_served(xml):
+            return
+        time.sleep(0.05)
+    log.warning("%s: the backup job being started did not settle within %g s", dom.name(), timeout)
+
+
+def _exports_served(xml: str) -> bool:
+    """Does the pull backup's NBD server serve every disk of ``xml``?"""
+    from vmbk.nbd import Address, Client, NbdError
+
+    root = ET.fromstring(xml)
+    server = root.find("server")
+    if root.get("mode") != "pull" or server is None or server.get("transport") != "unix":
+        return True  # nothing of ours to wait for
+    for disk in root.iter("disk"):
+        if disk.get("backup") != "yes":
+            continue
+        try:
+            Client(Address.unix(server.get("socket", ""), disk.get("exportname") or disk.get("name") or ""),
+                   timeout=2.0).close()
+        except (OSError, NbdError):
+            return False
+    return True
 
 
 def _describe(marker: dict[str, Any]) -> str:
