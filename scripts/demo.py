@@ -6,13 +6,16 @@ The VM is the tiny test guest (tests/guest), named ``vmbk-demo``; running
 the demo again reuses it.
 
 Steps: create/boot the VM, write a file in it through the guest agent,
-``vmbk-discover | vmbk-plan | vmbk-backup | vmbk-rotate | vmbk-report``
-(retention after each backup: what it keeps and removes is said; the
-report writes its HTML page), change 4 MiB, back up again
+``vmbk-discover | vmbk-plan | vmbk-backup | vmbk-rotate | vmbk-replicate |
+vmbk-report`` (retention after each backup: what it keeps and removes is
+said; replication to a local copy in /var/lib/vmbk-demo/replica, checked
+by content, through the demo's own configuration instance in
+/var/lib/vmbk-demo/etc; the report writes its HTML page), change 4 MiB,
+back up again
 (an incremental), restore the latest point as a clone with vmbk-restore,
 compare the clone's disk byte for byte with the disk at the backup's
-instant, boot the clone and read the checkfile through its agent, then
-``vmbk-status`` and where the HTML report of ``vmbk-report`` (at the end
+instant, boot the clone and read the checkfile through its agent, list
+the replica's restore points, then ``vmbk-status`` and where the HTML report of ``vmbk-report`` (at the end
 of each round's pipe) is.  The clone is removed at the end; the demo VM,
 its backups and the report stay.
 """
@@ -41,6 +44,7 @@ NAME = os.environ.get("VMBK_DEMO_NAME", "vmbk-demo")
 HOME = Path(os.environ.get("VMBK_DEMO_DIR", "/var/lib/vmbk-demo"))
 BIN = ROOT / ".venv" / "bin"
 REPORT = HOME / "report.html"
+REPLICA = HOME / "replica"
 
 
 def say(msg: str) -> None:
@@ -94,6 +98,7 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
             [str(BIN / "vmbk-plan"), *common],
             [str(BIN / "vmbk-backup"), *common],
             [str(BIN / "vmbk-rotate"), *common],
+            [str(BIN / "vmbk-replicate"), *common],
             [str(BIN / "vmbk-report"), *common, "--tee", "--html", str(REPORT)],
         )
     finally:
@@ -109,7 +114,25 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
     say(f"{label}: vmbk-rotate ({rot['policy']} keeps {rot['keep'] if rot['keep'] is not None else 'all'}): "
         f"{len(rot['kept'])} kept, {len(rot['removed'])} removed ({rot['freed_bytes'] / 2**20:.1f} MiB freed)"
         + "".join(f"; removed {Path(r['path']).name}: {r['reason']}" for r in rot["removed"]))
+    (rep,) = [r for r in recs if r["type"] == "replicate"]
+    say(f"{label}: vmbk-replicate to {rep['path']}: {rep['files']} files, {rep['bytes'] / 2**20:.1f} MiB copied, "
+        f"{rep['moved']} renamed, {rep['verified']} checked by {rep['verify']} in {rep['duration']:.2f} s")
     return rec
+
+
+def configure() -> None:
+    """The demo's own configuration instance: one local replication destination."""
+    etc = HOME / "etc"
+    etc.mkdir(exist_ok=True)
+    REPLICA.mkdir(exist_ok=True)
+    (etc / "default.toml").write_text(f"""# written by scripts/demo
+[[replication]]
+name = "demo-copy"
+transport = "local"
+path = "{REPLICA}"
+verify = "checksum"
+""")
+    os.environ["VMBK_CONFIG_DIR"] = str(etc)
 
 
 def remove_clone(conn: libvirt.virConnect, name: str) -> None:
@@ -123,6 +146,7 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # we report errors ourselves
     conn = libvirt.open("qemu:///system")
     guest = ensure_vm(conn)
+    configure()
     backups = HOME / "backups"
     backups.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=HOME))
@@ -161,7 +185,13 @@ def main() -> int:
             say(f"the clone booted and its checkfile says: {text!r}")
         finally:
             remove_clone(conn, clone)
-        ok = same and booted
+        recs, code = pipeline([str(BIN / "vmbk-restore"), "--json", "--backup-path", str(REPLICA),
+                               "--list-restore-points", NAME])
+        listed = [r for r in recs if r["type"] == "restore_point"]
+        replicated = code == 0 and bool(listed) and all(r["complete"] for r in listed)
+        say(f"the replica {REPLICA} lists {len(listed)} restore point(s) of {NAME}, "
+            + ("all complete" if replicated else "NOT all complete"))
+        ok = same and booted and replicated
         print(f"summary: {NAME}: {first['action']} + {second['action']} backup in {second['target_dir']}; "
               f"clone of the latest point {'verified OK' if ok else 'FAILED'}", flush=True)
         # How the backups are doing (a table on a terminal, records in a pipe),

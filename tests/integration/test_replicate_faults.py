@@ -66,6 +66,7 @@ def test_the_far_host_going_away_mid_run_fails_that_destination_only(sshd, repli
     assert [(r["vm"], r["destination"]) for r in only(recs, "replicate")] == [("a", "near"), ("b", "near"),
                                                                             ("c", "near")]
     assert not list((replica_dirs / "ssh").rglob("*.cpt"))  # nothing there claims a point
+    cfg = configure(tmp_path / "etc2", [sshd.destination("far", replica_dirs / "ssh")])
     code, recs = replicate(cfg, root, "--all", "--dest", "far")
     assert code == 0 and len(only(recs, "replicate")) == 3, [r.get("message") for r in recs]
 

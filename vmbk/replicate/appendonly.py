@@ -61,6 +61,7 @@ class AppendOnlyTransport(SshTransport):
         return {str(rel): files.Entry(int(size), float(mtime)) for rel, size, mtime in a.get("files") or []}
 
     def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
+        self.connect()
         for new, updates in phases:
             if new:
                 sent = set(self.rsync.push(src_root, sorted(new), what=f"copy to {self.where()}"))
@@ -77,6 +78,7 @@ class AppendOnlyTransport(SshTransport):
 
     def _stage(self, src_root: Path | None, updates: Sequence[str], moves: Sequence[tuple[str, str]]) -> None:
         """Send ``updates`` and ``moves`` for the far side to apply (`receive.settle`)."""
+        self.connect()
         stage = self.workdir / "stage"
         shutil.rmtree(stage, ignore_errors=True)
         base = f"{INCOMING}/{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"

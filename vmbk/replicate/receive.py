@@ -96,6 +96,10 @@ def _rrsync() -> str:
     for path in (os.environ.get("VMBK_RRSYNC"), shutil.which("rrsync"), "/usr/bin/rrsync",
                  "/usr/share/doc/rsync/scripts/rrsync"):
         if path and os.path.isfile(path):
+            # an rrsync without -no-overwrite would let an overwrite through: refuse it
+            if b"no-overwrite" not in Path(path).read_bytes():
+                raise DependencyError(f"{path} has no -no-overwrite option: an append-only copy needs an rsync "
+                                      "whose rrsync refuses overwrites (Debian 12: the bookworm-security rsync)")
             return path
     raise DependencyError("rrsync is not installed (Debian: the rsync package ships /usr/bin/rrsync)")
 
