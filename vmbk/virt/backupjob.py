@@ -150,8 +150,15 @@ class BackupJob:
             raise LibvirtError(f"backupBegin failed: {e.get_error_message()}", vm=self.dom.name()) from None
         self.active = True
 
-    def end(self) -> None:
-        """Stop the job (a pull backup has no completion: abort ends it)."""
+    def end(self, wait: float = 30.0) -> None:
+        """Stop the job (a pull backup has no completion: abort ends it).
+
+        libvirt ends the job a moment after ``abortJob`` returns (it stops
+        the NBD server and removes the scratch files itself); waiting for
+        that keeps the job directory until libvirt is done with it (else
+        libvirtd warns "failed to remove scratch file": we were first), and
+        a vmbk that has returned leaves no job for the next run to meet.
+        """
         if not self.active:
             return
         libvirt = libvirt_module()
@@ -161,6 +168,16 @@ class BackupJob:
         except libvirt.libvirtError as e:
             # The domain went away or the job already ended: nothing to stop.
             log.debug("%s: abortJob: %s", self.dom.name(), e.get_error_message())
+            return
+        deadline = time.monotonic() + wait
+        try:
+            while self.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() > deadline:
+                    log.warning("%s: the backup job did not end within %g s of its abort", self.dom.name(), wait)
+                    return
+                time.sleep(0.02)
+        except libvirt.libvirtError as e:
+            log.debug("%s: jobInfo: %s", self.dom.name(), e.get_error_message())
 
     def __enter__(self) -> "BackupJob":
         return self
