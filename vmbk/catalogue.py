@@ -201,6 +201,33 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vm_backups ADD COLUMN source_id INTEGER;  -- vm_backups.id in vmbackup.db
     CREATE UNIQUE INDEX vm_backups_source ON vm_backups(source, source_id);
     """,
+    # 5: restore drills (vmbk-drill, vmbk.drill.history): one row per drilled
+    # point, written when the drill is over (its restore_sessions row, mode
+    # 'drill', goes in the same transaction).  checks: the drill record's
+    # checks as JSON; picture/console: its screenshot and console tail
+    # under _state/drills/ (null once pruned or never taken).
+    """
+    CREATE TABLE drills (
+        id             INTEGER PRIMARY KEY,
+        session_id     TEXT,
+        vm             TEXT NOT NULL,
+        name           TEXT,             -- the throwaway VM: <vm>-drill-<stamp>
+        restore_point  TEXT,             -- CHAIN:INDEX, as restore_sessions
+        point_date     TEXT,
+        reason         TEXT,             -- backup | latest | random | index | date | sample
+        started_at     TEXT NOT NULL,
+        duration_s     REAL,
+        outcome        TEXT NOT NULL,    -- ok | failed
+        level          TEXT,             -- none | disks | started | filesystems | console | agent | check
+        exit_code      INTEGER,
+        error          TEXT,
+        checks         TEXT,             -- JSON list
+        os             TEXT,
+        screenshot     TEXT,
+        console        TEXT
+    );
+    CREATE INDEX drills_vm ON drills(vm, started_at);
+    """,
 ]
 
 
@@ -344,7 +371,7 @@ class Catalogue:
 
 
 _TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions", "retention_events",
-           "file_operations", "deleted_chains", "replication_runs", "replication_vms"}
+           "file_operations", "deleted_chains", "replication_runs", "replication_vms", "drills"}
 
 
 def _statements(script: str) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 from vmbk.errors import ConfigError
 from vmbk.settings import (
     COMPRESSIONS,
+    DRILL_NETWORKS,
     EMAIL_TRANSPORTS,
     HOST_KEY_CHECKING,
     ON_FAILURE,
@@ -42,6 +43,8 @@ from vmbk.settings import (
     TRANSPORTS,
     VERIFY_MODES,
     Config,
+    Drill,
+    DrillVm,
     Email,
     Replication,
     ReplicationOptions,
@@ -56,6 +59,8 @@ __all__ = [
     "POLICIES",
     "TRANSPORTS",
     "Config",
+    "Drill",
+    "DrillVm",
     "Email",
     "Replication",
     "ReplicationOptions",
@@ -161,6 +166,7 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
         email=_email(r.table("email"), f"{where} [email]"),
         report=_report(r.table("report"), f"{where} [report]"),
         status=_status(r.table("status"), f"{where} [status]"),
+        drill=_drill(r.table("drill"), f"{where} [drill]"),
     )
     r.done()
     names = [d.name for d in cfg.replication]
@@ -331,6 +337,59 @@ def _status(data: Mapping[str, Any], where: str) -> Status:
         raise r._bad("stale_hours", "a number of hours > 0")
     r.done()
     return Status(stale_hours=float(v))
+
+
+def _drill(data: Mapping[str, Any], where: str) -> Drill:
+    r = _Reader(data, where)
+    d = Drill()
+    drill = Drill(
+        scratch_dir=r.opt_str("scratch_dir") or d.scratch_dir,
+        network=r.choice("network", DRILL_NETWORKS, d.network),
+        restore_timeout=r.int("restore_timeout", d.restore_timeout, lo=1),
+        start_timeout=r.int("start_timeout", d.start_timeout, lo=1),
+        boot_timeout=r.int("boot_timeout", d.boot_timeout, lo=1),
+        check_timeout=r.int("check_timeout", d.check_timeout, lo=1),
+        console_pattern=_regex(r, "console_pattern") or d.console_pattern,
+        pictures=r.int("pictures", d.pictures, lo=0),
+        pictures_max_mib=r.int("pictures_max_mib", d.pictures_max_mib, lo=0),
+        vms={name: _drill_vm(t, f"{where} [drill.vm.{name!r}]") for name, t in r.table("vm").items()},
+    )
+    r.done()
+    if not os.path.isabs(drill.scratch_dir):
+        raise ConfigError(f"{where}: 'scratch_dir' must be an absolute path, not {drill.scratch_dir!r}")
+    return drill
+
+
+def _drill_vm(data: Any, where: str) -> DrillVm:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    r = _Reader(data, where)
+    vm = DrillVm(
+        file=r.opt_str("file"),
+        pattern=_regex(r, "pattern"),
+        command=r.str_list("command"),
+        boot_timeout=r.opt_int("boot_timeout"),
+        console_pattern=_regex(r, "console_pattern"),
+        exclude=r.bool("exclude", False),
+    )
+    r.done()
+    if vm.pattern is not None and vm.file is None:
+        raise ConfigError(f"{where}: 'pattern' goes with 'file'")
+    if vm.file is not None and not vm.file.startswith("/"):
+        raise ConfigError(f"{where}: 'file' must be an absolute path in the guest, not {vm.file!r}")
+    if vm.boot_timeout is not None and vm.boot_timeout < 1:
+        raise r._bad("boot_timeout", ">= 1")
+    return vm
+
+
+def _regex(r: _Reader, key: str) -> str | None:
+    v = r.opt_str(key)
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise r._bad(key, f"a regular expression ({e})") from None
+    return v
 
 
 class _Reader:

@@ -116,8 +116,10 @@ class Emitter:
         """Emit the ``error`` record of a failure and go on."""
         self.emit(error_record(err, stage=self.stage, session=self.session, vm=vm))
 
-    def exit_code(self) -> int:
-        code = exit_for_codes(self.failure_codes, self.successes)
+    def exit_code(self, successes: int | None = None) -> int:
+        """The stage's exit status; ``successes``: the stage counts them itself
+        (vmbk-drill: a failed drill's record is no success, its error record the failure)."""
+        code = exit_for_codes(self.failure_codes, self.successes if successes is None else successes)
         if code == Exit.OK and self.undelivered_count:
             return int(Exit.GENERAL)
         return int(code)

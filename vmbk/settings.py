@@ -194,6 +194,58 @@ class Status:
     stale_hours: float = 26.0
 
 
+DRILL_NETWORKS = ("isolated", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillVm:
+    """``[drill.vm."NAME"]``: what vmbk-drill checks in one VM's booted copy.
+
+    ``file`` must exist in the guest and its content match ``pattern`` (a
+    regular expression; any content when None); ``command`` (argv) run
+    through the guest agent must exit 0.  Both need the agent.
+    ``console_pattern``: a regular expression the serial console must show
+    when the guest has no agent (then no fall-back to "file systems
+    readable").  ``exclude``: ``vmbk-drill --all`` leaves the VM out.
+    """
+
+    file: str | None = None
+    pattern: str | None = None
+    command: tuple[str, ...] = ()
+    boot_timeout: int | None = None
+    console_pattern: str | None = None
+    exclude: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Drill:
+    """``[drill]``: vmbk-drill's scratch space, isolation, timeouts and pictures.
+
+    ``scratch_dir``: where the throwaway copies are written (never inside
+    a backup tree).  ``network``: isolated (every NIC on a network vmbk
+    creates without a route out) or none (every NIC removed).  Timeouts in
+    seconds: ``restore_timeout`` (building and checking the disks),
+    ``start_timeout`` (the domain starts), ``boot_timeout`` (the agent
+    answers, or the console shows ``console_pattern``), ``check_timeout``
+    (each configured check).  ``pictures``: screenshots and console tails
+    kept per VM under ``_state/drills/``, ``pictures_max_mib`` for all VMs.
+    """
+
+    scratch_dir: str = "/var/tmp/vmbk-drill"
+    network: str = "isolated"
+    restore_timeout: int = 3600
+    start_timeout: int = 120
+    boot_timeout: int = 300
+    check_timeout: int = 60
+    console_pattern: str = r"login:"
+    pictures: int = 10
+    pictures_max_mib: int = 64
+    vms: Mapping[str, DrillVm] = dataclasses.field(default_factory=dict)
+
+    def vm(self, name: str) -> DrillVm:
+        return self.vms.get(name) or DrillVm()
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     instance: str
@@ -215,6 +267,7 @@ class Config:
     email: Email = Email()
     report: Report = Report()
     status: Status = Status()
+    drill: Drill = Drill()
 
     def require_backup_path(self) -> Path:
         if self.backup_path is None:

@@ -28,8 +28,9 @@ LAYERS: dict[str, int] = {
     # presentation and the command layer
     "table": 3, "output": 3, "cli": 3, "commands": 4,
 }
-#: Orchestration that may use another's (same layer): the standalone backup plans as the pipe would.
-SIDEWAYS = {("backup", "discover"), ("backup", "planner")}
+#: Orchestration that may use another's (same layer): the standalone backup plans as the pipe would;
+#: a drill restores with the restore library (plan, images, clone XML, TPM), as a restore would.
+SIDEWAYS = {("backup", "discover"), ("backup", "planner"), ("drill", "restore")}
 #: Below the command layer but programs of their own, or naming the program.
 ARGV_ALLOWED = {
     "vmbk.virt.guard": "a process of its own (python -m vmbk.virt.guard), not a library module",

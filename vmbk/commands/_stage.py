@@ -38,6 +38,7 @@ def run_stage(
     jobs: int = 1,
     cancel: Cancel | None = None,
     changes_state: bool = True,
+    successes: Callable[[], int] | None = None,
 ) -> int:
     """Run a stage over stdin, or over ``source(session)`` when given.
 
@@ -50,6 +51,8 @@ def run_stage(
     runs at the end (the catalogue closes the session row there).
     ``changes_state`` is False for a stage that only reads (vmbk-plan, a
     dry run): it stops when nobody reads its output any more.
+    ``successes``: how many of its records were successes, when not all
+    of them are (vmbk-drill's record of a failed drill).
     """
     emitter = make_emitter(ctx, common, changes_state=changes_state)
     session = Session(emitter)
@@ -89,8 +92,8 @@ def run_stage(
     finally:
         emitter.close()
         if finish is not None and emitter.session is not None:
-            finish(emitter.session, emitter.exit_code())
-    return emitter.exit_code()
+            finish(emitter.session, emitter.exit_code(successes() if successes else None))
+    return emitter.exit_code(successes() if successes else None)
 
 
 def _materialised(handler: Handler, rec: Record, session: str) -> list[Record]:

@@ -15,6 +15,7 @@ Commands:
   restore    list and restore backups              (vmbk-restore)
   status     how the backups are doing             (vmbk-status)
   report     summary of a run: text, HTML, email   (vmbk-report)
+  drill      restore, boot and check backups       (vmbk-drill)
 
 Options:
   -h --help    Show this help.
@@ -30,7 +31,7 @@ from vmbk import cli
 from vmbk.errors import UsageError
 
 PROG = "vmbk"
-COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status", "report")
+COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status", "report", "drill")
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:

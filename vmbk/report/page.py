@@ -8,14 +8,16 @@ Everything that comes from records or the catalogue is escaped.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 from html import escape
+from pathlib import Path
 
 from vmbk import __version__
 from vmbk.human import human_duration, human_size
 from vmbk.report import charts
 from vmbk.report.history import Backup
-from vmbk.report.summary import Summary
+from vmbk.report.summary import Summary, VmRow
 from vmbk.report.text import VM_HEADERS, vm_cells
 
 STYLE = """
@@ -108,12 +110,48 @@ def render(s: Summary, prefix: str, history: list[Backup] | None, days: int, now
             for r in rows for e in r.errors if e.get("stage") == "vmbk-replicate"]
     if rep:
         parts.append("<h2>Replication</h2>" + _table(["VM", "destination", "outcome", "size", "error"], rep))
+    drilled = [r for r in rows if r.drill]
+    if drilled:
+        parts.append(_drills(drilled))
     if s.stage_errors:
         parts.append("<h2>Errors of a stage</h2>" + _table(
             ["stage", "exit", "message"], [[str(e["stage"]), str(e["code"]), str(e["message"])] for e in s.stage_errors]))
     parts.append(_history(history, days, now))
     parts.append(f"<footer>vmbk-report {escape(__version__)}, {escape(_t(now))}</footer></main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+#: A drill's screenshot is shown in the page up to this size (it is inline: the page stays one file).
+MAX_PICTURE = 512 << 10
+
+
+def _drills(rows: list[VmRow]) -> str:
+    """The run's restore tests (vmbk-drill): verdict, level, and the guest's screen."""
+    out = ["<h2>Restore drills</h2>", _table(
+        ["VM", "outcome", "level", "point", "time", "error"],
+        [[r.vm, str(d["outcome"]), str(d["level"]), str(d["point"]), human_duration(d["seconds"] or 0),
+          str(d["error"] or "")] for r in rows if (d := r.drill)],
+        ["success" if r.drill and r.drill["outcome"] == "ok" else "failed" for r in rows], [r.vm for r in rows])]
+    for r in rows:
+        png = _picture((r.drill or {}).get("screenshot"))
+        if png:
+            out.append(f'<div class="vmchart" data-vm="{escape(r.vm)}"><h3>{escape(r.vm)} <small>(its drill\'s '
+                       f'screen)</small></h3><img alt="screenshot of the drill of {escape(r.vm)}" '
+                       f'style="max-width:100%" src="data:image/png;base64,{png}"></div>')
+    return "\n".join(out)
+
+
+def _picture(path: object) -> str | None:
+    """A drill's PNG, base64, when it is there and small enough."""
+    if not isinstance(path, str):
+        return None
+    try:
+        data = Path(path).read_bytes()[:MAX_PICTURE + 1]
+    except OSError:
+        return None
+    if len(data) > MAX_PICTURE or not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return base64.b64encode(data).decode("ascii")
 
 
 def _history(history: list[Backup] | None, days: int, now: _dt.datetime) -> str:

@@ -48,6 +48,7 @@ class VmRow:
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rotate: dict[str, Any] | None = None
     replication: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    drill: dict[str, Any] | None = None
 
     @property
     def status(self) -> str:
@@ -60,7 +61,7 @@ class VmRow:
         return {"vm": self.vm, "status": self.status, "action": self.action, "policy": self.policy,
                 "period": self.period, "checkpoint": self.checkpoint, "consistency": self.consistency,
                 "duration": self.duration, "bytes": self.bytes, "errors": self.errors, "rotate": self.rotate,
-                "replication": self.replication}
+                "replication": self.replication, "drill": self.drill}
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ class Summary:
         if self.started is None:
             self.started = _session_time(self.session) or at
         fold = {"backup": self._backup, "error": self._error, "rotate": self._rotate,
-                "replicate": self._replicate}.get(rtype)
+                "replicate": self._replicate, "drill": self._drill}.get(rtype)
         if fold is not None and (rtype == "error" or known_version(rec)):
             fold(rec)
 
@@ -152,6 +153,19 @@ class Summary:
                                          "outcome": rec.get("outcome"), "bytes": rec.get("bytes"),
                                          "files": rec.get("files")})
         self.successes += 1
+
+    def _drill(self, rec: Record) -> None:
+        """A restore test (vmbk-drill): the VM's newest in the run; one that failed has its error record."""
+        vm = rec.get("vm")
+        if not isinstance(vm, str):
+            return
+        point = rec["point"] if isinstance(rec.get("point"), dict) else {}
+        self.row(vm).drill = {"outcome": rec.get("outcome"), "level": rec.get("level"),
+                              "point": f"{point.get('chain')}:{point.get('restore_point')}",
+                              "seconds": rec.get("seconds"), "screenshot": rec.get("screenshot"),
+                              "error": rec.get("error")}
+        if rec.get("outcome") == "ok":
+            self.successes += 1
 
     # -- what it says ------------------------------------------------------------------
     @property

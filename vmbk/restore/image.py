@@ -187,20 +187,28 @@ def _qemu_img(argv: list[str], what: str, error: type[VmbkError] = ToolError) ->
         raise error(f"qemu-img {what} failed ({r.returncode}): {lines[-1] if lines else 'no message'}")
 
 
-def build(job: DiskRestore, *, verify: bool = False) -> Built:
+def build(job: DiskRestore, *, verify: bool = False, stop: Callable[[], None] | None = None) -> Built:
     """Write ``job.partial``: a checked qcow2 of the merged chain (not yet renamed).
 
     ``verify``: check the sources' ``.chksum`` meanwhile (`SourceCheck`),
     instead of `verify_sources` before; a mismatch fails the build (and
     wins over the error it may have caused in the writer), the streams
-    without a ``.chksum`` are `Built.unchecked`.
+    without a ``.chksum`` are `Built.unchecked`.  ``stop`` is called
+    between windows and raises to end the build (a drill's timeout, a
+    cancelled worker): the ``.partial`` is removed as on any failure.
     """
     started = time.monotonic()
     checker = SourceCheck(job.sources) if verify else None
+
+    def check() -> None:
+        if checker is not None:
+            checker.raise_if_failed()
+        if stop is not None:
+            stop()
+
     try:
         try:
-            write_qcow2(job.sources, job.partial, _writable_options(job),
-                        check=checker.raise_if_failed if checker is not None else None)
+            write_qcow2(job.sources, job.partial, _writable_options(job), check=check)
         except Exception:
             if checker is not None:  # a corrupt stream: say what its checksum says
                 checker.result()

@@ -124,10 +124,19 @@ class History:
             FROM restore_sessions WHERE vm = ? AND mode != 'drill' ORDER BY started_at DESC, id DESC""", (vm,))
 
     def last_drill(self, vm: str) -> dict[str, Any] | None:
-        """A restore test (vmbk-drill records its restores with mode ``drill``)."""
-        return self._one("restore_sessions", """
-            SELECT started_at AS at, restore_point, outcome, exit_code, error
+        """The newest restore test: vmbk-drill's ``drills`` row (the level it reached,
+        its pictures), else a ``restore_sessions`` row of mode ``drill`` (another tool's)."""
+        row = self._one("drills", """
+            SELECT started_at AS at, restore_point, outcome, exit_code, error, level, duration_s AS duration,
+                   screenshot, console
+            FROM drills WHERE vm = ? ORDER BY started_at DESC, id DESC""", (vm,))
+        if row is not None:
+            return row
+        row = self._one("restore_sessions", """
+            SELECT started_at AS at, restore_point, outcome, exit_code, error, NULL AS level,
+                   duration_s AS duration, NULL AS screenshot, NULL AS console
             FROM restore_sessions WHERE vm = ? AND mode = 'drill' ORDER BY started_at DESC, id DESC""", (vm,))
+        return row
 
     def replication(self, vm: str) -> list[dict[str, Any]]:
         """Report 6 per VM: each destination's last push, its last good one and
