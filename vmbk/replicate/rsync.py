@@ -12,7 +12,9 @@ rsync's own temporary ``.<name>.XXXXXX`` beside the target is what a
 killed run can leave, never a file under its name.
 
 ``-a`` keeps modification times (the planner and the next run read
-them), modes (TPM state stays 0600) and, as root, owners.
+them), modes (TPM state stays 0600) and, as root, owners; ``--fsync``
+puts every file on disk before the renames that show it, so the order of
+the phases holds even across a power cut on the far side.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Rsync:
         return path
 
     def _writes(self) -> list[str]:
-        argv = []
+        argv = ["--fsync"]  # each file on disk before the phase's renames: the order survives a power cut
         if self.safe_writes:
             argv += [f"--partial-dir={PARTIAL_DIR}", "--delay-updates"]
         if self.ignore_existing:
