@@ -59,22 +59,21 @@ def ping(dom: Any) -> bool:
 
 
 def os_info(dom: Any) -> dict[str, Any] | None:
-    """``guest-get-osinfo``: the OS as the guest names it (None: the agent cannot say)."""
+    """``guest-get-osinfo``, in the record's words (None: the agent cannot say).
+
+    ``name``: the OS's pretty name (os-release, Windows' product name), else
+    its kernel; ``id``, ``version``: os-release's ``ID`` and ``VERSION_ID``.
+    """
     try:
         info = command(dom, "guest-get-osinfo")
     except AgentError:
         return None
-    return info if isinstance(info, dict) else None
-
-
-def os_name(info: dict[str, Any] | None) -> str | None:
-    if not info:
+    if not isinstance(info, dict):
         return None
-    for key in ("pretty-name", "name"):
-        if info.get(key):
-            return str(info[key])
-    kernel = " ".join(str(info[k]) for k in ("kernel-release", "machine") if info.get(k))
-    return f"Linux {kernel}" if kernel and "Windows" not in str(info.get("id", "")) else kernel or None
+    kernel = info.get("kernel-release")
+    name = info.get("pretty-name") or info.get("name") or (f"Linux {kernel}" if kernel else None)
+    return {"name": name, "id": info.get("id"), "version": info.get("version-id"), "kernel": kernel,
+            "machine": info.get("machine")}
 
 
 def read_file(dom: Any, path: str, timeout: int) -> bytes:

@@ -156,9 +156,10 @@ def destroy_domain(conn: Any, uuid: str) -> bool:
         if _marked(dom.XMLDesc(0)) is None:
             log.warning("domain %s has the UUID %s but no drill mark: left alone", dom.name(), uuid)
             return False
+        persistent = dom.isPersistent()  # a transient one is gone once destroyed
         if dom.isActive():
             dom.destroy()
-        if dom.isPersistent():
+        if persistent:
             dom.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0))
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
@@ -174,9 +175,10 @@ def destroy_network(conn: Any, name: str) -> bool:
         if _marked(net.XMLDesc(0)) is None:
             log.warning("network %s has no drill mark: left alone", name)
             return False
+        persistent = net.isPersistent()  # a transient one is gone once destroyed
         if net.isActive():
             net.destroy()
-        if net.isPersistent():
+        if persistent:
             net.undefine()
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:

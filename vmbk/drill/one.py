@@ -375,8 +375,9 @@ class _Drill:
             seconds = time.monotonic() - t
             if ok:
                 self.os = guest.os_info(dom)
+                named = (self.os or {}).get("name") or "not said"
                 self.checks.append(Check("agent", PASSED, seconds, f"guest-ping answered after {seconds:.1f} s; OS: "
-                                         f"{guest.os_name(self.os) or 'not said'}", boot, level="agent"))
+                                         f"{named}", boot, level="agent"))
                 if custom:
                     self._custom(dom)
                 return
