@@ -47,6 +47,8 @@ COLUMNS: dict[str, list[str]] = {
     "restore_history": ["started_at", "vm", "mode", "restore_point", "target", "outcome", "exit_code", "duration",
                         "error"],
     "report": ["subject", "outcome", "exit_code", "backed_up", "skipped", "excluded", "failed", "bytes"],
+    # vmbk-drill
+    "drill": ["vm", "point", "why", "outcome", "level", "checks", "seconds", "error"],
 }
 #: Fields that are byte counts.
 SIZES = frozenset({"size", "bytes", "freed_bytes", "data_bytes", "virtual_size", "data_size", "stored_size",
@@ -99,7 +101,20 @@ def _status_cells(rec: Mapping[str, Any], now: _dt.datetime) -> dict[str, str]:
     return out
 
 
-DERIVED: dict[str, Callable[[Mapping[str, Any], _dt.datetime], dict[str, str]]] = {"status": _status_cells}
+def _drill_cells(rec: Mapping[str, Any], now: _dt.datetime) -> dict[str, str]:
+    """vmbk-drill: the point as CHAIN:INDEX, the checks as how many passed."""
+    out: dict[str, str] = {}
+    point = rec.get("point")
+    if isinstance(point, Mapping):
+        out["point"] = f"{point.get('chain')}:{point.get('restore_point')}"
+    checks = [c for c in rec.get("checks") or [] if isinstance(c, Mapping)]
+    passed = sum(1 for c in checks if c.get("verdict") == "passed")
+    out["checks"] = f"{passed}/{len(checks)} passed"
+    return out
+
+
+DERIVED: dict[str, Callable[[Mapping[str, Any], _dt.datetime], dict[str, str]]] = {"status": _status_cells,
+                                                                                  "drill": _drill_cells}
 
 
 def _cell(key: str, value: Any, now: _dt.datetime) -> str:

@@ -337,3 +337,32 @@ def test_kill_9_during_the_boot_then_the_next_run_leaves_nothing(prod, env, libv
     assert (code, recs) == (0, [])
     assert_nothing_left(libvirt_conn, prod, scratch, [{"type": "drill", "uuid": left["uuid"]}])
     assert prod.guest.read_file("/mnt/vda/checkfile").decode() == prod.contents[1]
+
+
+def test_sigterm_during_the_boot_removes_everything_before_it_exits(prod, env, libvirt_conn):
+    scratch = configure(env, prod)
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-drill"), "--json", "--backup-path", str(prod.root),
+                          "--vm", prod.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    try:
+        while not drill_domains(libvirt_conn, prod.name):
+            assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
+            assert time.monotonic() < deadline, "no drill VM started"
+            time.sleep(0.05)
+        (marker,) = leftovers.run_dir().glob("drill-*.json")
+        left = json.loads(marker.read_text())
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == Exit.SIGTERM, err
+    assert "terminated" in err.decode()
+    # no sweep: it cleaned up itself
+    assert_nothing_left(libvirt_conn, prod, scratch, [{"type": "drill", "uuid": left["uuid"]}])
+    db = sqlite3.connect(db_path(prod.root))
+    outcome, code, error = db.execute("SELECT outcome, exit_code, error FROM drills WHERE name = ?",
+                                      (left["name"],)).fetchone()
+    assert (outcome, code) == ("failed", Exit.SIGTERM) and error.endswith(" interrupted")
