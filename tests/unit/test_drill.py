@@ -37,6 +37,7 @@ from vmbk.tree import scan_vm
 from vmbk.virt import backupjob
 
 TEST_URI = "test:///default"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vmbk.toml"
 QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 # -- the drill VM's XML ----------------------------------------------------------------------------------------
@@ -429,6 +430,20 @@ def test_drill_settings():
                      ({"vm": {"web": {"command": "true"}}}, "list of strings"), ({"check_timeout": 0}, ">= 1")):
         with pytest.raises(ConfigError, match=msg):
             from_mapping({"drill": bad}, instance="x", source=None)
+
+
+def test_the_example_documents_every_drill_key(tmp_path):
+    import dataclasses
+
+    from vmbk import config
+    from vmbk.settings import Drill, DrillVm
+
+    text = EXAMPLE.read_text()
+    (tmp_path / "default.toml").write_text(text)
+    d = config.load(env={"VMBK_CONFIG_DIR": str(tmp_path)}).drill
+    assert d.vm("web01").command and d.vm("appliance").console_pattern and d.vm("scratch-vm").exclude
+    for f in dataclasses.fields(Drill) + dataclasses.fields(DrillVm):
+        assert f.name == "vms" or f"\n{f.name} = " in text, f.name
 
 
 def c(name: str, verdict: str, lvl: str | None = None) -> Check:
