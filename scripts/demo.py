@@ -15,9 +15,12 @@ back up again
 (an incremental), restore the latest point as a clone with vmbk-restore,
 compare the clone's disk byte for byte with the disk at the backup's
 instant, boot the clone and read the checkfile through its agent, list
-the replica's restore points, then ``vmbk-status`` and where the HTML report of ``vmbk-report`` (at the end
-of each round's pipe) is.  The clone is removed at the end; the demo VM,
-its backups and the report stay.
+the replica's restore points, drill the latest point with ``vmbk-drill``
+(restored into a throwaway VM on an isolated network, booted, its
+checkfile read through the agent, removed), then ``vmbk-status`` and where
+the HTML report of ``vmbk-report`` (at the end of each round's pipe) is.
+The clone is removed at the end; the demo VM, its backups and the report
+stay.
 """
 
 from __future__ import annotations
@@ -120,8 +123,9 @@ def backup_round(guest: Guest, backups: Path, label: str, reference: Path) -> di
     return rec
 
 
-def configure() -> None:
-    """The demo's own configuration instance: one local replication destination."""
+def configure(stamp: str) -> None:
+    """The demo's own configuration instance: one local replication destination,
+    the drill's scratch space and the check it makes in the booted copy."""
     etc = HOME / "etc"
     etc.mkdir(exist_ok=True)
     REPLICA.mkdir(exist_ok=True)
@@ -131,6 +135,13 @@ name = "demo-copy"
 transport = "local"
 path = "{REPLICA}"
 verify = "checksum"
+
+[drill]
+scratch_dir = "{HOME / 'drill-scratch'}"
+
+[drill.vm."{NAME}"]
+file = "/mnt/vda/checkfile"
+pattern = "at {stamp}$"
 """)
     os.environ["VMBK_CONFIG_DIR"] = str(etc)
 
@@ -142,17 +153,30 @@ def remove_clone(conn: libvirt.virConnect, name: str) -> None:
         pass  # no such domain
 
 
+def drill(conn: libvirt.virConnect, backups: Path) -> bool:
+    """vmbk-drill of the latest point: a throwaway copy booted, its checkfile checked, removed."""
+    recs, code = pipeline([str(BIN / "vmbk-drill"), "--json", "--backup-path", str(backups), "--vm", NAME])
+    (rec,) = [r for r in recs if r["type"] == "drill"]
+    checks = ", ".join(f"{c['check']} {c['verdict']} ({c['seconds']:.1f} s)" for c in rec["checks"])
+    say(f"vmbk-drill: point {rec['point']['chain']}:{rec['point']['restore_point']} restored into {rec['name']} "
+        f"on {rec['network'] or 'no network'}, booted and checked in {rec['seconds']:.1f} s: {checks}")
+    left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"{NAME}-drill-")]
+    say(f"vmbk-drill: outcome {rec['outcome']}, level {rec['level']}"
+        + (f"; left behind: {', '.join(left)}" if left else "; the throwaway VM and its files are gone"))
+    return code == 0 and rec["outcome"] == "ok" and rec["level"] == "check" and not left
+
+
 def main() -> int:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # we report errors ourselves
     conn = libvirt.open("qemu:///system")
     guest = ensure_vm(conn)
-    configure()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    configure(stamp)
     backups = HOME / "backups"
     backups.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=HOME))
     os.chmod(work, 0o755)  # QEMU (libvirt-qemu) must reach the clone's disk
     try:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         guest.write_file("/mnt/vda/checkfile", f"written by the vmbk demo at {stamp}\n".encode())
         guest.sync()
         first = backup_round(guest, backups, "round 1", work / "ref-1.raw")
@@ -191,7 +215,8 @@ def main() -> int:
         replicated = code == 0 and bool(listed) and all(r["complete"] for r in listed)
         say(f"the replica {REPLICA} lists {len(listed)} restore point(s) of {NAME}, "
             + ("all complete" if replicated else "NOT all complete"))
-        ok = same and booted and replicated
+        drilled = drill(conn, backups)
+        ok = same and booted and replicated and drilled
         print(f"summary: {NAME}: {first['action']} + {second['action']} backup in {second['target_dir']}; "
               f"clone of the latest point {'verified OK' if ok else 'FAILED'}", flush=True)
         # How the backups are doing (a table on a terminal, records in a pipe),
