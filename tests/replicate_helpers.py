@@ -151,3 +151,37 @@ def restore_point(chain_dir: Path, point: int, into: Path) -> Path:
 
 def same_disk(image: Path, ref: Path) -> bool:
     return subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(image), str(ref)]).returncode == 0
+
+
+def copiers(mark: str) -> list[str]:
+    """Command lines of the rsync/rclone processes (and far-side servers)
+    whose command line names ``mark``: the copiers of one test."""
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if mark in cmd and ("rsync" in cmd or "rclone" in cmd or "--receive" in cmd):
+            out.append(cmd)
+    return out
+
+
+def vm_with_points(nos_domain: Any, workdir: Path, refs_dir: Path, changes: Iterable[tuple[int, int, str]],
+                   size: str = "32M") -> tuple[Any, Path, dict[str, Any], list[Path]]:
+    """A running no-OS VM backed up once (a full), then once more after each
+    ``(pattern, offset MiB, length)`` write (incrementals): the domain, the
+    backup root, the full's ``backup`` record and the disk as it was at each
+    point (raw)."""
+    from backup_helpers import backup_ok
+
+    nd = nos_domain(1, size=size, writes=[(0x11, 0, MiB)])
+    root = workdir / "backups"
+    root.mkdir()
+    first = backup_ok(root, nd.name)
+    refs = [reference(nd.disks[0], refs_dir / "p0.raw")]
+    for n, (pattern, offset, length) in enumerate(changes, 1):
+        qemu_write(nd.dom, pattern, offset, length)
+        assert backup_ok(root, nd.name)["action"] == "inc"
+        refs.append(reference(nd.disks[0], refs_dir / f"p{n}.raw"))
+    return nd, root, first, refs

@@ -21,16 +21,8 @@ import orjson
 import pytest
 from backup_helpers import backup_ok
 from fixtures.replication import receive_command
-from replicate_helpers import (
-    configure,
-    only,
-    points,
-    qemu_write,
-    reference,
-    replicate,
-    restore_point,
-    same_disk,
-)
+from replicate_helpers import (configure, only, points, qemu_write, reference, replicate, restore_point, same_disk,
+                               vm_with_points)
 
 from vmbk.replicate.receive import INCOMING, MANIFEST
 
@@ -48,15 +40,7 @@ def test_through_the_key_nothing_is_overwritten_or_deleted_while_new_points_arri
     ssh = ["ssh", "-p", str(sshd.port), "-i", str(key), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
            "-o", f"UserKnownHostsFile={sshd.known_hosts}"]
 
-    nd = nos_domain(1, size="32M", writes=[(0x11, 0, MiB)])
-    root = vm_workdir / "backups"
-    root.mkdir()
-    refs = []
-    first = backup_ok(root, nd.name)
-    refs.append(reference(nd.disks[0], tmp_path / "p0.raw"))
-    qemu_write(nd.dom, 0x22, 3)
-    backup_ok(root, nd.name)
-    refs.append(reference(nd.disks[0], tmp_path / "p1.raw"))
+    nd, root, first, refs = vm_with_points(nos_domain, vm_workdir, tmp_path, [(0x22, 3, "1M")])
     code, recs = replicate(cfg, root, "--all")
     (rec,) = only(recs, "replicate")
     assert code == 0 and rec["sync_mode"] == "append-only" and rec["mismatches"] == [], recs

@@ -19,23 +19,10 @@ from pathlib import Path
 import pytest
 from backup_helpers import backup_ok
 from fixtures.replication import receive_command
-from replicate_helpers import configure, only, points, qemu_write, replicate, replicate_process
+from replicate_helpers import configure, copiers, only, points, qemu_write, replicate, replicate_process
 
 pytestmark = pytest.mark.libvirt
 MiB = 1 << 20
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def copiers(mark: str) -> list[str]:
-    """rsync/rclone processes (and far-side servers) working on ``mark``."""
-    return [c for c in (_cmdline(p) for p in os.listdir("/proc") if p.isdigit())
-            if mark in c and ("rsync" in c or "rclone" in c or "--receive" in c)]
 
 
 def status(tree: Path, vm: str) -> dict[int, bool]:

@@ -19,16 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 from backup_helpers import backup_ok
-from replicate_helpers import (
-    configure,
-    only,
-    points,
-    qemu_write,
-    reference,
-    replicate,
-    restore_point,
-    same_disk,
-)
+from replicate_helpers import configure, only, points, reference, replicate, restore_point, same_disk, vm_with_points
 
 from vmbk.commands.restore import main as restore_main
 
@@ -38,16 +29,7 @@ MiB = 1 << 20
 
 def test_every_point_restores_from_every_kind_of_replica(nos_domain, vm_workdir, sshd, rclone_remotes, replica_dirs,
                                                        tmp_path):
-    nd = nos_domain(1, size="32M", writes=[(0x11, 0, MiB)])
-    root = vm_workdir / "backups"
-    root.mkdir()
-    refs = []
-    first = backup_ok(root, nd.name)
-    refs.append(reference(nd.disks[0], tmp_path / "p0.raw"))
-    for n, (pattern, offset) in enumerate([(0x22, 4), (0x33, 9)], 1):
-        qemu_write(nd.dom, pattern, offset, "2M")
-        assert backup_ok(root, nd.name)["action"] == "inc"
-        refs.append(reference(nd.disks[0], tmp_path / f"p{n}.raw"))
+    nd, root, first, refs = vm_with_points(nos_domain, vm_workdir, tmp_path, [(0x22, 4, "2M"), (0x33, 9, "2M")])
     period = Path(first["target_dir"]).name
 
     far = {name: replica_dirs / name for name in ("local", "ssh", "sftp")}

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 from fixtures.replication import receive_command
-from replicate_helpers import ROOT, synthetic_tree
+from replicate_helpers import ROOT, copiers, synthetic_tree
 
 from vmbk.errors import StorageError, UsageError
 from vmbk.replicate import files
@@ -236,25 +236,12 @@ def test_a_send_killed_midway_leaves_no_file_under_its_name(kind: str, request: 
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.monotonic() + 20
-    while any("rsync" in _cmd(pid) or "rclone" in _cmd(pid) for pid in _children_of_tests(tmp_path)):
+    while copiers(str(tmp_path)):
         assert time.monotonic() < deadline, "the copier outlived vmbk"
         time.sleep(0.1)
     listing = r.t.listing([VM])
     assert rel not in listing or listing[rel].size == (src / rel).stat().st_size
     assert rel not in listing, "16 MiB at 2 MiB/s cannot have arrived"
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children_of_tests(tmp_path: Path) -> list[int]:
-    """Processes whose command line names this test's directory (its copiers)."""
-    mark = str(tmp_path)
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and mark in _cmd(int(p))]
 
 
 def test_space_and_full_are_told_apart(tmp_path: Path) -> None:
