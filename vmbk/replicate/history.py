@@ -3,7 +3,8 @@
 vmbackup's ``replication_runs`` and ``replication_vms`` (manual, "Report 6:
 Replication Status"): one run row per destination and command (push,
 pull, verify), written ``running`` when it starts and closed with its
-outcome, totals, the tool's exit status and the first error; one row per
+outcome (``ok``, ``partial``, ``failed``, or ``interrupted``: a signal
+stopped it), totals, the tool's exit status and the first error; one row per
 VM with what was copied, deleted, moved and verified.  ``last_backup`` of
 a VM row is the time of the newest data file the replica holds after it:
 the replication lag of a destination is how far that trails the newest

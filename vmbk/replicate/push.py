@@ -78,6 +78,8 @@ class Destination:
         self.history = history
         self.secrets_ok = True
         self.secrets_note = ""
+        #: The run got to its end (an interrupted one is never recorded ok).
+        self.completed = False
         #: VMs that failed / succeeded here (the run row's outcome).
         self.failures = 0
         self.successes = 0
@@ -122,8 +124,10 @@ class Destination:
                 outcome.update(error=str(e), tool_exit=getattr(e, "tool_exit", None))
                 for vm in wanted:
                     yield self.error(_again(e, f"{vm!r} not replicated to {self.dest.name}"), vm)
+                self.completed = True
                 return
             yield from self._push_vms(wanted, vms is None, space, replica, run, outcome)
+            self.completed = True
         finally:
             self._end(run, started, outcome, verified=self.opts.verify or self.dest.verify)
 
@@ -135,7 +139,11 @@ class Destination:
         for vm in [v for v in wanted if self.dest.excludes(v)]:
             yield self.record(vm, "push", "skipped", reasons=[f"excluded from {self.dest.name} (exclude_vms)"])
         wanted = [v for v in wanted if not self.dest.excludes(v)]
-        plans = {vm: plan_vm(vm, self.source(vm), self.cut(on_replica.get(vm, {})), self.dest.sync_mode,
+        sources = {vm: self.source(vm) for vm in wanted}
+        for vm in [v for v in wanted if not sources[v] and not on_replica.get(v)]:
+            yield self.record(vm, "push", "skipped", reasons=["no backups of this VM, here or on the replica"])
+        wanted = [v for v in wanted if sources[v] or on_replica.get(v)]
+        plans = {vm: plan_vm(vm, sources[vm], self.cut(on_replica.get(vm, {})), self.dest.sync_mode,
                              self.t.tolerance) for vm in wanted}
         refusal = self._refusal(plans, replica, space)
         warnings = self._space_warnings(plans, space)
@@ -260,7 +268,8 @@ class Destination:
     def _end(self, run: int | None, started: float, outcome: dict[str, Any], verified: str) -> None:
         self.history.end(run, {
             **self.totals, **outcome, "verified": verified, "duration_s": round(time.monotonic() - started, 3),
-            "outcome": "ok" if not self.failures else "partial" if self.successes else "failed"})
+            "outcome": "interrupted" if not self.completed else
+                       "ok" if not self.failures else "partial" if self.successes else "failed"})
 
     # -- verify only -----------------------------------------------------------
     def verify(self, vms: Sequence[str] | None) -> Iterator[Record]:
@@ -293,8 +302,10 @@ class Destination:
                 self.history.vm(run, vm, {**row, "outcome": "ok"})
                 yield self.record(vm, "verify", "ok", files=0, bytes=0, deleted=0, moved=0, verify=mode,
                                   verified=len(src), mismatches=[], duration=row["duration_s"])
+            self.completed = True
         except VmbkError as e:
             outcome.update(error=str(e), tool_exit=getattr(e, "tool_exit", None))
+            self.completed = True
             yield self.error(_again(e, f"{self.dest.name} not verified"), None)
         finally:
             self._end(run, started, outcome, mode)
