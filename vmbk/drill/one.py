@@ -74,7 +74,7 @@ from vmbk.virt.quiesce import signals_deferred
 
 log = logging.getLogger("vmbk.drill")
 
-POLL = 0.5
+POLL = 0.2
 #: Memory a guest needs beyond its own: QEMU's (a measured 40-90 MiB under TCG) and some slack.
 MEMORY_HEADROOM = 1.10
 
