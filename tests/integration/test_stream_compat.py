@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,7 +277,14 @@ def chain_source(workdir: Path) -> dict[str, object]:
 
 
 def _compare(a: Path, b: Path, fmt_a: str = "raw") -> subprocess.CompletedProcess[str]:
-    return run("qemu-img", "compare", "-f", fmt_a, "-F", "raw", a, b, check=False)
+    # virtnbdrestore can return while the qemu-nbd it started still holds the
+    # image's lock on its way out (seen on a busy machine): wait for it.
+    deadline = time.monotonic() + 20
+    while True:
+        res = run("qemu-img", "compare", "-f", fmt_a, "-F", "raw", a, b, check=False)
+        if "Failed to get shared" not in (res.stdout or "") + (res.stderr or "") or time.monotonic() > deadline:
+            return res
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("compressed", [False, 2], ids=["plain", "lz4"])
