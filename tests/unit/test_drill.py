@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -510,3 +511,71 @@ def test_a_vm_without_backups_is_an_error_record(two_chains, run_dir, monkeypatc
     code, out, _ = drill(two_chains, "--vm", "nobody")
     recs = [orjson.loads(line) for line in out.splitlines()]
     assert code == Exit.VM and [(r["type"], r["vm"], r["code"]) for r in recs] == [("error", "nobody", 5)]
+
+
+@pytest.mark.parametrize("cmd", [["--bogus"], ["--help"], ["--config-instance", "nope"]])
+def test_the_command_s_usage_help_and_instance(cmd, tmp_path, monkeypatch):
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(tmp_path))
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.run(command.__doc__ or "", command.body, cmd, io.StringIO(""), out, prog="vmbk-drill", stderr=err)
+    if cmd == ["--help"]:
+        assert code == 0 and out.getvalue().strip() == (command.__doc__ or "").strip()
+        return
+    assert code == (Exit.USAGE if cmd == ["--bogus"] else Exit.CONFIG) and out.getvalue() == ""
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("vmbk-drill: ")
+
+
+# -- drills that end before the boot (libvirt's test driver: nothing is started) ----------------------------------
+
+
+@pytest.fixture
+def drill_env(two_chains, run_dir, tmp_path, monkeypatch) -> Path:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "default.toml").write_text(f'[drill]\nscratch_dir = "{tmp_path / "scratch"}"\n')
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(etc))
+    return tmp_path / "scratch"
+
+
+def failed_drill(root: Path, scratch: Path, code: int, check: str) -> dict:
+    status, out, err = drill(root, "--vm", HOSTILE)
+    recs = [orjson.loads(line) for line in out.splitlines()]
+    assert status == code, err
+    rec, error = recs
+    assert rec["outcome"] == "failed" and rec["level"] == "none" and rec["checks"][-1]["check"] == check
+    assert (error["type"], error["kind"], error["code"], error["vm"]) == ("error", "drill", code, HOSTILE)
+    assert not scratch.exists() or list(scratch.iterdir()) == []  # cleaned up
+    assert list(backupjob.RUN_DIR.iterdir()) == []  # the marker went last
+    from contract_doc import undocumented
+
+    assert undocumented(recs) == {}
+    db = sqlite3.connect(root / "_state" / "vmbk.db")
+    assert db.execute("SELECT outcome, level, exit_code FROM drills").fetchall() == [("failed", "none", code)]
+    assert db.execute("SELECT mode, outcome, exit_code FROM restore_sessions").fetchall() == [("drill", "failed", code)]
+    return rec
+
+
+def test_refused_without_the_memory_the_vm_needs(two_chains, drill_env, monkeypatch):
+    from vmbk.drill import one
+
+    monkeypatch.setattr(one, "available_memory", lambda: 32 * MiB)
+    rec = failed_drill(two_chains, drill_env, Exit.VM, "resources")
+    assert rec["checks"][0]["detail"] == (f"not enough free memory to boot a copy of {HOSTILE}: it needs 70.4 MiB, "
+                                          "32.0 MiB is available")
+
+
+def test_refused_without_space_for_the_copy(two_chains, drill_env, monkeypatch):
+    from vmbk.restore import preflight
+
+    monkeypatch.setattr(preflight, "free_space", lambda path: 1000)
+    rec = failed_drill(two_chains, drill_env, Exit.STORAGE, "resources")
+    assert "insufficient space" in rec["error"] and "scratch directory" in rec["error"]
+
+
+def test_a_damaged_stream_fails_the_disks_check_naming_it(two_chains, drill_env):
+    from test_restore_command import flip_payload_byte
+
+    damaged = two_chains / HOSTILE / "2026-W11" / "vda.inc.virtnbdbackup.2.data"
+    flip_payload_byte(damaged)
+    rec = failed_drill(two_chains, drill_env, Exit.STORAGE, "disks")
+    assert str(damaged) in rec["checks"][1]["detail"] and ".chksum says" in rec["error"]
