@@ -13,6 +13,7 @@ SIGKILL during the boot, and the next run leaving nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -306,32 +307,39 @@ def test_a_vm_that_cannot_boot_reaches_started_and_says_so(nos_domain, env, prod
     assert drill_domains(libvirt_conn, nd.name) == [] and list(scratch.iterdir()) == []
 
 
-def test_kill_9_during_the_boot_then_the_next_run_leaves_nothing(prod, env, libvirt_conn):
-    scratch = configure(env, prod)
+@contextlib.contextmanager
+def booting(prod: Prod, conn: Any) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """A vmbk-drill process of the latest point, once its VM is started (the boot under way),
+    and what its marker names; the process is killed afterwards if it still runs."""
     p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-drill"), "--json", "--backup-path", str(prod.root),
                           "--vm", prod.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
     try:
-        while not drill_domains(libvirt_conn, prod.name):  # started: the boot is under way
+        while not drill_domains(conn, prod.name):
             assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
             assert time.monotonic() < deadline, "no drill VM started"
             time.sleep(0.05)
         (marker,) = leftovers.run_dir().glob("drill-*.json")
-        left = json.loads(marker.read_text())
-        p.send_signal(signal.SIGKILL)
-        p.wait(30)
+        yield p, {**json.loads(marker.read_text()), "marker": marker}
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_kill_9_during_the_boot_then_the_next_run_leaves_nothing(prod, env, libvirt_conn):
+    scratch = configure(env, prod)
+    with booting(prod, libvirt_conn) as (p, left):
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
     assert p.returncode == -signal.SIGKILL
     # libvirtd destroys the transient domain with the connection; the rest waits for the next run
     until = time.monotonic() + 10
     while drill_domains(libvirt_conn, prod.name) and time.monotonic() < until:
         time.sleep(0.1)
     assert drill_domains(libvirt_conn, prod.name) == []
-    assert marker.exists() and Path(left["scratch"]).exists()
+    assert left["marker"].exists() and Path(left["scratch"]).exists()
     assert drill_networks(libvirt_conn, {left["uuid"]}) == [left["network"]]
     code, recs = drill(prod.root)  # a run with nothing to drill still sweeps
     assert (code, recs) == (0, [])
@@ -341,23 +349,9 @@ def test_kill_9_during_the_boot_then_the_next_run_leaves_nothing(prod, env, libv
 
 def test_sigterm_during_the_boot_removes_everything_before_it_exits(prod, env, libvirt_conn):
     scratch = configure(env, prod)
-    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-drill"), "--json", "--backup-path", str(prod.root),
-                          "--vm", prod.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 120
-    try:
-        while not drill_domains(libvirt_conn, prod.name):
-            assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
-            assert time.monotonic() < deadline, "no drill VM started"
-            time.sleep(0.05)
-        (marker,) = leftovers.run_dir().glob("drill-*.json")
-        left = json.loads(marker.read_text())
+    with booting(prod, libvirt_conn) as (p, left):
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert p.returncode == Exit.SIGTERM, err
     assert "terminated" in err.decode()
     # no sweep: it cleaned up itself
