@@ -2,7 +2,7 @@
 pictures, the marker and the sweep (libvirt's test driver), the settings, the
 level and the exit status, and the command's options and pass-through.
 
-The drill itself, on real QEMU guests, is tests/integration/test_drill.py.
+The drill itself, on real QEMU guests, is tests/integration/test_drill_guest.py.
 """
 
 from __future__ import annotations
