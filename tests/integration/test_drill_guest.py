@@ -8,7 +8,8 @@ the drill VM's live XML inspected while it runs; the full point and a
 damaged incremental drilled together (the old checkfile; the damaged
 file named; exit 9); a damaged full alone (exit 4); a no-OS domain (it
 starts, shows nothing: level ``started``, exit 5); vmbk-drill killed with
-SIGKILL during the boot, and the next run leaving nothing behind.
+SIGKILL during the boot, and the next run leaving nothing behind; SIGTERM
+during the boot; and the stage after vmbk-backup drilling the new point.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from guest.agent import Guest
 from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
 
 from vmbk.catalogue import db_path
+from vmbk.commands.backup import main as backup_main
 from vmbk.commands.drill import main as drill_main
 from vmbk.commands.report import main as report_main
 from vmbk.commands.status import main as status_main
@@ -360,3 +362,21 @@ def test_sigterm_during_the_boot_removes_everything_before_it_exits(prod, env, l
     outcome, code, error = db.execute("SELECT outcome, exit_code, error FROM drills WHERE name = ?",
                                       (left["name"],)).fetchone()
     assert (outcome, code) == ("failed", Exit.SIGTERM) and error.endswith(" interrupted")
+
+
+def test_as_a_stage_it_drills_the_point_the_backup_just_made(prod, env, libvirt_conn):
+    """``vmbk-backup --vm VM | vmbk-drill``: the backup record first, as it came, then its point's drill.
+    (Last in the module: it adds a point to the tree the tests above drill.)"""
+    scratch = configure(env, prod, check_config(prod, "^round-3-"))
+    prod.guest.write_file("/mnt/vda/checkfile", f"round-3-{uuid.uuid4().hex}".encode())
+    prod.guest.sync()
+    out = io.StringIO()
+    assert backup_main(["--json", "--backup-path", str(prod.root), "--vm", prod.name], io.StringIO(""), out) == 0
+    code, recs = drill(prod.root, stdin=out.getvalue())
+    assert code == 0, recs
+    backup, rec = recs
+    assert backup == orjson.loads(out.getvalue()) and backup["action"] == "inc"
+    assert (rec["why"], rec["point"]["checkpoint"], rec["outcome"], rec["level"]) == (
+        "backup", backup["checkpoint"], "ok", "check")
+    assert rec["point"]["chain_path"] == backup["target_dir"]
+    assert_nothing_left(libvirt_conn, prod, scratch, recs)
