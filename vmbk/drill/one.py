@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmbk.cancel import Cancel
+from vmbk.cancel import Cancel, Cancelled
 from vmbk.clock import now_iso
 from vmbk.drill import filesystems, guest, isolate, leftovers, network, picture
 from vmbk.drill.checks import FAILED, PASSED, SKIPPED, Check, failed, level
@@ -484,7 +484,7 @@ class _Drill:
         bad = failed(self.checks)
         err = None
         if interrupted is not None:
-            what = "interrupted" if isinstance(interrupted, (KeyboardInterrupt, Terminated)) else \
+            what = "interrupted" if isinstance(interrupted, (KeyboardInterrupt, Terminated, Cancelled)) else \
                 f"stopped: {interrupted.__class__.__name__}: {interrupted}"
             code = {KeyboardInterrupt: Exit.SIGINT, Terminated: Exit.SIGTERM}.get(type(interrupted), Exit.GENERAL)
             err = DrillFailed(f"drill of {self.vm} ({self.target.ref}) {what}", vm=self.vm, code=int(code))

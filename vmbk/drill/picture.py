@@ -44,8 +44,9 @@ def pictures_dir(backup_path: Path, vm: str) -> Path:
 def screenshot(conn: Any, dom: Any) -> bytes | None:
     """The guest's screen as PNG; None when it has none (no video device) or libvirt cannot take it."""
     libvirt = libvirt_module()
-    stream = conn.newStream(0)
+    stream = None
     try:
+        stream = conn.newStream(0)
         mime = dom.screenshot(stream, 0, 0)
         chunks, size = [], 0
         while True:
@@ -59,11 +60,12 @@ def screenshot(conn: Any, dom: Any) -> bytes | None:
         stream.finish()
     except (libvirt.libvirtError, ValueError) as e:
         msg = e.get_error_message() if isinstance(e, libvirt.libvirtError) else str(e)
-        log.info("%s: no screenshot: %s", dom.name(), msg)
-        try:
-            stream.abort()
-        except libvirt.libvirtError:
-            pass
+        log.info("no screenshot: %s", msg)
+        if stream is not None:
+            try:
+                stream.abort()
+            except libvirt.libvirtError:
+                pass
         return None
     data = b"".join(chunks)
     if data.startswith(PNG_SIGNATURE):
@@ -71,7 +73,7 @@ def screenshot(conn: Any, dom: Any) -> bytes | None:
     try:
         return ppm_to_png(data)
     except ValueError as e:
-        log.info("%s: screenshot of type %s not usable: %s", dom.name(), mime, e)
+        log.info("screenshot of type %s not usable: %s", mime, e)
         return None
 
 
