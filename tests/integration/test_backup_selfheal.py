@@ -94,7 +94,8 @@ def test_leftover_partial_is_cleaned_and_recorded(vm):
     rec = backup_ok(root, nd.name)
     assert not leftover.exists()
     assert any(e["event"] == "cleaned" for e in rec["events"])
-    assert rec["action"] == "full" and any(e["event"] == "archived" for e in rec["events"])
+    # the partial of the next incremental, nothing else amiss: rolled back, the chain goes on
+    assert rec["action"] == "inc" and not any(e["event"] == "archived" for e in rec["events"])
     assert any("partial" in r for r in rec["reasons"])
 
 
@@ -106,3 +107,53 @@ def test_resized_disk_means_a_new_full(vm, tmp_path):
     assert rec["action"] == "full" and any("resized" in r for r in rec["reasons"])
     assert rec["disks"][0]["virtual_size"] == 96 * MiB
     assert latest_point_equals_disk(rec, nd.disks[0], tmp_path)
+
+
+def _point_equals(chain: Path, n: int, reference: Path, tmp: Path) -> bool:
+    raw = tmp / f"point{n}.raw"
+    reconstruct_raw(chain_files(chain, until=n), raw)
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), str(reference)]).returncode == 0
+
+
+def _reference(dom, disk: Path, out: Path) -> Path:
+    """The disk as it is now (the VM paused for the copy: a no-OS guest writes nothing)."""
+    dom.suspend()
+    try:
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(out)], check=True)
+    finally:
+        dom.resume()
+    return out
+
+
+def test_an_incremental_killed_mid_stream_is_rolled_back_not_archived(nos_domain, vm_workdir, tmp_path):
+    """kill -9 while incremental 1 is written: its .partial and libvirt's checkpoint
+    virtnbdbackup.1 are left.  The next run removes both and the chain goes on
+    with incremental 1 (vmbackup archives and starts a full); the bitmap of the
+    deleted checkpoint was merged into virtnbdbackup.0's, so nothing written
+    since the full is missed: every point restores byte for byte."""
+    from backup_helpers import finish, slow_backup, wait_for_partials
+
+    nd = nos_domain(1, size="1G", writes=[(0x11, 0, MiB)])
+    root = vm_workdir / "backups"
+    root.mkdir()
+    full = backup_ok(root, nd.name)
+    chain = Path(full["target_dir"])
+    ref0 = _reference(nd.dom, nd.disks[0], tmp_path / "ref0.raw")
+    write(nd.dom, "write -P 0x44 16M 300M")  # enough for the slowed incremental to be caught mid-stream
+    p = slow_backup(root, [nd.name], tmp_path / "etc")
+    wait_for_partials(p, root)
+    p.kill()
+    finish(p)
+    assert sorted(c.getName() for c in nd.dom.listAllCheckpoints(0)) == ["virtnbdbackup.0", "virtnbdbackup.1"]
+    write(nd.dom, "write -P 0x55 600M 1M")  # after the dead run's checkpoint: must be in the next point too
+    rec = backup_ok(root, nd.name)
+    assert (rec["action"], rec["checkpoint"], rec["parent"]) == ("inc", "virtnbdbackup.1", "virtnbdbackup.0"), rec
+    assert "did not finish" in rec["reasons"][0], rec["reasons"]
+    assert not list(chain.glob("*.partial")) and not list(chain.parent.glob("*/.archives"))
+    assert not (chain / ".archives").exists()
+    ref1 = _reference(nd.dom, nd.disks[0], tmp_path / "ref1.raw")
+    assert _point_equals(chain, 0, ref0, tmp_path) and _point_equals(chain, 1, ref1, tmp_path)
+    write(nd.dom, "write -P 0x66 8M 1M")
+    rec = backup_ok(root, nd.name)
+    assert rec["action"] == "inc" and rec["checkpoint"] == "virtnbdbackup.2"
+    assert _point_equals(chain, 2, _reference(nd.dom, nd.disks[0], tmp_path / "ref2.raw"), tmp_path)

@@ -38,7 +38,7 @@ from vmbk.settings import Retention
 from vmbk.errors import InputError
 from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
-from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems
+from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems, unfinished_point
 from vmbk.tree.model import Chain, VmTree
 from vmbk.tree.names import archive_name, checkpoint_name, checkpoint_number, period_id, same_period, where
 
@@ -68,7 +68,9 @@ class Plan:
     3. ``redefine_checkpoints``: redefine these in libvirt, in this order,
        from ``<target>/checkpoints/<name>.xml``.
     4. ``delete_checkpoints``: delete these libvirt checkpoints (a full
-       starts a new chain; virtnbdbackup does the same).
+       starts a new chain; virtnbdbackup does the same; an incremental
+       removes the checkpoint an unfinished one left, its bitmap merged
+       into the parent's by libvirt).
     5. ``action`` into ``target``: ``full`` creates ``checkpoint``
        (``virtnbdbackup.0``); ``inc`` creates ``checkpoint`` with
        ``parent``; ``copy`` creates none; ``skip`` does nothing.  Each disk
@@ -289,23 +291,24 @@ class _Planner:
         if t.base == "copy":
             self.reasons.append(f"VM is running again: the offline copy in {where(t.rel)} is archived, a new chain starts")
             return self._full(t)
-        problems = self._chain_problems(t)
+        unfinished = unfinished_point(t, self.vm) if t.base is not None else None
+        problems = self._chain_problems(t, unfinished)
         redefine: list[str] = []
         if not problems:
-            problems, redefine = checkpoint_problems(t, self.vm, self.choices)
+            problems, redefine = checkpoint_problems(t, self.vm, self.choices, unfinished=unfinished)
         if problems:
             self.reasons.extend(problems)
             self.reasons.append(f"the chain in {where(t.rel)} is archived, a new chain starts")
             return self._full(t)
-        return self._inc(t, redefine)
+        return self._inc(t, redefine, unfinished)
 
-    def _chain_problems(self, t: Chain) -> list[str]:
+    def _chain_problems(self, t: Chain, unfinished: str | None = None) -> list[str]:
         out: list[str] = []
         if t.base is None:
             what = "checkpoint metadata without data" if (t.cpt_file or t.checkpoint_xmls) else "no full backup"
             out.append(f"the chain in {where(t.rel)} has {what}")
             return out
-        out += file_problems(t)
+        out += file_problems(t, unfinished=unfinished)
         out += disk_problems(t, self.choices)
         if self.vm.uuid and t.uuid and t.uuid != self.vm.uuid:
             out.append(f"the chain in {where(t.rel)} belongs to another VM (uuid {t.uuid}); this VM is {self.vm.uuid}")
@@ -387,9 +390,15 @@ class _Planner:
         return self._plan(FULL, archive, checkpoint=checkpoint_name(0), deletes=deletes,
                           disks=self._disk_plans(FULL))
 
-    def _inc(self, t: Chain, redefine: Sequence[str]) -> Plan:
+    def _inc(self, t: Chain, redefine: Sequence[str], unfinished: str | None = None) -> Plan:
         assert t.cpt
         n = len(t.cpt)
+        deletes: tuple[str, ...] = ()
+        if unfinished is not None:
+            left = [*t.partials, *(["libvirt's checkpoint " + unfinished] if unfinished in (self.vm.checkpoints or ()) else [])]
+            self.reasons.append(f"an incremental that did not finish left {', '.join(left)}: removed, "
+                                f"the chain goes on from {t.cpt[-1]}")
+            deletes = (unfinished,) if unfinished in (self.vm.checkpoints or ()) else ()
         self.reasons.append(f"the chain in {where(t.rel)} continues: incremental {n}")
         if redefine:
             self.reasons.append(f"libvirt lost checkpoint metadata of {', '.join(redefine)}: "
@@ -403,7 +412,7 @@ class _Planner:
                                  f"(warn at {self.retention.accumulate_warn_depth}, new chain at "
                                  f"{self.retention.accumulate_limit})")
         return self._plan(INC, None, checkpoint=checkpoint_name(n), parent=t.cpt[-1],
-                          redefine=tuple(redefine), disks=self._disk_plans(INC))
+                          redefine=tuple(redefine), deletes=deletes, disks=self._disk_plans(INC))
 
     def _disk_plans(self, action: str) -> tuple[DiskPlan, ...]:
         out: list[DiskPlan] = []

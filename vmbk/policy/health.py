@@ -8,23 +8,60 @@ archive + FULL.  vmbk archives rather than deletes, so nothing that
 might still restore is lost.  The checks are deliberately strict: an
 incremental on a chain that is not provably sound restores garbage, a
 needless full only costs time and space.
+
+One exception, where vmbk does better than a full: an incremental that
+died before its point was committed (`unfinished_point`) left only its
+``.partial`` streams and libvirt's checkpoint N, and the chain is sound
+up to N-1.  Those are removed and the chain goes on from N-1: deleting
+checkpoint N makes libvirt merge its bitmap into N-1's, which then holds
+every write since N-1 again, so the incremental that follows misses
+nothing (tests/integration/test_backup_kill_points.py restores every
+point of chains that went through this, byte for byte).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vmbk.fsutil import PARTIAL
 from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, DiskChoice
 from vmbk.policy.facts import VmFacts
 from vmbk.tree.model import Chain
-from vmbk.tree.names import checkpoint_name, checkpoint_number, where
+from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name, where
 
 
-def file_problems(chain: Chain) -> list[str]:
-    """The files of a full chain against its ``.cpt`` and stream headers."""
+def unfinished_point(chain: Chain, vm: VmFacts) -> str | None:
+    """Checkpoint N of an incremental that died before its point was committed.
+
+    None unless what it left is all there is beyond the chain's last point:
+    ``.partial`` streams of incremental N only, no data file of N or later,
+    and libvirt's checkpoints ahead of the chain are N alone (or none).
+    The other checks still run: any other flaw archives the chain.
+    """
+    if chain.cpt_error or not chain.cpt:
+        return None
+    n = len(chain.cpt)
+    name = checkpoint_name(n)
+    for p in chain.partials:
+        parsed = parse_data_name(p[: -len(PARTIAL)]) if p.endswith(".data" + PARTIAL) else None
+        if parsed is None or parsed.level != "inc" or parsed.number != n:
+            return None
+    if any(f.number is not None and f.number >= n for f in chain.data):
+        return None
+    if vm.checkpoints is None:
+        return None
+    ahead = [c for c in vm.checkpoints if (checkpoint_number(c) or -1) >= n]
+    if ahead not in ([], [name]) or not (chain.partials or ahead):
+        return None
+    return name
+
+
+def file_problems(chain: Chain, *, unfinished: str | None = None) -> list[str]:
+    """The files of a full chain against its ``.cpt`` and stream headers
+    (``unfinished``: the partials of that point are expected, see `unfinished_point`)."""
     out: list[str] = []
     loc = where(chain.rel)
-    if chain.partials:
+    if chain.partials and unfinished is None:
         out.append(f"leftover partial file(s) of an interrupted backup in {loc}: {', '.join(chain.partials)}")
     for f in chain.data:
         if f.error:
@@ -92,7 +129,8 @@ def disk_problems(chain: Chain, choices: Sequence[DiskChoice]) -> list[str]:
     return out
 
 
-def checkpoint_problems(chain: Chain, vm: VmFacts, choices: Sequence[DiskChoice]) -> tuple[list[str], list[str]]:
+def checkpoint_problems(chain: Chain, vm: VmFacts, choices: Sequence[DiskChoice], *,
+                        unfinished: str | None = None) -> tuple[list[str], list[str]]:
     """``(problems, to_redefine)`` for the next incremental on ``chain``.
 
     libvirt's checkpoint metadata can be lost (host reinstall, a domain
@@ -109,7 +147,8 @@ def checkpoint_problems(chain: Chain, vm: VmFacts, choices: Sequence[DiskChoice]
         problems.append("libvirt checkpoint list unknown: cannot tell whether the parent checkpoint exists")
     else:
         known = set(vm.checkpoints)
-        ahead = sorted((c for c in known if (checkpoint_number(c) or -1) >= len(chain.cpt)), key=lambda c: checkpoint_number(c) or 0)
+        ahead = sorted((c for c in known if (checkpoint_number(c) or -1) >= len(chain.cpt) and c != unfinished),
+                       key=lambda c: checkpoint_number(c) or 0)
         if ahead:
             problems.append(f"libvirt has checkpoint(s) {', '.join(ahead)} the chain does not know "
                             "(a backup that did not finish?)")
