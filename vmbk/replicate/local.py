@@ -16,11 +16,28 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from vmbk.fsutil import ensure_dir, ensure_secret_dir, fsync_dir
+from vmbk.fsutil import ensure_dir, ensure_secret_dir, fsync_dir, fsync_path
 from vmbk.replicate import files
 from vmbk.replicate.rsync import PARTIAL_DIR, Rsync
 from vmbk.replicate.transport import Batch, Space, Transport, Unreachable, failure
 from vmbk.settings import Replication
+
+
+def durable(root: Path, rels: Sequence[str]) -> None:
+    """fsync the files a phase wrote, then their directories: on disk before
+    the next phase begins, so the order of the phases survives a power cut.
+
+    After the copy rather than during it (rsync's ``--fsync`` flushes each
+    file before writing the next: 7% of a 3 GiB copy here), and per file
+    rather than syncfs(2), which also waits for every other writer of the
+    file system.
+    """
+    for rel in rels:
+        with contextlib.suppress(FileNotFoundError):
+            fsync_path(root / rel)
+    for d in sorted({(root / rel).parent for rel in rels}):
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(d)
 
 
 class LocalTransport(Transport):
@@ -52,7 +69,9 @@ class LocalTransport(Transport):
 
     def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
         for new, updates in phases:
-            self.rsync.push(src_root, sorted({*new, *updates}), what=f"copy to {self.root}")
+            batch = sorted({*new, *updates})
+            self.rsync.push(src_root, batch, what=f"copy to {self.root}")
+            durable(self.root, batch)
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         touched: set[Path] = set()

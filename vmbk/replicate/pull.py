@@ -26,6 +26,7 @@ from vmbk.records import Record
 from vmbk.replicate import files
 from vmbk.replicate.files import PHASES
 from vmbk.replicate.history import History
+from vmbk.replicate.local import durable
 from vmbk.replicate.report import replicate_record
 from vmbk.replicate.transport import Transport
 from vmbk.settings import Replication
@@ -48,7 +49,9 @@ def pull(dest: Replication, t: Transport, vm: str, to: Path, session: str, histo
                 raise StorageError(f"{dest.name} ({t.where()}) holds no tree of {vm!r}", vm=vm)
             rels = sorted(listing)
             for p in PHASES:
-                t.fetch([r for r in rels if files.phase(r) == p], to)
+                batch = [r for r in rels if files.phase(r) == p]
+                t.fetch(batch, to)
+                durable(to, batch)
             _secrets_private(to, rels)
             mismatches = t.mismatches(to, rels)
             if mismatches:

@@ -155,18 +155,14 @@ class Destination:
             t0 = time.monotonic()
             try:
                 rec = self._push_vm(vm, plans[vm], self.cut(on_replica.get(vm, {})), warnings)
-            except (Unreachable, ReplicaFull) as e:
-                stop = e
-                outcome.update(error=str(e), tool_exit=e.tool_exit)
-                self.history.vm(run, vm, {"outcome": "failed", "error": str(e), "tool_exit": e.tool_exit,
-                                          "duration_s": round(time.monotonic() - t0, 3)})
-                yield self.error(_again(e, f"{vm!r} not replicated to {self.dest.name}"), vm)
-                continue
             except VmbkError as e:
-                outcome.update(error=outcome["error"] or str(e), tool_exit=getattr(e, "tool_exit", None))
-                self.history.vm(run, vm, {"outcome": "failed", "error": str(e), "duration_s":
-                                          round(time.monotonic() - t0, 3), "tool_exit": getattr(e, "tool_exit", None)})
-                yield self.error(_again(e, f"{vm!r} to {self.dest.name}"), vm)
+                if isinstance(e, (Unreachable, ReplicaFull)):
+                    stop = e  # the VMs after this one fail at once, for the same reason
+                tool_exit = getattr(e, "tool_exit", None)
+                outcome.update(error=outcome["error"] or str(e), tool_exit=tool_exit)
+                self.history.vm(run, vm, {"outcome": "failed", "error": str(e), "tool_exit": tool_exit,
+                                          "duration_s": round(time.monotonic() - t0, 3)})
+                yield self.error(_again(e, f"{vm!r} {'not replicated ' if stop else ''}to {self.dest.name}"), vm)
                 continue
             self.history.vm(run, vm, {**rec, "outcome": rec["outcome"], "duration_s": rec["duration"],
                                       "verified": rec["verify"], "mismatches": 0})

@@ -12,9 +12,11 @@ rsync's own temporary ``.<name>.XXXXXX`` beside the target is what a
 killed run can leave, never a file under its name.
 
 ``-a`` keeps modification times (the planner and the next run read
-them), modes (TPM state stays 0600) and, as root, owners; ``--fsync``
-puts every file on disk before the renames that show it, so the order of
-the phases holds even across a power cut on the far side.
+them), modes (TPM state stays 0600) and, as root, owners.  The order of
+the phases holds across a power cut on the far side because every file
+of a phase is on disk before the next phase begins: over ssh rsync's
+``--fsync`` on the far side, locally `vmbk.replicate.local.durable` after
+each phase.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class Rsync:
         return path
 
     def _writes(self) -> list[str]:
-        argv = ["--fsync"]  # each file on disk before the phase's renames: the order survives a power cut
+        # the far side flushes each file (ssh: on its own disk, beside the
+        # network); a local copy flushes its phase itself, after it (`local.durable`)
+        argv = ["--fsync"] if self.rsh else []
         if self.safe_writes:
             argv += [f"--partial-dir={PARTIAL_DIR}", "--delay-updates"]
         if self.ignore_existing:
