@@ -9,7 +9,9 @@ damaged incremental drilled together (the old checkfile; the damaged
 file named; exit 9); a damaged full alone (exit 4); a no-OS domain (it
 starts, shows nothing: level ``started``, exit 5); vmbk-drill killed with
 SIGKILL during the boot, and the next run leaving nothing behind; SIGTERM
-during the boot; and the stage after vmbk-backup drilling the new point.
+during the boot; a UEFI guest with a TPM (the copy gets the backup's NVRAM
+and TPM state, the production VM keeps its own); and the stage after
+vmbk-backup drilling the new point.
 """
 
 from __future__ import annotations
@@ -182,6 +184,27 @@ def copy_tree(prod: Prod, dest: Path) -> Path:
     return next(p for p in (dest / prod.name).iterdir() if p.is_dir())
 
 
+def in_thread(root: Path, conn: Any, vm: str, *argv: str) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """vmbk-drill in a thread, and what is seen while it runs: the drill VM's live XML, its
+    network's XML, whether its TPM state is in place."""
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(zip(("code", "recs"), drill(root, "--vm", vm, *argv))))
+    t.start()
+    seen: dict[str, Any] = {}
+    while t.is_alive():
+        for d in conn.listAllDomains(0):
+            if d.name().startswith(f"{vm}-drill-") and "domain" not in seen:
+                with contextlib.suppress(libvirt.libvirtError):
+                    xml = d.XMLDesc(0)
+                    net = ET.fromstring(xml).find("devices/interface/source")
+                    seen["network"] = conn.networkLookupByName(net.get("network")).XMLDesc(0) if net is not None \
+                        else None
+                    seen["tpm"] = tpm.state_dir(d.UUIDString()).joinpath("tpm2").is_dir()
+                    seen["domain"] = xml
+        time.sleep(0.1)
+    return result["code"], result["recs"], seen
+
+
 # -- the tests -------------------------------------------------------------------------------------------------
 
 
@@ -189,22 +212,9 @@ def test_the_latest_point_passes_levels_1_to_4_isolated_and_the_production_vm_is
         prod, env, libvirt_conn, tmp_path):
     scratch = configure(env, prod, check_config(prod, f"^{prod.contents[1]}$"))
     before = watched(prod)
-    seen: dict[str, str] = {}
-    result: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: result.update(zip(("code", "recs"), drill(prod.root, "--vm", prod.name))))
     t0 = time.monotonic()
-    t.start()
-    while t.is_alive():  # the drill VM's live XML and its network, while it runs
-        for d in libvirt_conn.listAllDomains(0):
-            if d.name().startswith(f"{prod.name}-drill-") and "domain" not in seen:
-                with_iface = d.XMLDesc(0)
-                if "<interface" in with_iface:
-                    seen["domain"] = with_iface
-                    net = ET.fromstring(with_iface).find("devices/interface/source").get("network")
-                    seen["network"] = libvirt_conn.networkLookupByName(net).XMLDesc(0)
-        time.sleep(0.1)
+    code, recs, seen = in_thread(prod.root, libvirt_conn, prod.name)
     seconds = time.monotonic() - t0
-    code, recs = result["code"], result["recs"]
     assert code == 0, recs
     (rec,) = recs
     assert rec["type"] == "drill" and rec["outcome"] == "ok" and rec["level"] == "check" and rec["why"] == "latest"
@@ -362,6 +372,30 @@ def test_sigterm_during_the_boot_removes_everything_before_it_exits(prod, env, l
     outcome, code, error = db.execute("SELECT outcome, exit_code, error FROM drills WHERE name = ?",
                                       (left["name"],)).fetchone()
     assert (outcome, code) == ("failed", Exit.SIGTERM) and error.endswith(" interrupted")
+
+
+def test_uefi_and_tpm_the_copy_gets_the_nvram_and_tpm_state_a_clone_gets(test_guest, env, prod, libvirt_conn,
+                                                                         vm_workdir):
+    g = test_guest(data_size="64M", uefi=True, tpm=True)
+    root = vm_workdir / "backups"
+    root.mkdir()
+    backup_ok(root, g.name)
+    chain = next(p for p in (root / g.name).iterdir() if p.is_dir())
+    assert (chain / "tpm-state" / "tpm2").is_dir() and list(chain.glob("*_VARS.fd.*"))
+    nvram = Path(ET.fromstring(g.dom.XMLDesc(0)).find("os/nvram").text)
+    prod_tpm = tpm.state_dir(g.dom.UUIDString()) / "tpm2"
+    before = (nvram.read_bytes(), {p.name: p.read_bytes() for p in prod_tpm.iterdir()})
+    scratch = configure(env, prod, f'[drill.vm."{g.name}"]\ncommand = ["/bin/sh", "-c", "test -e /dev/tpm0"]\n')
+    code, recs, seen = in_thread(root, libvirt_conn, g.name)
+    assert code == 0, recs
+    (rec,) = recs
+    assert rec["level"] == "check" and not [w for w in rec["warnings"] if "TPM" in w], rec
+    xml = ET.fromstring(seen["domain"])
+    assert Path(xml.find("os/nvram").text).parent == scratch / rec["name"]  # the backup's NVRAM, copied
+    assert xml.find("devices/tpm/backend").get("type") == "emulator" and seen["tpm"]
+    assert (nvram.read_bytes(), {p.name: p.read_bytes() for p in prod_tpm.iterdir()}) == before
+    assert not tpm.state_dir(rec["uuid"]).exists()
+    assert_nothing_left(libvirt_conn, prod, scratch, recs)
 
 
 def test_as_a_stage_it_drills_the_point_the_backup_just_made(prod, env, libvirt_conn):
