@@ -15,7 +15,7 @@ import pytest
 from vmbk.errors import Exit
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["discover", "plan", "backup", "rotate", "replicate", "restore", "status"]
+COMMANDS = ["discover", "plan", "backup", "rotate", "replicate", "report", "restore", "status", "drill"]
 
 
 def run(cmd, argv, stdin=None, capsys=None):

@@ -33,6 +33,9 @@ SOURCE = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qem
     <interface type='network'><mac address='52:54:00:11:22:33'/><source network='default'/></interface>
     <serial type='file'><source path='/var/log/vm/web "one"-console.log'/><target port='0'/></serial>
     <channel type='unix'><source mode='bind' path='/run/x/other.sock'/><target type='virtio' name='x'/></channel>
+    <channel type='unix'><source mode='connect' path='/run/svc/shared.sock'/><target type='virtio' name='y'/></channel>
+    <console type='file'><source path='/var/log/vm/console.log'/><log file='/var/log/vm/boot.log'/><target type='serial'/></console>
+    <parallel type='dev'><source path='/dev/parport0'/><target port='0'/></parallel>
     <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
   </devices>
   <qemu:commandline><qemu:arg value='-no-hpet'/></qemu:commandline>
@@ -58,7 +61,13 @@ def test_clone_xml_new_identity_and_own_files():
     assert root.find("devices/interface/mac") is None
     assert root.find("devices/interface/source").get("network") == "default"
     assert root.find("devices/serial/source").get("path") == "/var/log/vm/c-console.log"
-    assert root.find("devices/channel/source").get("path") == "/run/x/other.sock"
+    # files the clone writes or binds get its name even when theirs did not hold the original
+    channels = [c.find("source").get("path") for c in root.iterfind("devices/channel")]
+    assert channels == ["/run/x/c-other.sock", "/run/svc/shared.sock"]  # a socket it connects to is shared
+    console = root.find("devices/console")
+    assert (console.find("source").get("path"), console.find("log").get("file")) == (
+        "/var/log/vm/c-console.log", "/var/log/vm/c-boot.log")
+    assert root.find("devices/parallel/source").get("path") == "/dev/parport0"
     assert root.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline") is not None
     assert "xmlns:qemu=" in xml and "qemu:commandline" in xml
     assert any("cdrom sda" in w for w in warnings) and any("vdc" in w for w in warnings)

@@ -14,10 +14,14 @@ VM is the one that was lost.
 **Clone** gets a new one (guide, 6 "Clone Restore"): the new name, no
 ``<uuid>`` and no ``<mac>`` (libvirt makes new ones on define), an emptied
 ``<genid>`` (a new VM generation id), no ``<sysinfo>`` uuid entry (libvirt
-refuses one that differs from ``<uuid>``), and file paths of character
-devices and their logs (console logs, channel sockets) whose file name
-holds the original name get the new name in it: two VMs appending to one
-console log, or binding one socket, collide as surely as on a shared disk.
+refuses one that differs from ``<uuid>``), and the files its character
+devices write or bind (console logs, ``<log>`` files, unix sockets it
+listens on) get the new name: in place of the original name where the
+file name holds it, else before it (``console.log`` ->
+``<new>-console.log``).  Two VMs appending to one console log, or binding
+one socket, collide as surely as on a shared disk: the clone would not
+start.  A socket the VM connects to (``mode='connect'``) and a host
+device (``type='dev'``) are shared on purpose and kept.
 
 Pure: text in, text and warnings out.
 """
@@ -84,15 +88,18 @@ def _new_identity(root: ET.Element, name: str) -> None:
             iface.remove(mac)
     for tag in CHAR_DEVICES:
         for dev in devices.findall(tag):
-            for el in (*dev.findall("source"), *dev.findall("log")):
+            owned = [el for el in dev.findall("source")
+                     if dev.get("type") == "file" or (dev.get("type") == "unix" and el.get("mode") != "connect")]
+            for el in (*owned, *dev.findall("log")):
                 for attr in ("path", "file"):
                     if el.get(attr):
-                        el.set(attr, _rename_in_basename(str(el.get(attr)), old, name))
+                        el.set(attr, _own_name(str(el.get(attr)), old, name))
 
 
-def _rename_in_basename(path: str, old: str, new: str) -> str:
+def _own_name(path: str, old: str, new: str) -> str:
+    """``path`` with the clone's name in its file name (see the module doc)."""
     head, base = os.path.split(path)
-    return os.path.join(head, base.replace(old, new)) if old and old in base else path
+    return os.path.join(head, base.replace(old, new) if old and old in base else f"{new}-{base}")
 
 
 def _nvram(root: ET.Element, nvram: Path | None, warnings: list[str]) -> None:
