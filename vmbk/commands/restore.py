@@ -6,6 +6,9 @@ Usage:
   vmbk-restore --verify VM [options]
   vmbk-restore --dump VM [options]
   vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [options]
+  vmbk-restore --vm VM --serve [--socket PATH | --listen ADDR] [--disk DISKS] [options]
+  vmbk-restore --vm VM --mount DIR [--disk DISKS] [options]
+  vmbk-restore --vm VM --instant --restore-path DIR [options]
   vmbk-restore (-h | --help | --version)
 
 Restores what vmbk-backup, vmbackup or virtnbdbackup wrote: disaster
@@ -43,8 +46,37 @@ the VM's current state there moved to tpm2.pre-restore-EPOCH; if that
 fails after the disks are restored, the restore is partial (exit 9).  The
 storage pool holding the restored files is refreshed.
 
+Instant access, without writing the point out first.  With --serve each
+disk of the point is exported read-only over NBD under its target name
+(vda), for qemu-img, nbdcopy, nbdinfo, nbdfuse or QEMU: on --socket PATH,
+on --listen HOST:PORT (TLS with --tls-cert and --tls-key, required unless
+HOST is a loopback address; --tls-ca makes clients show a certificate it
+signed), or by default on a socket in a private directory under
+/var/tmp/vmbk.  It prints one serve record with the URIs and serves until
+SIGINT, SIGTERM or --timeout, then exits 0.  With --mount DIR the point's
+file systems appear read-only under DIR (DIR/vda, or DIR/vda1, DIR/vda2
+for partitions), through nbdfuse, a read-only loop device and mount -o ro:
+ext2/3/4 (noload), xfs (norecovery), and btrfs, vfat, exfat, iso9660 and
+udf where the kernel has them, NTFS through ntfs-3g when installed.  LVM
+physical volumes are not activated, LUKS is not opened, swap and RAID
+members are skipped: the mount record names each with why.  DIR must be
+absent or empty; on exit, SIGINT or SIGTERM everything is unmounted and
+detached and DIR removed, and what a killed session left is removed by
+the next run with --serve, --mount or --instant.  With --instant the VM
+(disaster recovery, or a clone with --name) is defined and started on
+small qcow2 overlays in --restore-path whose backing file is the export,
+so it runs in seconds whatever the size of its disks; then libvirt copies
+every disk under the running VM to the file a restore would write there
+(--bandwidth limits the copy), pivots to it and the export stops: the VM
+never stops.  With --no-move the VM runs on the backup until SIGINT,
+SIGTERM or --timeout and is then destroyed with its overlays.  If the
+export goes away before the copy is done, the guest gets I/O errors, never
+wrong data.  The streams' .chksum are checked before anything is served
+(--no-verify skips it).
+
 Records: backup_vm (--list); chain and restore_point (--list-restore-points);
-verify and dump; restore_disk and restore (a restore or --dry-run).
+verify and dump; restore_disk and restore (a restore or --dry-run); serve,
+mount and instant.
 
 Verify checks every stream's structure and .chksum, then the chain's (the
 data files each point needs, the .cpt, stream headers, side files): one
@@ -72,6 +104,17 @@ Options:
   --skip-config              Restore data only; define nothing.
   --no-pre-restore           No .pre-restore safety copies on disk restore.
   --include-incomplete       Allow an incomplete chain as the target.
+  --serve                    Serve the point's disks read-only over NBD until stopped.
+  --socket PATH              With --serve: listen on this unix socket (mode 0600).
+  --listen ADDR              With --serve: listen on HOST:PORT (port 0: any free one).
+  --tls-cert FILE            With --serve: TLS server certificate (PEM).
+  --tls-key FILE             With --serve: its private key (PEM).
+  --tls-ca FILE              With --serve: clients must present a certificate this CA signed.
+  --mount DIR                Mount the point's file systems read-only under DIR until stopped.
+  --instant                  Run the VM from the backup at once, then move its disks to --restore-path.
+  --no-move                  With --instant: keep the VM on the backup until stopped, then remove it.
+  --bandwidth MIB            With --instant: MiB/s the move may use, 0 for no limit [default: 0].
+  --timeout SECONDS          Stop --serve, --mount or --instant --no-move after this long.
   --connect URI              libvirt URI.
   --config-instance NAME     Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR          Backup root; wins over the configuration.
@@ -92,7 +135,7 @@ from vmbk import config as _config
 from vmbk.commands._common import Common, Session, existing_backup_path, make_emitter
 from vmbk.errors import StorageError, UsageError, VmbkError
 from vmbk.output import Emitter
-from vmbk.restore import listing, verify
+from vmbk.restore import instant, listing, mount, serve, verify
 from vmbk.restore.preflight import RestoreOptions
 from vmbk.restore.run import restore
 from vmbk.restore.select import choose_chain, parse_disks, parse_restore_point
@@ -110,6 +153,10 @@ class Args:
     period: str | None
     all_chains: bool
     options: RestoreOptions | None
+    #: --serve, --mount, --instant: where and how the point is served.
+    serving: serve.ServeOptions | None = None
+    mount_dir: Path | None = None
+    instant_opts: instant.InstantOptions | None = None
 
     @classmethod
     def from_docopt(cls, args: dict[str, Any]) -> Args:
@@ -120,6 +167,12 @@ class Args:
                            ("--dump", "dump")):
             if args.get(flag):
                 action, vm = what, (None if flag == "--list" else args[flag])
+        access = [f for f in ("--serve", "--mount", "--instant") if args.get(f)]
+        if len(access) > 1:
+            raise UsageError(f"{' and '.join(access)} cannot be combined")
+        _check_access_options(args, access[0] if access else None)
+        if access and action == "restore":
+            return _access_args(args, common, vm, access[0])
         options = None
         if action == "restore":
             name = args.get("--name")
@@ -154,6 +207,108 @@ class Args:
         return cls(common, action, vm, args.get("--period"), bool(args.get("--all-chains")), options)
 
 
+#: Options that belong to one kind of instant access only.
+_ONLY = {
+    "--socket": "--serve", "--listen": "--serve", "--tls-cert": "--serve", "--tls-key": "--serve",
+    "--tls-ca": "--serve", "--no-move": "--instant",
+}
+
+
+def _check_access_options(args: dict[str, Any], access: str | None) -> None:
+    for opt, owner in _ONLY.items():
+        if args.get(opt) and access != owner:
+            raise UsageError(f"{opt} goes with {owner}")
+    if args.get("--timeout") is not None and access is None:
+        raise UsageError("--timeout goes with --serve, --mount or --instant --no-move")
+    if str(args.get("--bandwidth") or "0") != "0" and access != "--instant":
+        raise UsageError("--bandwidth goes with --instant")
+
+
+def _access_args(args: dict[str, Any], common: Common, vm: str | None, access: str) -> Args:
+    """--serve, --mount, --instant: their options, typed and checked."""
+    for opt in ("--dry-run", "--skip-config", "--no-pre-restore", "--all-chains"):
+        if args.get(opt):
+            raise UsageError(f"{opt} cannot be combined with {access}")
+    if access != "--instant":
+        for opt in ("--restore-path", "--name", "--force", "--skip-tpm"):
+            if args.get(opt) is not None and args.get(opt) is not False:
+                raise UsageError(f"{opt} goes with a restore or --instant, not {access}")
+    if bool(args.get("--tls-cert")) != bool(args.get("--tls-key")):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.get("--tls-ca") and not args.get("--tls-cert"):
+        raise UsageError("--tls-ca needs --tls-cert and --tls-key")
+    timeout = _seconds(args.get("--timeout"))
+    if timeout is not None and access == "--instant" and not args.get("--no-move"):
+        raise UsageError("--timeout goes with --instant --no-move (the move ends by itself)")
+    serving = serve.ServeOptions(
+        period=args.get("--period"),
+        restore_point=parse_restore_point(args.get("--restore-point")),
+        disks=parse_disks(args.get("--disk")),
+        include_incomplete=bool(args.get("--include-incomplete")),
+        verify=not args.get("--no-verify"),
+        socket=Path(os.path.abspath(args["--socket"])) if args.get("--socket") else None,
+        listen=_address(args["--listen"]) if args.get("--listen") else None,
+        tls_cert=Path(args["--tls-cert"]) if args.get("--tls-cert") else None,
+        tls_key=Path(args["--tls-key"]) if args.get("--tls-key") else None,
+        tls_ca=Path(args["--tls-ca"]) if args.get("--tls-ca") else None,
+        timeout=timeout,
+    )
+    if access == "--serve":
+        return Args(common, "serve", vm, None, False, None, serving=serving)
+    if access == "--mount":
+        return Args(common, "mount", vm, None, False, None, serving=serving, mount_dir=Path(args["--mount"]))
+    if args.get("--disk") is not None:
+        raise UsageError("--instant brings back the whole VM: --disk cannot be combined with it")
+    name = args.get("--name")
+    if name is not None and (not name or "/" in name or "\0" in name or name in (".", "..")):
+        raise UsageError(f"--name {name!r} is not a usable VM name")
+    if args.get("--restore-path") is None:
+        raise UsageError("--instant needs --restore-path: where the VM's overlays and, after the move, its disks go")
+    options = RestoreOptions(
+        restore_path=Path(os.path.abspath(args["--restore-path"])),
+        period=serving.period,
+        restore_point=serving.restore_point,
+        name=name,
+        force=bool(args.get("--force")),
+        skip_tpm=bool(args.get("--skip-tpm")),
+        include_incomplete=serving.include_incomplete,
+        verify=serving.verify,
+    )
+    return Args(common, "instant", vm, None, False, options, serving=serving, instant_opts=instant.InstantOptions(
+        move=not args.get("--no-move"), bandwidth_mib=_bandwidth(args.get("--bandwidth")), timeout=timeout))
+
+
+def _seconds(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"--timeout must be a number of seconds, not {raw!r}") from None
+    if not value >= 0:
+        raise UsageError("--timeout must not be negative")
+    return value
+
+
+def _bandwidth(raw: str | None) -> int:
+    try:
+        value = int(raw or 0)
+    except ValueError:
+        raise UsageError(f"--bandwidth must be a whole number of MiB/s, not {raw!r}") from None
+    if value < 0:
+        raise UsageError("--bandwidth must not be negative")
+    return value
+
+
+def _address(raw: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``; the host without brackets."""
+    host, sep, port = raw.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen takes HOST:PORT (port 0 for any free one), not {raw!r}")
+    return host, int(port)
+
+
 def _root(cfg: _config.Config) -> Path:
     return existing_backup_path(cfg)
 
@@ -162,11 +317,11 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     a = Args.from_docopt(args)
     cfg = a.common.config()
     # A restore goes on without its reader; listings and dry runs stop (vmbk-json(7)).
-    changes = a.action == "restore" and a.options is not None and not a.options.dry_run
+    changes = a.action in ("restore", "serve", "mount", "instant") and not (a.options and a.options.dry_run)
     emitter = make_emitter(ctx, a.common, changes_state=changes)
     session = Session(emitter).ensure()
     try:
-        return _dispatch(a, cfg, emitter, session)
+        return _dispatch(a, cfg, emitter, session, ctx)
     except VmbkError as e:
         # The failure as a record too (DESIGN, "The record contract"); the
         # wrapper prints its line and returns its code.
@@ -176,18 +331,41 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
         emitter.close()
 
 
-def _dispatch(a: Args, cfg: _config.Config, emitter: Emitter, session: str) -> int:
+def _dispatch(a: Args, cfg: _config.Config, emitter: Emitter, session: str, ctx: cli.Context) -> int:
     if a.action == "list":
         for rec in listing.list_vms(_root(cfg), session):
             emitter.emit(rec)
         return emitter.exit_code()
     assert a.vm is not None
     ref = resolve(a.vm, lambda: _root(cfg))
+    protected = ((cfg.backup_path,) if cfg.backup_path is not None else ()) + _config.all_backup_paths()
+    uri = a.common.uri(cfg)
+
+    def say(line: str) -> None:
+        ctx.stderr.write(f"{PROG}: {line}\n")
+        ctx.stderr.flush()
+
+    def sweep() -> list[str]:
+        return instant.sweep_all(uri)
+
     if a.action == "restore":
         assert a.options is not None
-        protected = ((cfg.backup_path,) if cfg.backup_path is not None else ()) + _config.all_backup_paths()
         opts = dataclasses.replace(a.options, protected=protected)
-        restore(ref, opts, uri=a.common.uri(cfg), session=session, emit=emitter.emit)
+        restore(ref, opts, uri=uri, session=session, emit=emitter.emit)
+        return emitter.exit_code()
+    if a.action == "serve":
+        assert a.serving is not None
+        serve.serve(ref, a.serving, session=session, emit=emitter.emit, say=say, sweep=sweep)
+        return emitter.exit_code()
+    if a.action == "mount":
+        assert a.serving is not None and a.mount_dir is not None
+        mount.mount(ref, a.serving, a.mount_dir, session=session, emit=emitter.emit, say=say, protected=protected,
+                    sweep=sweep)
+        return emitter.exit_code()
+    if a.action == "instant":
+        assert a.options is not None and a.instant_opts is not None
+        instant.instant(ref, dataclasses.replace(a.options, protected=protected), a.instant_opts, uri=uri,
+                        session=session, emit=emitter.emit, say=say, sweep=sweep, progress=ctx.stderr)
         return emitter.exit_code()
     return _inspect(a, ref, emitter, session)
 

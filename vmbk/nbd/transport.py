@@ -9,15 +9,22 @@ one call that releases the GIL for the whole copy.  The timeout then means
 "no progress for that long": each call may return early with what it got,
 and a call that gets nothing raises EAGAIN, which becomes `NbdTimeout`.
 
-TLS would wrap the socket here (after NBD_OPT_STARTTLS); ``ssl.SSLSocket``
-has no MSG_WAITALL, so `recv_into` would fall back to its loop.
+Both ends use it: the client, and the server (`vmbk.nbd.server`) for each
+connection it accepts (``peer`` names the other end in messages).  TLS
+wraps the socket here (`start_tls`, after NBD_OPT_STARTTLS): an
+``ssl.SSLSocket`` has no MSG_WAITALL and no ``sendmsg``, so `recv_into`
+loops on plain ``recv_into`` and `send` sends buffer by buffer; the
+kernel's timeouts still apply to the socket below, and OpenSSL's "want
+read/write" after one of them is a timeout too.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
+import ssl
 import struct
 
 from .errors import NbdTimeout, ProtocolError
@@ -30,12 +37,31 @@ _TIMEVAL = struct.Struct("@ll")
 class Transport:
     """A connected socket that reads and writes whole messages or fails."""
 
-    def __init__(self, sock: socket.socket, timeout: float | None, name: str) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None, name: str, *, peer: str = "server") -> None:
         self.sock = sock
         self.name = name
+        self.peer = peer
         self.aborted = False
+        self.tls = False
         sock.settimeout(None)
         self.set_timeout(timeout)
+
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> None:
+        """Wrap the socket in TLS and run the TLS handshake (ProtocolError when it fails)."""
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=server_side)
+        except OSError as e:
+            raise self._error(e, "negotiating TLS") from None
+        self.tls = True
+
+    def wait_readable(self) -> None:
+        """Block, without a timeout, until a message starts (or the peer is gone)."""
+        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
+            return
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLPRI)
+        while not poller.poll():
+            pass
 
     def set_timeout(self, timeout: float | None) -> None:
         """Seconds without progress before NbdTimeout; None: wait forever."""
@@ -51,14 +77,17 @@ class Transport:
         got = 0
         while got < want:
             try:
-                n = self.sock.recv_into(view[got:], want - got, socket.MSG_WAITALL)
+                if self.tls:
+                    n = self.sock.recv_into(view[got:], want - got)
+                else:
+                    n = self.sock.recv_into(view[got:], want - got, socket.MSG_WAITALL)
             except OSError as e:
                 raise self._error(e, "receiving") from None
             if n == 0:
                 if self.aborted:
                     raise ProtocolError(f"{self.name}: connection aborted")
                 raise ProtocolError(
-                    f"{self.name}: server closed the connection "
+                    f"{self.name}: {self.peer} closed the connection "
                     f"(got {got} of {want} bytes of a message)"
                 )
             got += n
@@ -76,6 +105,13 @@ class Transport:
         concatenating them (the payload may be megabytes).
         """
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        if self.tls:
+            try:
+                for v in views:
+                    self.sock.sendall(v)
+            except OSError as e:
+                raise self._error(e, "sending") from None
+            return
         while views:
             try:
                 sent = self.sock.sendmsg(views)
@@ -101,6 +137,8 @@ class Transport:
     def _error(self, e: OSError, doing: str) -> ProtocolError:
         if self.aborted:
             return ProtocolError(f"{self.name}: connection aborted")
+        if isinstance(e, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+            return NbdTimeout(f"{self.name}: timed out {doing} ({self.timeout} s without progress)")
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(e, TimeoutError):
             return NbdTimeout(f"{self.name}: timed out {doing} ({self.timeout} s without progress)")
         return ProtocolError(f"{self.name}: connection failed while {doing}: {e.strerror or e}")

@@ -1,7 +1,8 @@
 """NBD wire format: magic numbers, flags, option and command codes, structs.
 
-Only what vmbk speaks is here: fixed newstyle handshake, structured
-replies, metadata contexts, 32-bit ("compact") requests.  Every group links
+Only what vmbk speaks is here, client (`vmbk.nbd.client`) and server
+(`vmbk.nbd.server`) alike: fixed newstyle handshake, structured replies,
+metadata contexts, 32-bit ("compact") requests.  Every group links
 to the section of the protocol document that defines it, so a reader can
 check a number against the spec rather than against our memory of it.
 All integers on the wire are big-endian (network order).
@@ -45,7 +46,7 @@ FLAG_SEND_FAST_ZERO = 1 << 11
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
 OPT_LIST = 3
-OPT_STARTTLS = 5  # not implemented; the handshake has a place for it
+OPT_STARTTLS = 5  # the client does not send it; the server (vmbk.nbd.server) answers it
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
@@ -146,16 +147,26 @@ STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME: changed since the bitmap began
 # --- Error values: {SPEC}#error-values ---
 # The spec fixes these numbers independently of the host's errno; map them
 # so ``RequestError.errno`` compares equal to ``errno.EIO`` etc. anywhere.
+# The server (`vmbk.nbd.server`) sends the ERR_* numbers.
+
+ERR_PERM = 1
+ERR_IO = 5
+ERR_NOMEM = 12
+ERR_INVAL = 22
+ERR_NOSPC = 28
+ERR_OVERFLOW = 75
+ERR_NOTSUP = 95
+ERR_SHUTDOWN = 108
 
 ERRNO = {
-    1: errno.EPERM,
-    5: errno.EIO,
-    12: errno.ENOMEM,
-    22: errno.EINVAL,
-    28: errno.ENOSPC,
-    75: errno.EOVERFLOW,
-    95: errno.ENOTSUP,
-    108: errno.ESHUTDOWN,
+    ERR_PERM: errno.EPERM,
+    ERR_IO: errno.EIO,
+    ERR_NOMEM: errno.ENOMEM,
+    ERR_INVAL: errno.EINVAL,
+    ERR_NOSPC: errno.ENOSPC,
+    ERR_OVERFLOW: errno.EOVERFLOW,
+    ERR_NOTSUP: errno.ENOTSUP,
+    ERR_SHUTDOWN: errno.ESHUTDOWN,
 }
 
 # --- Sizes: {SPEC}#size-constraints ---
@@ -165,6 +176,8 @@ DEFAULT_MAX_BLOCK = 32 * 1024**2
 DEFAULT_PREFERRED_BLOCK = 4096
 #: Request lengths are 32-bit.
 MAX_LENGTH = 2**32 - 1
+#: Strings (export names, context names, messages): {SPEC}#conventions.
+MAX_STRING = 4096
 
 # --- Structs ---
 
@@ -173,6 +186,7 @@ CLIENT_FLAGS = struct.Struct("!I")
 OPTION = struct.Struct("!QII")  # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct("!QIII")  # magic, option, reply type, length
 INFO_EXPORT_S = struct.Struct("!HQH")  # type, size, transmission flags
+EXPORT_NAME_REPLY = struct.Struct("!QH")  # NBD_OPT_EXPORT_NAME: size, transmission flags (+ 124 zeroes)
 INFO_BLOCK_SIZE_S = struct.Struct("!HIII")  # type, min, preferred, max
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")

@@ -60,12 +60,12 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
     started_at, t0 = now_iso(), time.monotonic()
     plan: RestorePlan | None = None
     try:
-        with _lock(ref):
+        with vm_lock(ref):
             source = load(ref)
             with _connection(uri, required=opts.defines or opts.mode == "inplace", write=True) as conn:
                 healed = hold.heal_named(conn, source.vm)  # the pause/freeze a killed vmbk left
                 plan = make_plan(source, opts, _current(conn, source.vm, opts))
-                replace = _preflight(plan, conn, opts)
+                replace = preflight(plan, conn, opts)
                 outcome = _execute(plan, conn, opts, replace)
                 outcome.warnings[:0] = healed
                 _after(plan, conn, outcome)
@@ -92,7 +92,7 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
     with _connection(uri, required=opts.mode == "inplace", write=False) as conn:
         plan = make_plan(source, opts, _current(conn, source.vm, opts))
         try:
-            _preflight(plan, conn, opts)
+            preflight(plan, conn, opts)
         except VmbkError as e:
             failed.append(e)
     for job in plan.jobs:
@@ -103,7 +103,8 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
 
 
 @contextlib.contextmanager
-def _lock(ref: SourceRef) -> Iterator[None]:
+def vm_lock(ref: SourceRef) -> Iterator[None]:
+    """The VM's lock (module doc, 1); none on a read-only backup mount. --serve, --mount and --instant take it too."""
     probe = lock_dir(ref.backup_path)
     while not probe.exists() and probe != ref.backup_path:
         probe = probe.parent
@@ -142,7 +143,7 @@ def _connection(uri: str | None, *, required: bool, write: bool) -> Iterator[Any
                 conn.close()
 
 
-def _preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
+def preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
     """All checks; True when a shut-off namesake must be undefined first.
 
     The VM's name first (a VM problem), then files of domains, then files
@@ -169,21 +170,21 @@ def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool) 
     xml = ""
     try:
         if plan.mode != "inplace":
-            _make_dirs(plan.restore_path)
+            make_dirs(plan.restore_path)
         for job in plan.jobs:
             built = inplace.build_raw(job) if job.disk in plan.raw else image.build(job, verify=opts.verify)
             out.built.append(built)
             out.unchecked += [p for p in built.unchecked if p not in out.unchecked]
         nvram_src, nvram_dst = plan.nvram_source, plan.nvram_target
         if nvram_src is not None and nvram_dst is not None:
-            _make_dirs(nvram_dst.parent)
+            make_dirs(nvram_dst.parent)
             _stage(staged, nvram_dst, lambda p: shutil.copyfile(nvram_src, p))
         if opts.defines and plan.config is not None and plan.xml_target is not None:
             xml, out.warnings = domainxml.restored_xml(
                 plan.config.xml, disks={j.disk: j.target for j in plan.jobs}, nvram=plan.nvram_target,
                 new_name=plan.name if plan.mode == "clone" else None)
             _stage(staged, plan.xml_target, lambda p: p.write_text(xml, encoding="utf-8"))
-        out.saved = _save_aside(plan.aside)
+        out.saved = save_aside(plan.aside)
         if replace:
             define.undefine(conn, plan.name, keep_state=plan.mode == "dr")
     except BaseException as e:
@@ -230,7 +231,7 @@ def _after(plan: RestorePlan, conn: Any, out: report.Outcome) -> None:
     out.pools, out.warnings = refreshed, out.warnings + warnings
 
 
-def _save_aside(paths: tuple[Path, ...]) -> list[Path]:
+def save_aside(paths: tuple[Path, ...]) -> list[Path]:
     """Copy each existing file to ``<file>.before-restore.<timestamp>`` (guide, 12)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     saved = []
@@ -242,7 +243,7 @@ def _save_aside(paths: tuple[Path, ...]) -> list[Path]:
     return saved
 
 
-def _make_dirs(path: Path) -> None:
+def make_dirs(path: Path) -> None:
     """Create the restore path, traversable (0755) whatever the umask.
 
     QEMU runs as another user (libvirt-qemu) and must reach the images;

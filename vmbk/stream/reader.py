@@ -85,6 +85,10 @@ class StreamReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        """The open stream file (`vmbk.stream.chainread.ChainImage.reopen` opens it again)."""
+        return self._fdn()
+
     def _fdn(self) -> int:
         if self._fd is None:
             raise ValueError(f"{self.path}: reader is closed")
