@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from docopt import DocoptExit, docopt
 
-from vmbk import __version__
+from vmbk import version_text
 from vmbk.errors import Exit, Terminated, UsageError, VmbkError
 from vmbk.output import OutputClosed
 
@@ -107,7 +107,7 @@ def run(
         if _wants_help(argv[:1] if options_first else argv):
             text = doc.strip() + "\n"
         elif argv == ["--version"]:
-            text = f"{prog} {__version__}\n"
+            text = f"{prog} {version_text()}\n"
         if text is None:
             return _run(doc, body, argv, Context(prog, stdin, stdout, stderr), options_first)
         try:

@@ -16,6 +16,7 @@ Commands:
   status     how the backups are doing             (vmbk-status)
   report     summary of a run: text, HTML, email   (vmbk-report)
   drill      restore, boot and check backups       (vmbk-drill)
+  config     the instance a vmbackup one makes     (vmbk-config)
 
 Options:
   -h --help    Show this help.
@@ -31,7 +32,7 @@ from vmbk import cli
 from vmbk.errors import UsageError
 
 PROG = "vmbk"
-COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status", "report", "drill")
+COMMANDS = ("discover", "plan", "backup", "rotate", "replicate", "restore", "status", "report", "drill", "config")
 
 
 def main(argv: list[str] | None = None, stdin: IO[Any] | None = None, stdout: IO[Any] | None = None) -> int:
