@@ -101,6 +101,10 @@ class _Source:
 
     conf: ShellConf
     used: set[tuple[str, str | None]] = dataclasses.field(default_factory=set)
+    #: Settings whose value could not be used (vmbackup's default was).
+    invalid: set[str] = dataclasses.field(default_factory=set)
+    #: Notes for the end: what was read but not carried over.
+    dropped: list[str] = dataclasses.field(default_factory=list)
 
     def get(self, name: str) -> Setting | None:
         s = self.conf.scalars.get(name) or self.conf.arrays.get(name)
@@ -196,12 +200,9 @@ def _main(src: _Source, directory: Path, out: _Out) -> None:
 
     out.table("[retention]")
     for key, name, default in (("daily", "RETENTION_DAYS", 7), ("weekly", "RETENTION_WEEKS", 4),
-                               ("monthly", "RETENTION_MONTHS", 3)):
+                               ("monthly", "RETENTION_MONTHS", 3), ("accumulate_warn_depth", "ACCUMULATE_WARN_DEPTH", 100),
+                               ("accumulate_limit", "ACCUMULATE_HARD_LIMIT", 365)):
         out.key(key, _int(src, out, name, default, lo=1), _origin(src, name, default))
-    out.key("accumulate_warn_depth", _int(src, out, "ACCUMULATE_WARN_DEPTH", 100, lo=1),
-            _origin(src, "ACCUMULATE_WARN_DEPTH", 100))
-    out.key("accumulate_limit", _int(src, out, "ACCUMULATE_HARD_LIMIT", 365, lo=1),
-            _origin(src, "ACCUMULATE_HARD_LIMIT", 365))
     lo = _int(src, out, "RETENTION_ORPHAN_MIN_AGE_DAYS", 7, lo=0)
     hi = _int(src, out, "RETENTION_ORPHAN_MAX_AGE_DAYS", 90, lo=1)
     enabled = _bool(src, out, "RETENTION_ORPHAN_ENABLED", True)
@@ -219,16 +220,16 @@ def _overrides(src: _Source, out: _Out) -> None:
     for name, s in src.conf.maps.get("VM_POLICY", {}).items():
         src.used.add(("VM_POLICY", name))
         policy = s.value if isinstance(s.value, str) else ""
-        out.table(f"[vm.{_toml(name)}]")
         if policy in POLICIES:
+            out.table(f"[vm.{_toml(name)}]")
             out.key("policy", policy, f"VM_POLICY[{name}] ({s.file})")
         else:
-            out.note(f"VM_POLICY[{name}]={policy}: not a policy ({', '.join(POLICIES)}); not carried over")
+            src.dropped.append(f"VM_POLICY[{name}]={policy} ({s.file}): not a policy ({', '.join(POLICIES)})")
     for map_name, entries in src.conf.maps.items():
         if map_name != "VM_POLICY":
             for key, s in entries.items():
                 src.used.add((map_name, key))
-                out.note(f"{map_name}[{key}]={s.value} ({s.file}): not a vmbackup setting the importer knows")
+                src.dropped.append(f"{map_name}[{key}]={s.value} ({s.file}): not a vmbackup setting the importer knows")
 
 
 @dataclasses.dataclass
@@ -259,11 +260,11 @@ def _local(src: _Source) -> list[_Dest]:
         elif transport == "ssh" and not host and ":" in path:  # HOST:PATH, as the manual allows
             host, _, path = path.partition(":")
         elif transport not in ("local", "ssh"):
-            d.notes.append(f"{p}TRANSPORT={transport}: vmbk has no such transport; not carried over")
+            d.notes.append(f"{p}TRANSPORT={transport} (replication_local.conf): vmbk has no such transport")
             out.append(_skip(src, p, d))
             continue
         if not path:
-            d.notes.append(f"{p}PATH is not set; destination not carried over")
+            d.notes.append(f"{p}PATH is not set (replication_local.conf): the destination is not carried over")
             out.append(_skip(src, p, d))
             continue
         enabled = _yes(src.text(p + "ENABLED"), False)
@@ -301,7 +302,7 @@ def _cloud(src: _Source) -> list[_Dest]:
         d = _Dest([], [])
         remote = src.text(p + "REMOTE")
         if not remote:
-            d.notes.append(f"{p}REMOTE is not set; destination not carried over")
+            d.notes.append(f"{p}REMOTE is not set (replication_cloud.conf): the destination is not carried over")
             out.append(_skip(src, p, d))
             continue
         enabled = _yes(src.text(p + "ENABLED"), False)
@@ -323,8 +324,8 @@ def _cloud(src: _Source) -> list[_Dest]:
         provider = src.text(p + "PROVIDER")
         if provider:
             d.notes.append(f"{p}PROVIDER={provider}: no key; the rclone remote says what it is")
-        d.notes.append("vmbackup sent TPM state and BitLocker keys here too; vmbk sends them to an rclone remote\n"
-                       "only when it is a crypt remote or replicate_secrets = true")
+        d.notes.append("vmbackup's copy here held the TPM state and BitLocker keys too (they are in the tree);\n"
+                       "vmbk sends them to an rclone remote only when it is a crypt remote or replicate_secrets = true")
         for key, why in (("MAX_SIZE", "rclone splits nothing; the remote's own limit applies"),
                          ("SECRET_EXPIRY", "vmbk does not track credential expiry dates")):
             if src.text(p + key):
@@ -411,8 +412,7 @@ def _replicate(src: _Source, out: _Out, dests: list[_Dest]) -> None:
     names: set[str] = set()
     for d in dests:
         if not d.keys:
-            for note in d.notes:
-                out.note(note)
+            src.dropped.extend(d.notes)
             continue
         out.table("[[replication]]")
         for key, given, origin in d.keys:
@@ -453,7 +453,7 @@ def _email(src: _Source, out: _Out, present: bool) -> None:
 
 
 def _unused(src: _Source, out: _Out) -> None:
-    lines = []
+    lines = list(src.dropped)
     for name, s in [*src.conf.scalars.items(), *src.conf.arrays.items()]:
         if (name, None) in src.used:
             continue
@@ -473,10 +473,21 @@ def _unused(src: _Source, out: _Out) -> None:
         out.note("Not carried over:")
         for line in lines:
             out.note(line)
+    # Read and taken into account, but named nowhere above: an empty per-destination
+    # value (the global one applies), a default vmbk shares, a switch that is off.
+    text = "\n".join(out.lines)
+    quiet = [(n, s) for n, s in [*src.conf.scalars.items(), *src.conf.arrays.items()] if not re.search(rf"\b{n}\b", text)]
+    if quiet:
+        out.lines.append("")
+        out.note("Read, and nothing to write for them (vmbk does the same without a key):")
+        for name, s in quiet:
+            value = " ".join(s.value) if isinstance(s.value, list) else s.value
+            out.note(f"{name}={value} ({s.file})")
 
 
 def _origin(src: _Source, name: str, default: object) -> str:
-    return name if src.text(name) is not None else f"vmbackup's default for {name} ({default})"
+    """The setting a key comes from, or vmbackup's default when it is not set (or not usable)."""
+    return name if name not in src.invalid and src.text(name) is not None else f"vmbackup's default for {name} ({default})"
 
 
 def _choice(src: _Source, out: _Out, key: str, name: str, choices: Iterable[str], default: str) -> None:
@@ -497,6 +508,7 @@ def _int(src: _Source, out: _Out, name: str, default: int, *, lo: int, hi: int |
         number = None
     if number is None or number < lo or (hi is not None and number > hi):
         out.note(f"{name}={value}: not a number vmbk takes here; vmbackup's default {default} instead")
+        src.invalid.add(name)
         return default
     return number
 
@@ -508,6 +520,7 @@ def _bool(src: _Source, out: _Out, name: str, default: bool) -> bool:
     if value.lower() in _YES or value.lower() in _NO:
         return value.lower() in _YES
     out.note(f"{name}={value}: neither yes nor no; vmbackup's default {'yes' if default else 'no'} instead")
+    src.invalid.add(name)
     return default
 
 

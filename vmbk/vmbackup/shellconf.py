@@ -143,19 +143,20 @@ class ShellConf:
                 i = j + 1
             elif c == '"':
                 j = i + 1
-                chunk: list[str] = []
                 while j < n and text[j] != '"':
                     if text[j] == "\\" and j + 1 < n and text[j + 1] in '$`"\\':
-                        chunk.append(text[j + 1])
+                        out.append(text[j + 1])
                         j += 2
-                        continue
-                    if text[j] == "`":
+                    elif text[j] == "`":
                         raise _NotPlain("command substitution")
-                    chunk.append(text[j])
-                    j += 1
+                    elif text[j] == "$":
+                        value, j = self._dollar(text, j)
+                        out.append(value)
+                    else:
+                        out.append(text[j])
+                        j += 1
                 if j >= n:
                     raise _NotPlain("unterminated quote")
-                out.append(self._expand("".join(chunk)))
                 i = j + 1
             elif c == "\\" and i + 1 < n:
                 out.append(text[i + 1])
@@ -163,33 +164,25 @@ class ShellConf:
             elif c in ";&|<>`(){}":
                 raise _NotPlain(f"shell syntax {c!r}")
             elif c == "$":
-                m = _EXPANSION.match(text, i)
-                if not m:
-                    raise _NotPlain("an expansion other than $NAME or ${NAME}")
-                out.append(self._expand(m.group(0)))
-                i = m.end()
+                value, i = self._dollar(text, i)
+                out.append(value)
             else:
                 out.append(c)
                 i += 1
         return "".join(out), i
 
-    def _expand(self, text: str) -> str:
-        if "$(" in text:
-            raise _NotPlain("command substitution")
-
-        def sub(m: re.Match[str]) -> str:
-            name = m.group("braced") or m.group("plain")
-            value = self.value(name)
-            if value is None or (value == "" and m.group("default") is not None):
-                if m.group("default") is not None:
-                    return m.group("default")
-                raise _NotPlain(f"${name} is not set in these files")
-            return value
-
-        out = _EXPANSION.sub(sub, text)
-        if "$" in out.replace("$$", ""):
+    def _dollar(self, text: str, i: int) -> tuple[str, int]:
+        """The value of ``$NAME``, ``${NAME}`` or ``${NAME:-default}`` at ``text[i]``."""
+        m = _EXPANSION.match(text, i)
+        if not m:
             raise _NotPlain("an expansion other than $NAME or ${NAME}")
-        return out
+        name = m.group("braced") or m.group("plain")
+        value = self.value(name)
+        if m.group("default") is not None and not value:
+            return m.group("default"), m.end()
+        if value is None:
+            raise _NotPlain(f"${name} is not set in these files")
+        return value, m.end()
 
 
 def _end(rest: str) -> None:
