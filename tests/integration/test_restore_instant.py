@@ -1,0 +1,280 @@
+"""Instant access on backups of the booted test guest: --mount, --instant, --instant --no-move.
+
+One guest for the module, booted without letting its init mount the
+data disk (``vmbk.data`` empty): the test formats and mounts it through
+the agent, writes a checkfile per point, unmounts it, and backs up while
+the guest is paused, keeping the disk as it was then as the reference.
+A guest booted from a backup mounts the disk ``ro,noload`` to read, so
+it writes nothing and its moved disk can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import orjson
+import pytest
+from fixtures.guest import WORKDIR_BASE, unique_name
+from guest.agent import AgentError, Guest
+from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
+
+from vmbk.commands.backup import main as backup_main
+from vmbk.commands.restore import main as restore_main
+from vmbk.restore import marker
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIG_MIB = 16  # a file that takes the move (at --bandwidth 1) longer than the guest takes to boot
+
+
+@dataclasses.dataclass
+class Backed:
+    guest: Guest
+    workdir: Path
+    root: Path
+    refs: list[Path]
+    checks: list[bytes]
+    big: bytes
+
+
+def run(cmd, *argv: str) -> tuple[int, list[dict]]:
+    out = io.StringIO()
+    code = cmd(["--json", *argv], io.StringIO(""), out)
+    return code, [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def same(image: Path, ref: Path, fmt: str = "qcow2") -> bool:
+    r = subprocess.run(["qemu-img", "compare", "-U", "-q", "-f", fmt, "-F", "raw", str(image), str(ref)], check=False)
+    return r.returncode == 0
+
+
+def read_in_guest(guest: Guest, path: str) -> bytes:
+    """The file from the guest's disk, mounted read-only without journal replay: nothing is written."""
+    guest.sh("mkdir -p /mnt/ro && { grep -q ' /mnt/ro ' /proc/mounts || mount -t ext4 -o ro,noload /dev/vda /mnt/ro; }")
+    return guest.read_file(f"/mnt/ro/{path}")
+
+
+@pytest.fixture(scope="module")
+def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
+    WORKDIR_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="restore-instant-", dir=WORKDIR_BASE))
+    os.chmod(workdir, 0o755)
+    name = unique_name()
+    disk = make_qcow2(workdir / f"{name}-vda.qcow2", "256M")
+    console = workdir / f"{name}-console.log"
+    dom = start_domain(libvirt_conn, guest_domain_xml(name, guest_image, [disk], data=[], console_log=console))
+    try:
+        guest = Guest(dom, console_log=console, disks=[disk])
+        guest.wait_agent(timeout=120)
+        guest.sh("mkfs.ext4 -q -F -L vda -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda && mkdir -p /mnt/vda")
+        root = workdir / "backups"
+        root.mkdir()
+        refs, checks = [], []
+        big = b""
+        for n in range(2):
+            checks.append(f"point {n} of {name}\n".encode())
+            guest.sh("mount -t ext4 -o noatime /dev/vda /mnt/vda")
+            guest.write_file(f"/mnt/vda/check-{n}", checks[-1])
+            if n == 0:
+                guest.sh(f"dd if=/dev/urandom of=/mnt/vda/big bs=1M count={BIG_MIB} 2>/dev/null", timeout=60)
+                big = guest.read_file("/mnt/vda/big")
+            guest.sh("umount /mnt/vda && sync")
+            refs.append(workdir / f"ref-{n}.raw")
+            guest.dom.suspend()
+            try:
+                subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(disk), str(refs[-1])],
+                               check=True, capture_output=True)
+                code, recs = run(backup_main, "--backup-path", str(root), "--vm", name)
+            finally:
+                guest.dom.resume()
+            assert code == 0 and recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
+        yield Backed(guest, workdir, root, refs, checks, big)
+    finally:
+        remove_domain(dom)
+        if os.environ.get("VMBK_KEEP_WORKDIR") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def spawn(*argv: str) -> subprocess.Popen[bytes]:
+    """vmbk-restore as a process of its own (signals, kill -9)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-restore"), "--json", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def first_record(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict:
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), True)
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        assert time.monotonic() < deadline and proc.poll() is None, (proc.stderr.read() if proc.stderr else b"")
+        line += proc.stdout.readline()
+    return orjson.loads(line)
+
+
+def leftovers() -> tuple[list[str], list[str], list[str]]:
+    """Loop devices, mounts of sessions and markers: what a session must not leave behind."""
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True,
+                           text=True, check=False).stdout.split("\n")
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    run_dir = str(marker.run_dir())
+    return ([line for line in loops if f"{run_dir}/{marker.PREFIX}" in line],
+            [line for line in mounts if f"{run_dir}/{marker.PREFIX}" in line or "/mount-here" in line],
+            [p.name for p in marker.run_dir().glob(f"{marker.PREFIX}*")])
+
+
+# -- --mount ---------------------------------------------------------------------------------------------
+
+
+def test_mount_shows_the_points_files_and_leaves_nothing(backed, tmp_path):
+    name = backed.guest.name
+    target = tmp_path / "mount-here"
+    proc = spawn("--backup-path", str(backed.root), "--vm", name, "--mount", str(target), "--restore-point", "0")
+    try:
+        rec = first_record(proc)
+        assert rec["type"] == "mount" and rec["restore_point"] == 0 and rec["dir"] == str(target)
+        (fs,) = rec["filesystems"]
+        assert (fs["device"], fs["fstype"], fs["mounted"], fs["path"]) == ("vda", "ext4", True, str(target / "vda"))
+        assert (target / "vda" / "check-0").read_bytes() == backed.checks[0]
+        assert (target / "vda" / "big").read_bytes() == backed.big
+        assert not (target / "vda" / "check-1").exists()  # point 0, not the latest
+        with pytest.raises(OSError):
+            (target / "vda" / "new").write_bytes(b"x")  # read-only
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not target.exists()
+    assert leftovers() == ([], [], [])
+
+
+def test_mount_killed_is_taken_down_by_the_next_run(backed, tmp_path):
+    name = backed.guest.name
+    target = tmp_path / "mount-here"
+    proc = spawn("--backup-path", str(backed.root), "--vm", name, "--mount", str(target))
+    rec = first_record(proc)
+    assert (target / "vda" / "check-1").read_bytes() == backed.checks[1]
+    proc.kill()
+    proc.wait()
+    loops, mounts, markers = leftovers()
+    assert loops and mounts and markers  # what a kill -9 leaves: mounts, loop devices, the FUSE files
+    code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--serve", "--timeout", "0")
+    assert code == 0 and recs[0]["type"] == "serve", recs
+    assert leftovers() == ([], [], [])
+    assert not target.exists() and rec["dir"] == str(target)
+
+
+# -- --instant ---------------------------------------------------------------------------------------------
+
+
+def test_instant_clone_runs_from_the_backup_then_moves_to_local_disks(backed, libvirt_conn, cleanup_domains):
+    name = backed.guest.name
+    clone = f"{name}-inst"
+    cleanup_domains.append(clone)
+    dest = backed.workdir / "instant"
+    t0 = time.monotonic()
+    code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--instant", "--name", clone,
+                     "--restore-path", str(dest), "--restore-point", "0")
+    took = time.monotonic() - t0
+    assert code == 0, recs
+    (rec,) = recs
+    target = dest / f"{clone}.qcow2"
+    assert rec["type"] == "instant" and rec["mode"] == "clone" and rec["moved"] is True
+    assert rec["domain"]["name"] == clone and rec["domain"]["persistent"] is True
+    assert 0 < rec["usable_seconds"] <= rec["independent_seconds"] <= took
+    assert rec["disks"][0]["target"] == str(target) and target.exists()
+    print(f"instant clone: usable after {rec['usable_seconds']} s, independent after {rec['independent_seconds']} s")
+    dom = libvirt_conn.lookupByName(clone)
+    assert dom.isActive() and dom.isPersistent()
+    xml = dom.XMLDesc(0)
+    assert str(target) in xml and "protocol='nbd'" not in xml and ".instant" not in xml
+    assert not Path(rec["disks"][0]["overlay"]).exists()
+    socket = Path(rec["disks"][0]["uri"].split("socket=")[1])
+    assert not socket.exists() and not socket.parent.exists()  # the server is gone
+    guest = Guest(dom, console_log=backed.workdir / f"{clone}-console.log")
+    guest.wait_agent(timeout=120)
+    assert read_in_guest(guest, "check-0") == backed.checks[0]
+    assert read_in_guest(guest, "big") == backed.big
+    with pytest.raises(AgentError):
+        read_in_guest(guest, "check-1")
+    assert same(target, backed.refs[0])  # the local disk is the point, byte for byte
+    assert dom.isActive()
+    assert leftovers() == ([], [], [])
+
+
+def test_instant_no_move_is_a_quick_look_that_leaves_nothing(backed, libvirt_conn, tmp_path):
+    name = backed.guest.name
+    look = f"{name}-look"
+    dest = backed.workdir / "look"
+    proc = spawn("--backup-path", str(backed.root), "--vm", name, "--instant", "--no-move", "--name", look,
+                 "--restore-path", str(dest))
+    try:
+        rec = first_record(proc)
+        assert rec["type"] == "instant" and rec["moved"] is False and rec["independent_seconds"] is None
+        dom = libvirt_conn.lookupByName(look)
+        assert not dom.isPersistent() and "protocol='nbd'" in dom.XMLDesc(0)
+        guest = Guest(dom)
+        t0 = time.monotonic()
+        guest.wait_agent(timeout=120)
+        print(f"quick look: usable after {rec['usable_seconds']} s, agent after {time.monotonic() - t0:.1f} s more")
+        assert read_in_guest(guest, "check-1") == backed.checks[1]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_conn.lookupByName(look)
+    assert not dest.exists() or list(dest.iterdir()) == []
+    assert leftovers() == ([], [], [])
+
+
+def test_the_export_dying_before_the_move_gives_io_errors_never_wrong_data(backed, libvirt_conn, cleanup_domains):
+    name = backed.guest.name
+    clone = f"{name}-dies"
+    cleanup_domains.append(clone)
+    dest = backed.workdir / "dies"
+    proc = spawn("--backup-path", str(backed.root), "--vm", name, "--instant", "--name", clone,
+                 "--restore-path", str(dest), "--bandwidth", "1")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                dom = libvirt_conn.lookupByName(clone)
+                break
+            except libvirt.libvirtError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        guest = Guest(dom)
+        guest.wait_agent(timeout=120)
+        assert read_in_guest(guest, "check-1") == backed.checks[1]
+        assert not dom.isPersistent()  # still moving (1 MiB/s)
+    finally:
+        proc.kill()  # the export dies with it
+        proc.wait()
+    guest.sh("echo 3 > /proc/sys/vm/drop_caches")
+    code, out, _ = guest.exec(["/bin/sh", "-c", "cat /mnt/ro/big"], timeout=60)
+    assert code != 0 or out == backed.big  # an error, or the right bytes: never others
+    code, _, err = guest.exec(["/bin/sh", "-c", "dd if=/dev/vda of=/dev/null bs=1M iflag=direct"], timeout=120)
+    assert code != 0 and b"error" in err.lower()  # what was neither read nor copied is gone with the export
+    assert dom.isActive()  # the guest itself runs on
+    # the next session's sweep destroys the guest that runs on a dead export and removes its files
+    code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--serve", "--timeout", "0")
+    assert code == 0, recs
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_conn.lookupByName(clone)
+    assert not dest.exists() or list(dest.iterdir()) == []
+    assert leftovers() == ([], [], [])
