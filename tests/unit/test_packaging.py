@@ -20,7 +20,8 @@ from vmbk.config import parse
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "debian"
 #: pyproject's dependencies that Debian 12 packages, and the package that provides each.
-DEBIAN_PACKAGES = {"libvirt-python": "python3-libvirt", "lz4": "python3-lz4", "prometheus-client": "python3-prometheus-client"}
+DEBIAN_PACKAGES = {"libvirt-python": "python3-libvirt", "lz4": "python3-lz4", "prometheus-client": "python3-prometheus-client",
+                   "cryptography": "python3-cryptography"}
 
 
 def pyproject() -> dict:
