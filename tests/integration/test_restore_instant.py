@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,17 +24,17 @@ from pathlib import Path
 import libvirt
 import orjson
 import pytest
+from access_helpers import first_record, leftovers, spawn
+from contract_doc import undocumented
 from fixtures.guest import WORKDIR_BASE, unique_name
 from guest.agent import AgentError, Guest
 from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
 
 from vmbk.commands.backup import main as backup_main
 from vmbk.commands.restore import main as restore_main
-from vmbk.restore import marker
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
-ROOT = Path(__file__).resolve().parents[2]
 BIG_MIB = 16  # a file that takes the move (at --bandwidth 1) longer than the guest takes to boot
 
 
@@ -107,34 +106,6 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def spawn(*argv: str) -> subprocess.Popen[bytes]:
-    """vmbk-restore as a process of its own (signals, kill -9)."""
-    return subprocess.Popen([sys.executable, str(ROOT / "bin" / "vmbk-restore"), "--json", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def first_record(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict:
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), True)
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        assert time.monotonic() < deadline and proc.poll() is None, (proc.stderr.read() if proc.stderr else b"")
-        line += proc.stdout.readline()
-    return orjson.loads(line)
-
-
-def leftovers() -> tuple[list[str], list[str], list[str]]:
-    """Loop devices, mounts of sessions and markers: what a session must not leave behind."""
-    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True,
-                           text=True, check=False).stdout.split("\n")
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    run_dir = str(marker.run_dir())
-    return ([line for line in loops if f"{run_dir}/{marker.PREFIX}" in line],
-            [line for line in mounts if f"{run_dir}/{marker.PREFIX}" in line or "/mount-here" in line],
-            [p.name for p in marker.run_dir().glob(f"{marker.PREFIX}*")])
-
-
 # -- --mount ---------------------------------------------------------------------------------------------
 
 
@@ -145,6 +116,7 @@ def test_mount_shows_the_points_files_and_leaves_nothing(backed, tmp_path):
     try:
         rec = first_record(proc)
         assert rec["type"] == "mount" and rec["restore_point"] == 0 and rec["dir"] == str(target)
+        assert undocumented([rec]) == {}  # vmbk-json(7)
         (fs,) = rec["filesystems"]
         assert (fs["device"], fs["fstype"], fs["mounted"], fs["path"]) == ("vda", "ext4", True, str(target / "vda"))
         assert (target / "vda" / "check-0").read_bytes() == backed.checks[0]
@@ -193,6 +165,7 @@ def test_instant_clone_runs_from_the_backup_then_moves_to_local_disks(backed, li
     (rec,) = recs
     target = dest / f"{clone}.qcow2"
     assert rec["type"] == "instant" and rec["mode"] == "clone" and rec["moved"] is True
+    assert undocumented([rec]) == {}
     assert rec["domain"]["name"] == clone and rec["domain"]["persistent"] is True
     assert 0 < rec["usable_seconds"] <= rec["independent_seconds"] <= took
     assert rec["disks"][0]["target"] == str(target) and target.exists()
@@ -224,6 +197,7 @@ def test_instant_no_move_is_a_quick_look_that_leaves_nothing(backed, libvirt_con
     try:
         rec = first_record(proc)
         assert rec["type"] == "instant" and rec["moved"] is False and rec["independent_seconds"] is None
+        assert undocumented([rec]) == {}
         dom = libvirt_conn.lookupByName(look)
         assert not dom.isPersistent() and "protocol='nbd'" in dom.XMLDesc(0)
         guest = Guest(dom)

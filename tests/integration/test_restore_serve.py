@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from access_helpers import MiB, allocated, chain_tree, first_record, leftovers, spawn, stop, write_raw
+from contract_doc import undocumented
 
 from vmbk.errors import Exit
 from vmbk.nbd import ALLOCATION, Reader
@@ -72,6 +73,7 @@ def test_every_export_is_its_points_reference(trees, vm, point):
     proc, rec = serve(trees, name, "--restore-point", str(point))
     try:
         assert rec["type"] == "serve" and rec["restore_point"] == point and rec["verified"] and rec["unchecked"] == []
+        assert undocumented([rec]) == {}  # vmbk-json(7)
         vm = "arch" if vm == "archive" else vm
         disks = sorted(d for (v, n, d) in trees.refs if (v, n) == (vm, point))
         assert [e["name"] for e in rec["exports"]] == disks
@@ -168,6 +170,7 @@ def test_tls_with_client_certificates(trees, tmp_path):
     try:
         uri = rec["exports"][0]["uri"]
         assert rec["tls"] and uri.startswith("nbds://127.0.0.1:") and rec["listen"] == uri.split("/")[2]
+        assert undocumented([rec]) == {}
         with_cert = f"{uri}?tls-certificates={certs}"
         ok = subprocess.run(["nbdcopy", with_cert, str(tmp_path / "tls.raw")], capture_output=True, text=True)
         assert ok.returncode == 0, ok.stderr
