@@ -39,11 +39,13 @@ APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
 #: Written before the package is installed, removed after it is purged: a
 #: package left by a test run that was killed is purged by the next run.
 MARKER = Path("/var/tmp/vmbk-tests/vmbk-deb-installed")
-#: What the package or its runs create; none of it may be there before, or after the purge.
-PACKAGE_PATHS = ("/etc/vmbk", "/usr/lib/vmbk", "/var/log/vmbk", "/var/lib/vmbk", "/usr/bin/vmbk",
-                 "/usr/bin/vmbk-backup", "/lib/systemd/system/vmbk-backup.service",
-                 "/lib/systemd/system/vmbk-backup.timer", "/etc/logrotate.d/vmbk", "/usr/share/doc/vmbk",
-                 "/usr/share/bash-completion/completions/vmbk", "/usr/share/man/man1/vmbk-backup.1.gz")
+#: What the package or its runs create and its purge removes: none of it may be there before, or after the purge.
+PACKAGE_PATHS = ("/etc/vmbk/default.toml", "/usr/lib/vmbk", "/usr/bin/vmbk", "/usr/bin/vmbk-backup",
+                 "/lib/systemd/system/vmbk-backup.service", "/lib/systemd/system/vmbk-backup.timer",
+                 "/etc/logrotate.d/vmbk", "/usr/share/doc/vmbk", "/usr/share/bash-completion/completions/vmbk",
+                 "/usr/share/man/man1/vmbk-backup.1.gz", "/var/log/vmbk/backup.jsonl", "/var/lib/vmbk/report.html")
+#: Directories the package or its runs make, gone after the purge unless something else was in them before.
+PACKAGE_DIRS = ("/etc/vmbk", "/var/log/vmbk", "/var/lib/vmbk")
 #: Where to look for anything named vmbk besides: not libvirt's (other tests' domains), not apt's or dpkg's.
 SCANNED = ("/etc", "/usr", "/lib/systemd", "/var/lib", "/var/log")
 NOT_SCANNED = ("/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/lib/dpkg", "/var/lib/apt",
@@ -122,6 +124,7 @@ def host_without_vmbk() -> Iterator[set[str]]:
     MARKER.parent.mkdir(parents=True, exist_ok=True)
     MARKER.write_text("the test installs the package vmbk; purged after\n")
     before = installed_packages()
+    assert not [p for p in PACKAGE_PATHS if os.path.lexists(p)]
     try:
         yield before
     finally:
@@ -135,6 +138,7 @@ def host_without_vmbk() -> Iterator[set[str]]:
 def test_the_debian_package_installs_backs_up_restores_and_purges(deb, host_without_vmbk, nos_domain, vm_workdir,
                                                                   tmp_path):
     packages, named = host_without_vmbk, named_vmbk()
+    dirs = {d for d in PACKAGE_DIRS if os.path.isdir(d)}  # another vmbk's (a clone's cron, its keys): left as they are
     apt_env = {**CLEAN, "DEBIAN_FRONTEND": "noninteractive"}
     r = run([*APT, "install", f"./{deb.name}"], cwd=deb.parent, env=apt_env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -202,6 +206,7 @@ def test_the_debian_package_installs_backs_up_restores_and_purges(deb, host_with
     assert Path("/var/log/vmbk/backup.jsonl").exists()
     purge(pulled)
     assert [p for p in PACKAGE_PATHS if os.path.lexists(p)] == []
+    assert {d for d in PACKAGE_DIRS if os.path.isdir(d)} == dirs
     assert named_vmbk() - named == set()
     assert installed_packages() == packages
     assert tree_files(root) == backups
