@@ -2,14 +2,19 @@
 
 The suite runs in UTC whatever the machine's zone: periods follow the
 host's calendar (`vmbk.commands._common.parse_now`), and the golden plans
-are written for UTC.  Tests of other zones set TZ themselves.
+are written for UTC.  Tests of other zones set TZ themselves.  The signing
+key of the manifests lives in a temporary key directory (VMBK_KEY_DIR).
 """
 
 import os
+import tempfile
 import time
 
 os.environ["TZ"] = "UTC"
 time.tzset()
+# Backups sign their manifests with the host's key, made on first use:
+# never in the real /etc/vmbk/keys (vmbk.manifest.keys).
+os.environ.setdefault("VMBK_KEY_DIR", tempfile.mkdtemp(prefix="vmbk-test-keys-"))
 
 pytest_plugins = [
     "fixtures.nbd_servers",

@@ -111,7 +111,9 @@ def test_the_chain_lists_three_complete_points(backed):
     code, (vm,) = run(restore_main, "--backup-path", str(backed.root), "--list")
     assert code == 0 and vm["vm"] == name and vm["restore_points"] == 3 and vm["layout"] == "periodic"
     code, recs = run(restore_main, "--verify", str(backed.root / name))
-    *files, whole = recs  # a record per data file, then the chain's
+    *files, whole = [r for r in recs if r.get("point") is None]  # a record per data file, then the chain's
+    assert [(r["point"], r["integrity"]) for r in recs if r.get("point") is not None] == [
+        (0, "good"), (1, "good"), (2, "good")]  # one per restore point: its signed manifest checks
     assert code == 0 and len(files) == 3 and all(r["ok"] and r["checksum"] == "ok" for r in files)
     assert whole["file"] is None and whole["ok"] and whole["restore_points"] == 3
 

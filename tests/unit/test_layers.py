@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "records": 0, "lock": 0, "progress": 0, "human": 0,
     # formats and facts: what the tree, the streams, libvirt and the catalogue hold; pure decisions
     "nbd": 1, "stream": 1, "tree": 1, "policy": 1, "catalogue": 1, "virt": 1, "config": 1, "vmbackup": 1,
+    "manifest": 1,
     # orchestration: one package (or module) per command
     "discover": 2, "planner": 2, "backup": 2, "restore": 2, "rotate": 2, "replicate": 2, "status": 2,
     "report": 2, "drill": 2,

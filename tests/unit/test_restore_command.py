@@ -269,10 +269,15 @@ def test_verify_all_chains_and_dump(tree, tmp_path):
     Chain(archive, HOSTILE).copy({"vda": [(0, b"a" * 512)]})
     (archive / "vda.copy.data.chksum").unlink()
     code, recs = run("--backup-path", str(root), "--verify", HOSTILE)
+    points = [r for r in recs if r.get("point") is not None]  # one per restore point: no manifests here
+    assert [(p["point"], p["integrity"], p["status"]) for p in points] == [(n, "adler32-only", "ok") for n in range(3)]
+    assert "adler32 only" in points[0]["problems"][0]
+    recs = [r for r in recs if r.get("point") is None]
     assert code == 0 and len(recs) == 4 and all(r["ok"] and r["status"] == "ok" for r in recs)
     assert all(r["checksum"] == "ok" for r in recs[:3]) and recs[3]["file"] is None  # the chain's record
     assert recs[3]["restore_points"] == 3 and recs[3]["problems"] == []
     code, recs = run("--backup-path", str(root), "--verify", HOSTILE, "--all-chains")
+    recs = [r for r in recs if r.get("point") is None]
     # the archive's only stream lost its .chksum: unverifiable, exit 9 (nothing checked is damaged)
     assert code == Exit.PARTIAL and len(recs) == 7 and recs[-1]["type"] == "error"
     archived = recs[4]

@@ -41,7 +41,7 @@ from vmbk.nbd import Address, Extent, Reader
 from vmbk.nbd.extents import split
 from vmbk import __version__
 from vmbk.stream import StreamMeta, StreamWriter, write_stream_atomic
-from vmbk.stream.format import WRITTEN_BY_KEY
+from vmbk.stream.format import MANIFEST_KEY, WRITTEN_BY_KEY
 
 log = logging.getLogger("vmbk.backup")
 
@@ -79,6 +79,7 @@ class DiskResult:
     checksum: int
     zero_frames: int
     seconds: float
+    sha256: str = ""  # the stream digest (`vmbk.stream.digest`), for the manifest
 
 
 def _plan_extents(reader: Reader, level: str) -> Iterator[Extent]:
@@ -130,7 +131,7 @@ def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult
             parent_checkpoint=job.parent,
             incremental=job.level == "inc",
             compressed=job.compression if job.compression is not None else False,
-            extra={WRITTEN_BY_KEY: f"vmbk {__version__}"},
+            extra={WRITTEN_BY_KEY: f"vmbk {__version__}", MANIFEST_KEY: 1},
         )
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
@@ -158,6 +159,7 @@ def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult
             data_size=writer.data_size,
             stored_size=writer.size,
             checksum=writer.checksum,
+            sha256=writer.sha256,
             zero_frames=writer.zero_frames,
             seconds=time.monotonic() - started,
         )

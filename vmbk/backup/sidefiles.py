@@ -37,7 +37,8 @@ def write_checkpoint_xml(target_dir: Path, checkpoint: str, xml: str) -> Path:
     return path
 
 
-def append_cpt(target_dir: Path, vm: str, checkpoint: str) -> Path:
+def next_cpt(target_dir: Path, vm: str, checkpoint: str) -> tuple[Path, list[str], bytes]:
+    """The ``.cpt`` with ``checkpoint`` appended: (path, list, bytes), not written yet."""
     path = target_dir / names.cpt_name(vm)
     listed: list[str] = []
     if path.exists():
@@ -47,7 +48,12 @@ def append_cpt(target_dir: Path, vm: str, checkpoint: str) -> Path:
             raise StorageError(f"{path} is not a JSON list of checkpoints", vm=vm) from None
     if checkpoint not in listed:
         listed.append(checkpoint)
-    write_file_atomic(path, orjson.dumps(listed))
+    return path, listed, orjson.dumps(listed)
+
+
+def append_cpt(target_dir: Path, vm: str, checkpoint: str) -> Path:
+    path, _, data = next_cpt(target_dir, vm, checkpoint)
+    write_file_atomic(path, data)
     return path
 
 

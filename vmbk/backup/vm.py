@@ -30,7 +30,8 @@ from vmbk.backup.disk import DiskBackup, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
 from vmbk.errors import VmbkError, VmError
-from vmbk.fsutil import ensure_dir
+from vmbk.fsutil import ensure_dir, write_file_atomic
+from vmbk.manifest import write as manifest_write
 from vmbk.lock import VmLock
 from vmbk.policy import Plan, PlannedVm, VmFacts
 from vmbk.progress import Board
@@ -220,7 +221,6 @@ def _fstrim(dom: Any) -> None:
 
 def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome) -> None:
     plan, vm = planned.plan, planned.vm
-    name = plan.name
     level = plan.action
     checkpoint = plan.checkpoint if plan.online else None
     tag = names.ident(level, checkpoint)
@@ -238,8 +238,31 @@ def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome) ->
         sidefiles.save_tpm_state(target_dir, Path(vm.tpm_state_dir))
     if plan.online and vm.agent and (vm.windows or vm.tpm):
         bitlocker.save_recovery_keys(dom, target_dir)
-    if checkpoint:
-        sidefiles.append_cpt(target_dir, name, checkpoint)
+    _commit(planned, target_dir, tag, checkpoint, out)
+
+
+def _commit(planned: PlannedVm, target_dir: Path, tag: str, checkpoint: str | None, out: Outcome) -> None:
+    """The manifest, then the ``.cpt``: its rename commits the point (a copy's manifest commits it).
+
+    `vmbk.manifest.write`: the manifest covers the ``.cpt``'s new bytes, so
+    the point stays committed by one rename; a crash between the two
+    leaves a point the ``.cpt`` does not list (step 8 of "Durability and
+    recovery", docs/architecture.md).
+    """
+    plan = planned.plan
+    cpt = sidefiles.next_cpt(target_dir, plan.name, checkpoint) if checkpoint else None
+    signer, warning = manifest_write.signer_or_warning()
+    if warning:
+        log.warning("%s: %s", plan.name, warning)
+    path = target_dir / names.manifest_name(tag)
+    written = [p for p in out.files if p.parent == target_dir or target_dir in p.parents]
+    out.files.append(path)
+    manifest_write.write_point(
+        target_dir, vm=plan.name, uuid=planned.vm.uuid, level=plan.action, checkpoint=checkpoint, files=written,
+        streams={r.path: r.sha256 for r in out.disks if r.sha256}, cpt=(cpt[0].name, cpt[2]) if cpt else None,
+        checkpoints=cpt[1] if cpt else None, signer=signer)
+    if cpt:
+        write_file_atomic(cpt[0], cpt[2])
 
 
 def _vmbackup_files(dom: Any, planned: PlannedVm, vm_dir: Path, target_dir: Path, opts: BackupOptions,

@@ -3,7 +3,7 @@
 Usage:
   vmbk-restore --list [options]
   vmbk-restore --list-restore-points VM [options]
-  vmbk-restore --verify VM [options]
+  vmbk-restore --verify VM [--deep] [options]
   vmbk-restore --dump VM [options]
   vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [options]
   vmbk-restore --vm VM --serve [--socket PATH | --listen ADDR] [--disk DISKS] [options]
@@ -81,9 +81,21 @@ mount and instant.
 Verify checks every stream's structure and .chksum, then the chain's (the
 data files each point needs, the .cpt, stream headers, side files): one
 verify record per data file and one per chain (file null), each with
-status ok, bad or unverifiable (a data file without .chksum).  It exits 0
-when everything is ok, 4 when anything is bad, 9 when nothing is bad but
-some data could not be verified.
+status ok, bad or unverifiable (a data file without .chksum).  Each
+restore point vmbk-backup wrote has a manifest: the name, size and SHA-256
+of every file of the point, the hash of the previous point's manifest,
+signed with the host's Ed25519 key (/etc/vmbk/keys).  Verify checks the
+signatures, the hash chain and every file against them, on the same read
+as the checksums, and says per restore point (a verify record with point):
+good, tampered (which file), missing, unsigned, unknown-key (signed by a
+key not in the key directory) or adler32-only (a tree from before
+manifests).  --deep also decodes every lz4 payload and merges each point's
+chain as a restore would.  It exits 0 when everything is ok, 4 when
+anything is bad (tampered, missing), 9 when nothing is bad but some data
+could not be verified (unsigned, unknown key, no .chksum).  A restore
+refuses a point whose manifests do not vouch for it unless --force, which
+restores it, skipping (and naming) the manifest and checksum checks that
+fail.
 
 Options:
   --list                     List VMs with backups.
@@ -94,10 +106,11 @@ Options:
   --period PERIOD            Period directory to restore from (default: latest).
   --restore-point N          Restore point: a number or 'full'.
   --disk DISKS               Only these disks (vda,vdb or 'all').
-  --force                    Overwrite existing files or VM definition.
+  --force                    Overwrite existing files or VM definition; restore a point that fails its checks.
   --dry-run                  Show the plan; change nothing.
   --verify VM                Check every checksum of the chosen chain.
   --all-chains               With --verify: every chain of the VM (or of --period), archives included.
+  --deep                     With --verify: also decode every lz4 payload and merge every point's chain.
   --dump VM                  Print the stream headers as JSON.
   --no-verify                Restore without checking the streams' .chksum, even a point whose files lost it.
   --skip-tpm                 Do not restore TPM state.
@@ -153,6 +166,7 @@ class Args:
     period: str | None
     all_chains: bool
     options: RestoreOptions | None
+    deep: bool = False
     #: --serve, --mount, --instant: where and how the point is served.
     serving: serve.ServeOptions | None = None
     mount_dir: Path | None = None
@@ -204,7 +218,10 @@ class Args:
             )
         elif args.get("--restore-point") is not None or args.get("--restore-path") is not None:
             raise UsageError("--restore-point and --restore-path go with --vm")
-        return cls(common, action, vm, args.get("--period"), bool(args.get("--all-chains")), options)
+        if args.get("--deep") and action != "verify":
+            raise UsageError("--deep goes with --verify")
+        return cls(common, action, vm, args.get("--period"), bool(args.get("--all-chains")), options,
+                   deep=bool(args.get("--deep")))
 
 
 #: Options that belong to one kind of instant access only.
@@ -382,7 +399,7 @@ def _inspect(a: Args, ref: SourceRef, emitter: Emitter, session: str) -> int:
         chains = [choose_chain(source, a.period)]
     if a.action == "verify":
         seen = []
-        for rec in verify.verify_chains(source.vm, chains, session):
+        for rec in verify.verify_chains(source.vm, chains, session, deep=a.deep):
             seen.append(rec)
             emitter.emit(rec)
         verify.verdict(source.vm, seen)

@@ -9,16 +9,25 @@ through the page cache (adler32 and ``readv`` release the GIL): a
 (bench/restore.py).  The writer calls `SourceCheck.raise_if_failed`
 between windows, so a bad stream stops it early, and waits for
 `SourceCheck.result` before the image counts as built: nothing is
-renamed into place before every checksum matched.
+renamed into place before every checksum matched.  A stream whose
+manifest gives its SHA-256 stream digest is checked against both on the
+same read (`vmbk.stream.digest.file_digest`).  ``tolerate`` (``--force``)
+names a stream that fails, as unchecked, and goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from vmbk.stream import verify_checksum
+from vmbk.errors import VmbkError
+from vmbk.stream import read_checksum_file, verify_checksum
+from vmbk.stream.digest import file_digest
+from vmbk.stream.format import StreamError
+
+log = logging.getLogger("vmbk.restore")
 
 BUFFER = 4 << 20
 
@@ -30,8 +39,11 @@ class Stopped(Exception):
 class SourceCheck:
     """Checks ``paths`` against their ``.chksum`` files in a thread, started at once."""
 
-    def __init__(self, paths: Iterable[Path]) -> None:
+    def __init__(self, paths: Iterable[Path], digests: Sequence[str | None] = (), *, tolerate: bool = False) -> None:
+        paths = list(paths)
+        self.expected = {p: d for p, d in zip(paths, digests, strict=False) if d}
         self.paths = list(dict.fromkeys(paths))
+        self.tolerate = tolerate
         self.unchecked: list[Path] = []
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -41,12 +53,31 @@ class SourceCheck:
     def _run(self) -> None:
         try:
             for path in self.paths:
-                if not verify_checksum(path, buffer_size=BUFFER, check=self._check_stop):
+                try:
+                    if not self._one(path):
+                        self.unchecked.append(path)
+                except VmbkError as e:
+                    if not self.tolerate:
+                        raise
+                    log.warning("--force: %s is restored unchecked: %s", path, e)
                     self.unchecked.append(path)
         except Stopped:
             pass
         except BaseException as e:  # noqa: BLE001 -- handed to the writer's thread
             self.error = e
+
+    def _one(self, path: Path) -> bool:
+        """Check one stream (StreamError when it fails); False: it has no ``.chksum``."""
+        want = self.expected.get(path)
+        if want is None:
+            return verify_checksum(path, buffer_size=BUFFER, check=self._check_stop)
+        digest, actual, _ = file_digest(path, check=self._check_stop, buffer_size=BUFFER)
+        stored = read_checksum_file(path)
+        if stored is not None and stored != actual:
+            raise StreamError(path, 0, f"adler32 of the file is {actual}, its .chksum says {stored}")
+        if digest != want:
+            raise StreamError(path, 0, "its SHA-256 stream digest does not match its manifest")
+        return stored is not None
 
     def _check_stop(self) -> None:
         if self._stop.is_set():

@@ -64,6 +64,10 @@ class DiskRestore:
     virtual_size: int
     data_bytes: int
     qcow_options: tuple[str, ...] = ()
+    #: The sources' stream digests from their manifests (None: none), checked with their .chksum.
+    digests: tuple[str | None, ...] = ()
+    #: --force: a source that fails its checks is restored all the same (and named).
+    tolerate: bool = False
 
     @property
     def partial(self) -> Path:
@@ -198,7 +202,7 @@ def build(job: DiskRestore, *, verify: bool = False, stop: Callable[[], None] | 
     cancelled worker): the ``.partial`` is removed as on any failure.
     """
     started = time.monotonic()
-    checker = SourceCheck(job.sources) if verify else None
+    checker = SourceCheck(job.sources, job.digests, tolerate=job.tolerate) if verify else None
 
     def check() -> None:
         if checker is not None:

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmbk.errors import StorageError, UsageError, VmError
+from vmbk.manifest.check import stream_digests
 from vmbk.restore import inplace, tpm
 from vmbk.restore.image import DiskRestore, measure, qcow_options
 from vmbk.restore.inplace import CurrentDisk
@@ -154,10 +155,13 @@ def make_plan(source: Source, opts: RestoreOptions, current: Mapping[str, Curren
     """
     chain = choose_chain(source, opts.period)
     point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm,
-                         verify=opts.verify)
+                         verify=opts.verify, force=opts.force)
     disks = choose_disks(point, opts.disks, vm=source.vm)
     warnings = chain_warnings(chain) + [f"incomplete point restored on request: {p}" for p in point.problems]
     warnings += [f"--no-verify: {n} has no .chksum and is restored unchecked" for n in point.unverifiable]
+    warnings += [f"--force: restored although point {point.index} is {point.integrity} ({line}): "
+                 f"its manifest and checksum checks are skipped" for line in ([] if point.trusted else
+                                                                            point.integrity_findings)]
     config = point_config(point) if opts.defines else None
     if opts.defines and config is None:
         raise VmError(f"{chain.path} holds no readable domain XML (vmconfig.*.xml): "
@@ -183,10 +187,14 @@ def make_plan(source: Source, opts: RestoreOptions, current: Mapping[str, Curren
         names = _file_names(point, disks, name, config if opts.mode == "dr" else None)
         paths = {d: restore_path / names[d] for d in disks}
     jobs = []
+    expected = stream_digests(chain.path)
     for disk in disks:
         vsize, data = measure(point.paths(disk))
         qcow = () if disk in raw else qcow_options(chain.path, disk, point.ident, _idents(point, disk))
-        jobs.append(DiskRestore(disk, tuple(point.paths(disk)), paths[disk], vsize, data, qcow))
+        sources = tuple(point.paths(disk))
+        jobs.append(DiskRestore(disk, sources, paths[disk], vsize, data, qcow,
+                                tuple(expected.get(p.name) for p in sources) if point.trusted else (),
+                                tolerate=opts.force))
     nvram_src = nvram_dst = xml_dst = None
     aside: tuple[Path, ...] = ()
     if config is not None:

@@ -8,7 +8,10 @@ restored unless ``--disk`` names some.  The latest point is refused when
 it is incomplete (guide, 9.2); so is an explicitly named incomplete point,
 unless ``--include-incomplete`` (forensic use).  A point whose data files
 lost their ``.chksum`` is refused unless ``--no-verify``
-(`vmbk.tree.points`, "unverifiable").
+(`vmbk.tree.points`, "unverifiable"); one whose manifests do not vouch
+for it (tampered, missing, unsigned, signed by a key this host does not
+trust: `RestorePoint.trusted`) unless ``--force``, which then says what
+it skips.
 
 Exit codes (guide, section 17): an unknown period, an incomplete target
 and a disk not in the point are VM problems (5); a malformed or
@@ -78,7 +81,7 @@ def choose_chain(source: Source, period: str | None) -> Chain:
 
 
 def choose_point(chain: Chain, requested: int | None, *, include_incomplete: bool, vm: str,
-                 verify: bool = True) -> RestorePoint:
+                 verify: bool = True, force: bool = False) -> RestorePoint:
     points = restore_points(chain)
     if not points:
         raise VmError(f"{chain.path} holds no restore point", vm=vm)
@@ -95,6 +98,10 @@ def choose_point(chain: Chain, requested: int | None, *, include_incomplete: boo
     if point.problems and not include_incomplete:
         raise VmError(f"restore point {point.index} of {chain.path} is incomplete: {'; '.join(point.problems)}"
                       f"{hint} (or --include-incomplete, for forensic use)", vm=vm)
+    if not point.trusted and not force:
+        raise VmError(f"restore point {point.index} of {chain.path} is {point.integrity}: "
+                      f"{'; '.join(point.integrity_findings)}{hint} (--force restores it anyway, skipping the "
+                      f"manifest and checksum checks it fails)", vm=vm)
     if point.unverifiable and verify:
         raise VmError(f"restore point {point.index} of {chain.path} cannot be verified: "
                       f"{', '.join(point.unverifiable)} lost their .chksum (or were written by a virtnbdbackup "

@@ -24,6 +24,17 @@ else 0.  A chain written by virtnbdbackup before 1.9.40 has no
 ``.chksum`` at all: its files are unverifiable, and the chain record says
 why.
 
+Manifests (`vmbk.manifest`): each stream is read once for its adler32
+and its SHA-256 stream digest (`vmbk.stream.digest.file_digest`), then
+one ``verify`` record per restore point (``point``) says what its
+manifests say (``integrity``: good, adler32-only, unsigned, unknown-key,
+missing, tampered; `vmbk.tree.points` decides, as for the listing and
+the restore) and names every finding: ``missing`` and ``tampered`` are
+bad, ``unsigned`` and ``unknown-key`` unverifiable, a tree without
+manifests ``adler32-only`` (ok, as before).  ``deep`` also decodes what
+a restore decodes: every lz4 payload (its own checksums) and each
+point's merged chain of every disk.
+
 ``--dump`` is ``virtnbdrestore -o dump``: the meta header of each stream,
 plus what the scan found (frame counts, data and stored sizes).
 """
@@ -34,10 +45,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from vmbk.errors import Exit, StorageError, VmbkError
+from vmbk.manifest.check import BAD as BAD_INTEGRITY
+from vmbk.manifest.check import LEGACY as ADLER32_ONLY
+from vmbk.manifest.check import UNSURE
 from vmbk.records import Record, make
-from vmbk.tree.points import chain_warnings, restore_points
-from vmbk.stream import StreamMap, StreamReader, scan, verify_checksum
+from vmbk.stream import StreamMap, StreamReader, merge_chain, read_checksum_file, scan, verify_checksum
+from vmbk.stream.digest import file_digest
 from vmbk.tree import Chain, VmTree
+from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 
 OK, BAD, UNVERIFIABLE = "ok", "bad", "unverifiable"
 LEGACY = ("the chain has no .chksum files (virtnbdbackup before 1.9.40 wrote none): "
@@ -60,32 +75,50 @@ def all_chains(tree: VmTree, period: str | None = None) -> list[Chain]:
     return out
 
 
-def verify_chains(vm: str, chains: Iterable[Chain], session: str | None = None) -> Iterator[Record]:
-    """A ``verify`` record per data file, then one for each chain's structure."""
+def verify_chains(vm: str, chains: Iterable[Chain], session: str | None = None, *,
+                  deep: bool = False) -> Iterator[Record]:
+    """A ``verify`` record per data file, one per restore point, then one for each chain's structure."""
     for chain in chains:
+        digests: dict[str, str | None] = {}
         for f in chain.data:
-            yield _file_record(vm, chain, f.name, f.disk, f.level, f.size, session)
-        yield _chain_record(vm, chain, session)
+            yield _file_record(vm, chain, f.name, f.disk, f.level, f.size, session, digests, deep)
+        points = restore_points(chain, stream_digests=digests)
+        for p in points:
+            yield _point_record(vm, p, session, deep)
+        yield _chain_record(vm, chain, session, points)
 
 
 def _file_record(vm: str, chain: Chain, name: str, disk: str, level: str, size: int,
-                 session: str | None) -> Record:
+                 session: str | None, digests: dict[str, str | None], deep: bool = False) -> Record:
     path = chain.path / name
     rec: dict[str, Any] = {"vm": vm, "chain": chain.rel, "file": name, "disk": disk, "level": level, "size": size}
     problems: list[str] = []
     smap = None
-    try:
-        smap = scan(path)
+    actual = None
+    digests[name] = None
+    try:  # one read: the structure first (the frames), then adler32 and the stream digest together
+        digests[name], actual, smap = file_digest(path)
         rec["structure"] = OK
     except VmbkError as e:
         rec["structure"] = BAD
         problems.append(str(e))
     try:
-        rec["checksum"] = OK if verify_checksum(path) else "missing"
+        stored = read_checksum_file(path)
+        if stored is None:
+            rec["checksum"] = "missing"
+        elif actual is None:  # the structure is damaged: the sum is still worth a line
+            verify_checksum(path)
+            rec["checksum"] = OK
+        elif actual != stored:
+            rec["checksum"] = BAD
+            problems.append(f"{path}: adler32 of the file's {path.stat().st_size} bytes is {actual}, its .chksum "
+                            f"says {stored}")
+        else:
+            rec["checksum"] = OK
     except VmbkError as e:
         rec["checksum"] = BAD
         problems.append(str(e))
-    if rec["checksum"] == "missing" and smap is not None and smap.compressed:
+    if smap is not None and smap.compressed and (deep or rec["checksum"] == "missing"):
         try:  # no .chksum: lz4's own block and content checksums are all there is
             _decompress_all(smap)
         except VmbkError as e:
@@ -106,8 +139,27 @@ def _decompress_all(smap: StreamMap) -> None:
                 reader.read_frame_into(frame, buf[:min(len(buf), frame.length - start)], start)
 
 
-def _chain_record(vm: str, chain: Chain, session: str | None) -> Record:
-    points = restore_points(chain)
+def _point_record(vm: str, p: RestorePoint, session: str | None, deep: bool) -> Record:
+    """What the manifests say of one restore point (and, ``deep``, whether its chain merges)."""
+    problems = list(p.integrity_findings)
+    status = BAD if p.integrity in BAD_INTEGRITY else UNVERIFIABLE if p.integrity in UNSURE else OK
+    if p.integrity == ADLER32_ONLY:
+        problems.append("no manifest: adler32 only (the tree was written before vmbk signed its backups, "
+                        "or by another tool)")
+    if deep and not p.problems:
+        for disk in sorted(p.disks):
+            try:
+                merge_chain([scan(path) for path in p.paths(disk)])
+            except VmbkError as e:
+                status = BAD
+                problems.append(f"{disk}: the chain does not merge: {e}")
+    return make("verify", session, vm=vm, chain=p.chain.rel, file=None, point=p.index, checkpoint=p.checkpoint,
+                integrity=p.integrity, signed_by=p.signed_by, status=status, ok=status == OK, problems=problems,
+                path=str(p.chain.path))
+
+
+def _chain_record(vm: str, chain: Chain, session: str | None, points: list[RestorePoint] | None = None) -> Record:
+    points = restore_points(chain) if points is None else points
     problems = [f"restore point {p.index}: {line}" for p in points for line in p.problems]
     status = BAD if problems else UNVERIFIABLE if any(p.unverifiable for p in points) else OK
     return make(
@@ -130,8 +182,11 @@ def verdict(vm: str, records: Sequence[Record]) -> None:
         raise StorageError(f"verification of VM {vm!r} failed: {statuses.count(BAD)} finding(s), "
                            f"{files} data file(s) not verified", vm=vm)
     if UNVERIFIABLE in statuses:
-        raise UnverifiedError(f"{files} data file(s) of VM {vm!r} have no .chksum and cannot be verified; "
-                              f"nothing checked is damaged", vm=vm)
+        unsure = [str(r.get("point")) for r in records if r.get("point") is not None and r.get("status") == UNVERIFIABLE]
+        what = [f"{files} data file(s) have no .chksum"] if files else []
+        what += [f"restore point(s) {', '.join(unsure)} are not signed by a trusted key"] if unsure else []
+        raise UnverifiedError(f"VM {vm!r} cannot be verified in full: {'; '.join(what)}; nothing checked is damaged",
+                              vm=vm)
 
 
 def dump_chain(vm: str, chain: Chain, session: str | None = None) -> Iterator[Record]:

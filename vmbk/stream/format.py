@@ -165,6 +165,9 @@ def parse_header(raw: bytes, *, path: str | os.PathLike[str], pos: int) -> tuple
 #: Keys virtnbdbackup writes, in the order it writes them.
 #: vmbk's meta key: who wrote the stream (see `StreamMeta`).
 WRITTEN_BY_KEY = "writtenBy"
+#: vmbk's meta key: the stream's restore point has a manifest (`vmbk.manifest`),
+#: so a point without one was tampered with, or never committed.
+MANIFEST_KEY = "vmbkManifest"
 
 _KNOWN_KEYS = (
     "virtualSize",
@@ -260,6 +263,11 @@ class StreamMeta:
         for k, v in self.extra.items():
             out.setdefault(k, v)
         return out
+
+    @property
+    def with_manifest(self) -> bool:
+        """The writer made a manifest for the stream's point (`MANIFEST_KEY`)."""
+        return self.extra.get(MANIFEST_KEY) == 1
 
     @property
     def written_by_vmbk(self) -> bool:

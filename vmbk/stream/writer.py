@@ -35,8 +35,11 @@ does the three steps in a row.
 
 The ``.chksum`` (virtnbdbackup >= 1.9.40 writes one, ``virtnbdrestore -o
 verify`` checks it) is the adler32 of the whole file, so it costs no
-second pass.  Small pieces (the meta, ``zero`` frame headers, the stop
-frame) are queued and go out, and are summed, with the next data frame,
+second pass; so is the manifest's SHA-256 *stream digest*
+(`vmbk.stream.digest`: `fill` hashes each payload where it is built,
+`commit` feeds the rest and the payload digests in file order).
+
+Small pieces (the meta, ``zero`` frame headers, the stop frame) are queued and go out, and are summed, with the next data frame,
 or on their own when no data frame is on its way.
 
 Compressed frames follow virtnbdbackup exactly (the details are part of
@@ -65,6 +68,7 @@ protocol around it.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 from typing import BinaryIO
@@ -124,7 +128,8 @@ class DataFrame:
     what `commit` still has to write (None: written in place).
     """
 
-    __slots__ = ("bufs", "checksum", "entry", "finished", "lead", "length", "offset", "pos", "size", "stored")
+    __slots__ = ("bufs", "checksum", "digest", "entry", "finished", "header", "lead", "length", "offset", "pos",
+                 "size", "stored")
 
     def __init__(self, offset: int, length: int, pos: int | None, lead: bytes) -> None:
         self.offset, self.length, self.pos, self.lead = offset, length, pos, lead
@@ -134,6 +139,8 @@ class DataFrame:
         self.stored = 0
         self.entry: TrailerEntry | None = None
         self.finished = False  # `finish` was called: commit when its turn comes
+        self.header = b""
+        self.digest = b""  # SHA-256 of the stored payload (`vmbk.stream.digest`)
 
 
 class StreamWriter:
@@ -184,6 +191,7 @@ class StreamWriter:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._checksum = 1  # zlib.adler32's seed, as virtnbdbackup
+        self._digest = hashlib.sha256()  # the stream digest, fed in file order
         self._written = 0  # bytes of all committed frames and flushed pieces
         self._end = 0  # where the queued pieces go: after the reserved frames
         self._reserved: dict[int, DataFrame] = {}  # offset -> reserved, not filled
@@ -210,6 +218,13 @@ class StreamWriter:
         if self._pending or self._order:
             raise RuntimeError("checksum read with unflushed data; call close() first")
         return self._checksum
+
+    @property
+    def sha256(self) -> str:
+        """The stream digest (`vmbk.stream.digest`) of all bytes written so far; of the file after close()."""
+        if self._pending or self._order:
+            raise RuntimeError("digest read with unflushed data; call close() first")
+        return self._digest.hexdigest()
 
     @property
     def data_size(self) -> int:
@@ -314,10 +329,16 @@ class StreamWriter:
         if self._level is None:
             bufs: list[Buffer] = [frame.lead, header, mv, TERM]
             frame.stored = frame.length
+            frame.digest = hashlib.sha256(mv).digest()
         else:
             pieces, frame.entry = self._compress(mv, self._level)
             bufs = [frame.lead, header, *pieces, TERM]
             frame.stored = sum(len(p) for p in pieces)
+            h = hashlib.sha256()
+            for p in pieces:
+                h.update(p)
+            frame.digest = h.digest()
+        frame.header = header
         cs = 1
         for b in bufs:
             cs = adler32(b, cs)
@@ -354,6 +375,11 @@ class StreamWriter:
             frame.bufs = None
         self._order.popleft()
         self._checksum = adler32_combine(self._checksum, frame.checksum, frame.size)
+        d = self._digest
+        d.update(frame.lead)
+        d.update(frame.header)
+        d.update(frame.digest)
+        d.update(TERM)
         self._written += frame.size
         self._data_size += frame.length
         self._stored_size += frame.stored
@@ -481,6 +507,7 @@ class StreamWriter:
         self._pending_bytes = 0
         self._put([data], self._written)
         self._checksum = adler32(data, self._checksum)
+        self._digest.update(data)
         self._written += len(data)
         self._end = self._written  # nothing outstanding: the layout ends here
 

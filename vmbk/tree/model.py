@@ -29,7 +29,8 @@ class DataFile:
     although a copy creates no checkpoint (virtnbdbackup fills it in
     regardless): only the file name says what a file is.
     ``has_checksum``: a ``<name>.chksum`` lies beside it (None: not looked);
-    ``by_vmbk``: its meta says vmbk wrote it, so it must have one.
+    ``by_vmbk``: its meta says vmbk wrote it, so it must have one;
+    ``manifested``: and that its point has a manifest (`vmbk.manifest`).
     """
 
     name: str
@@ -48,6 +49,7 @@ class DataFile:
     error: str | None = None
     has_checksum: bool | None = None
     by_vmbk: bool = False
+    manifested: bool = False
 
     @property
     def day(self) -> _dt.date:

@@ -22,6 +22,7 @@ either tool are read by vmbk and the other way round::
         config/<vm>_config_<period>_FIRST.xml | <vm>_config_<YYYYMMDD_HHMMSS>.xml
                                        domain XML as vmbackup keeps it (vmrestore reads it)
         .tpm-backup-marker             vmbackup's "this chain has TPM state"
+        vmbk.<ident>.manifest          vmbk's signed list of a point's files and hashes
     <vm>/chain-manifest.json           vmbackup's manifest of restore points
     .deleting-<vm>/                    a VM directory being deleted
     _state/                            catalogue and locks, never a VM
@@ -403,3 +404,19 @@ def qemu_info_name(disk: str, ident_: str) -> str:
 def nvram_name(basename: str, ident_: str, level: str) -> str:
     """UEFI vars beside a point: ``<basename>.<ident>``; a copy backup's keeps its name."""
     return basename if level == "copy" else f"{basename}.{ident_}"
+
+
+#: What every manifest's name ends with (`vmbk.manifest`).
+MANIFEST_SUFFIX = ".manifest"
+
+
+def manifest_name(ident_: str) -> str:
+    """A point's manifest beside its files: ``vmbk.<ident>.manifest``."""
+    return f"vmbk.{ident_}{MANIFEST_SUFFIX}"
+
+
+def manifest_ident(name: str) -> str | None:
+    """``<ident>`` of a manifest's file name (None: not one)."""
+    if name.startswith("vmbk.") and name.endswith(MANIFEST_SUFFIX) and len(name) > 5 + len(MANIFEST_SUFFIX):
+        return name[5:-len(MANIFEST_SUFFIX)]
+    return None

@@ -32,8 +32,17 @@ complete either, and a restore refuses it unless ``--no-verify``.  A
 chain without any ``.chksum`` (virtnbdbackup before 1.9.40) is restored
 on its structure alone, as before; ``--verify`` says so.
 
+A point's *integrity* is what its manifests say (`vmbk.manifest.check`:
+good, adler32-only, unsigned, unknown-key, missing, tampered), the worst
+of its own manifest's and of every point it restores from; anything but
+good and adler32-only keeps it from being complete, and a restore
+refuses it unless ``--force``.  The listing checks signatures, the hash
+chain, sizes and the SHA-256 of the small files; ``--verify`` adds the
+streams' digests (``stream_digests``).
+
 This is the one place that decides: the listing, ``--verify`` and the
-restore all read `RestorePoint.problems` and `RestorePoint.unverifiable`.
+restore all read `RestorePoint.problems`, `RestorePoint.unverifiable`
+and `RestorePoint.integrity`.
 Reads the small side files (vmconfig and checkpoint XMLs, qcow.json);
 the `Chain` carries the rest.
 """
@@ -46,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vmbk.fsutil import PARTIAL
+from vmbk.manifest.check import BAD, LEGACY, UNSURE, ChainManifests, Judgement, combine
 from vmbk.tree.sidefiles import SideFiles, ident_of
 from vmbk.tree.model import Chain, DataFile
 from vmbk.tree.names import checkpoint_name, checkpoint_number, parse_data_name
@@ -72,15 +82,26 @@ class RestorePoint:
     disks: Mapping[str, tuple[DataFile, ...]]
     problems: tuple[str, ...] = ()
     unverifiable: tuple[str, ...] = ()
+    #: What the manifests say (`vmbk.manifest.check`), and why.
+    integrity: str = LEGACY
+    integrity_findings: tuple[str, ...] = ()
+    #: Fingerprint of the key that signed the point's own manifest.
+    signed_by: str | None = None
+
+    @property
+    def trusted(self) -> bool:
+        """Its manifests vouch for it, or it has none (an older tree: adler32 only)."""
+        return self.integrity not in BAD and self.integrity not in UNSURE
 
     @property
     def complete(self) -> bool:
-        return not self.problems and not self.unverifiable
+        return not self.problems and not self.unverifiable and self.trusted
 
     @property
     def findings(self) -> list[str]:
         """Everything that keeps the point from being complete, as lines."""
-        return [*self.problems, *(f"{n} has no .chksum: its data cannot be verified" for n in self.unverifiable)]
+        return [*self.problems, *(f"{n} has no .chksum: its data cannot be verified" for n in self.unverifiable),
+                *([] if self.trusted else self.integrity_findings)]
 
     @property
     def ident(self) -> str:
@@ -123,13 +144,40 @@ def chain_warnings(chain: Chain) -> list[str]:
     return out
 
 
-def restore_points(chain: Chain) -> list[RestorePoint]:
-    """Every restore point of ``chain``, oldest first (empty: no data files)."""
+def restore_points(chain: Chain, *, stream_digests: Mapping[str, str | None] | None = None,
+                   trusted: Mapping[str, str] | None = None) -> list[RestorePoint]:
+    """Every restore point of ``chain``, oldest first (empty: no data files).
+
+    ``stream_digests`` (name -> stream digest, ``--verify``): the streams
+    are held to their manifests' SHA-256 too; ``trusted``: the public
+    keys to trust (default: the key directory's).
+    """
     if not chain.data:
         return []
+    manifests = ChainManifests(chain.path, trusted=trusted, stream_digests=stream_digests)
     if chain.base == "copy":
-        return [_copy_point(chain)]
-    return _full_points(chain)
+        return [_with_integrity(_copy_point(chain), manifests, [])]
+    points = _full_points(chain)
+    judged: list[tuple[int, Judgement]] = []
+    out = []
+    for p in points:
+        out.append(_with_integrity(p, manifests, judged))
+    return out
+
+
+def _own_files(p: RestorePoint) -> list[DataFile]:
+    return [fs[-1] for fs in p.disks.values() if fs and (p.index == 0 or fs[-1].level != "copy")]
+
+
+def _with_integrity(p: RestorePoint, manifests: ChainManifests, judged: list[tuple[int, Judgement]]) -> RestorePoint:
+    """``p`` with its integrity: its own manifest's judgement and those of the points before it
+    (``judged``, which this extends)."""
+    own = _own_files(p)
+    required = any(f.manifested for f in own) or any(j.manifest is not None for _, j in judged)
+    previous = checkpoint_name(p.index - 1) if p.checkpoint and p.index > 0 else None
+    judged.append((p.index, manifests.judge(p.index, p.ident, [f.name for f in own], required, previous)))
+    status, lines = combine([j for _, j in judged], lambda i: f"point {judged[i][0]}")
+    return dataclasses.replace(p, integrity=status, integrity_findings=lines, signed_by=judged[-1][1].key)
 
 
 def _date(files: list[DataFile]) -> str | None:

@@ -214,6 +214,7 @@ def _data_file(entry: os.DirEntry[str]) -> DataFile | None:
         incremental=meta.incremental,
         date=meta.date or None,
         by_vmbk=meta.written_by_vmbk,
+        manifested=meta.with_manifest,
     )
 
 
