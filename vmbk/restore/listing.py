@@ -140,6 +140,8 @@ def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str |
         complete=p.complete,
         problems=p.findings,
         unverifiable=list(p.unverifiable),
+        integrity=p.integrity,
+        signed_by=p.signed_by,
         size=p.own_size,
         path=str(p.chain.path),
     )
