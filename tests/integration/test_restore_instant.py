@@ -157,6 +157,10 @@ def test_instant_clone_runs_from_the_backup_then_moves_to_local_disks(backed, li
     clone = f"{name}-inst"
     cleanup_domains.append(clone)
     dest = backed.workdir / "instant"
+    code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--instant",
+                     "--restore-path", str(dest))
+    assert code == 5 and "running" in recs[-1]["message"]  # disaster recovery of a VM that runs: refused
+    assert not dest.exists() and leftovers() == ([], [], [])
     t0 = time.monotonic()
     code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--instant", "--name", clone,
                      "--restore-path", str(dest), "--restore-point", "0")

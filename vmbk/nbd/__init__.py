@@ -5,6 +5,8 @@ Layers, bottom up: `wire` (numbers and structs of the protocol),
 newstyle negotiation), `client` (one connection, pipelined requests),
 `status` and `extents` (block status walking and the pure extent logic),
 `reader` (pipelined multi-connection reads delivered in offset order).
+The server, `vmbk.nbd.server`, sits beside it on the same `wire` and
+`transport`.
 """
 
 from .address import Address

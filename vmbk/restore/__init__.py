@@ -22,4 +22,14 @@ data").  One module per concern:
 ``livedisks`` which files defined domains use (collision checks);
 ``report``   the records of a restore; ``history`` its catalogue row;
 ``run``      the orchestration of one restore: lock, check, write, commit, define.
+
+Instant access, without writing the point out (issue #15):
+
+``serve``    ``--serve``: the point's disks as NBD exports (`vmbk.nbd.server`
+           over `vmbk.stream.chainread`), checksums checked first;
+``mount``    ``--mount DIR``: its file systems read-only, over ``blockdev``
+           (nbdfuse, loop devices, mount) and ``partitions`` (MBR, GPT);
+``instant``  ``--instant``: the VM on qcow2 overlays backed by the export,
+           then moved to local disks under it (``move``: block copy, pivot);
+``marker``   what a session creates, named before it exists, and the sweep.
 """

@@ -44,7 +44,9 @@ same way and is never pivoted to.  The next ``--serve``/``--mount``/
 ``--instant`` run destroys a VM still on overlays of a dead session and
 removes its overlays and unfinished copies; a VM already pivoted is left
 alone.  The copies get qemu's default qcow2 options (libvirt creates
-them), not those of the backup's ``qcow.json``.
+them), not those of the backup's ``qcow.json``.  A file a copy replaces
+(``--force``) waits as ``<file>.pre-instant`` until the move is done,
+and is put back if it fails.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ Emit = Callable[[Record], None]
 Say = Callable[[str], None]
 KIND = "instant"
 OVERLAY_SUFFIX = ".instant"
+#: An existing target (``--force``) waits here until the move is done, and comes back if it fails.
+ASIDE_SUFFIX = ".pre-instant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,8 @@ class _Made:
     dom: Any = None
     copying: list[str] = dataclasses.field(default_factory=list)
     targets: list[Path] = dataclasses.field(default_factory=list)
+    #: Files a --force replaces: (target, where it waits until the move is done).
+    displaced: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
 
 
 def overlay_path(target: Path) -> Path:
@@ -224,8 +230,10 @@ class _Session:
         make_dirs(plan.restore_path)
         disks = {}
         for job in plan.jobs:
-            if job.target.exists() and self.iopts.move:
-                job.target.unlink()  # --force (preflight): the copy is made afresh
+            if self.iopts.move and (job.target.exists() or job.target.is_symlink()):
+                aside = job.target.with_name(job.target.name + ASIDE_SUFFIX)  # --force: back if the move fails
+                os.replace(job.target, aside)
+                made.displaced.append((job.target, aside))
             overlay = overlay_path(job.target)
             _create_overlay(overlay, server.uri(job.disk), job.virtual_size)
             made.overlays.append(overlay)
@@ -296,6 +304,8 @@ class _Session:
             os.chmod(plan.xml_target, 0o600)
         for overlay in made.overlays:
             overlay.unlink(missing_ok=True)
+        for _target, aside in made.displaced:
+            aside.unlink(missing_ok=True)
         refreshed, warnings = pools.refresh(self.conn, plan.targets)
         self.pools = refreshed
         self.warnings += warnings
@@ -312,17 +322,20 @@ class _Session:
                 made.dom.destroy()
         for path in [*made.overlays, *made.targets]:
             path.unlink(missing_ok=True)
+        for target, aside in made.displaced:
+            with contextlib.suppress(OSError):
+                os.replace(aside, target)
         if made.nvram is not None:
             made.nvram.unlink(missing_ok=True)
             for saved in made.nvram_saved:
                 with contextlib.suppress(OSError):
                     os.replace(saved, made.nvram)
         if made.tpm is not None:
-            restored, aside = made.tpm
+            restored, tpm_aside = made.tpm
             shutil.rmtree(restored, ignore_errors=True)
-            if aside is not None:
+            if tpm_aside is not None:
                 with contextlib.suppress(OSError):
-                    os.rename(aside, restored)
+                    os.rename(tpm_aside, restored)
 
     def _record(self, session: str | None, server: Server, independent: float | None) -> Record:
         plan, point = self.plan, self.plan.point
