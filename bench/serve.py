@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +57,15 @@ import libvirt  # noqa: E402
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 import run as common  # noqa: E402  bench/run.py: the cached mixed image
+from restore import timing_lock as timing  # noqa: E402  the lock every timed bench run takes
 from guest.agent import Guest  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from guest.domain import guest_domain_xml, remove_domain, start_domain  # noqa: E402
 
-TIMING_LOCK = Path("/var/tmp/vmbk-bench-timing.lock")
 WORK = Path("/var/tmp/vmbk-bench")
 PREFIX = "vmbk-sbench-"
 VMBK_RESTORE = [sys.executable, str(ROOT / "bin" / "vmbk-restore"), "--json"]
 MiB, GiB = 1 << 20, 1 << 30
-
-
-@contextlib.contextmanager
-def timing() -> Iterator[None]:
-    TIMING_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(TIMING_LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sh(*argv: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:

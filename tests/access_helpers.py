@@ -3,6 +3,7 @@ their reference images, vmbk-restore as a process, and what sessions must not le
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -148,3 +149,21 @@ def allocated(path: Path) -> list[tuple[int, int]]:
     finally:
         os.close(fd)
     return out
+
+
+def backup_paused(guest: Any, disk: Path, ref: Path, root: Path) -> list[dict[str, Any]]:
+    """vmbk-backup of the paused guest, its disk as it is then kept as the raw ``ref``; the records."""
+    from vmbk.commands.backup import main as backup_main
+
+    guest.dom.suspend()
+    try:
+        subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(disk), str(ref)], check=True,
+                       capture_output=True)
+        out = io.StringIO()
+        code = backup_main(["--json", "--backup-path", str(root), "--vm", guest.name], io.StringIO(""), out)
+    finally:
+        guest.dom.resume()
+    recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0, recs
+    return recs
+

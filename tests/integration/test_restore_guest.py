@@ -22,6 +22,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from access_helpers import backup_paused
 from fixtures.guest import WORKDIR_BASE, unique_name
 from guest.agent import AgentError, Guest
 from guest.domain import (
@@ -85,14 +86,8 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
             guest.write_file(f"/mnt/vda/check-{n}", contents[-1])
             guest.sync()
             refs.append(workdir / f"ref-{n}.raw")
-            guest.dom.suspend()
-            try:
-                subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(disk), str(refs[-1])],
-                               check=True, capture_output=True)
-                code, recs = run(backup_main, "--backup-path", str(root), "--vm", name)
-            finally:
-                guest.dom.resume()
-            assert code == 0 and recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
+            recs = backup_paused(guest, disk, refs[-1], root)
+            assert recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
         yield Backed(guest, workdir, root, refs, contents)
     finally:
         remove_domain(dom)

@@ -24,13 +24,12 @@ from pathlib import Path
 import libvirt
 import orjson
 import pytest
-from access_helpers import first_record, leftovers, spawn
+from access_helpers import backup_paused, first_record, leftovers, spawn
 from contract_doc import undocumented
 from fixtures.guest import WORKDIR_BASE, unique_name
 from guest.agent import AgentError, Guest
 from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
 
-from vmbk.commands.backup import main as backup_main
 from vmbk.commands.restore import main as restore_main
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -91,14 +90,8 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
                 big = guest.read_file("/mnt/vda/big")
             guest.sh("umount /mnt/vda && sync")
             refs.append(workdir / f"ref-{n}.raw")
-            guest.dom.suspend()
-            try:
-                subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(disk), str(refs[-1])],
-                               check=True, capture_output=True)
-                code, recs = run(backup_main, "--backup-path", str(root), "--vm", name)
-            finally:
-                guest.dom.resume()
-            assert code == 0 and recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
+            recs = backup_paused(guest, disk, refs[-1], root)
+            assert recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
         yield Backed(guest, workdir, root, refs, checks, big)
     finally:
         remove_domain(dom)

@@ -72,6 +72,7 @@ from vmbk.progress import board_for
 from vmbk.records import Record, make
 from vmbk.restore import define, domainxml, history, livedisks, marker, mount, move, pools, tpm
 from vmbk.restore.preflight import RestoreOptions, RestorePlan, make_plan
+from vmbk.restore.report import point_fields
 from vmbk.restore.run import make_dirs, preflight, save_aside, vm_lock
 from vmbk.restore.serve import Opened, deferred_signals, until_stopped, verify_streams
 from vmbk.restore.source import SourceRef, load
@@ -346,13 +347,7 @@ class _Session:
             mode=plan.mode,
             name=plan.name,
             restore_path=str(plan.restore_path),
-            period=point.chain.period,
-            chain=point.chain.rel,
-            chain_path=str(point.chain.path),
-            restore_point=point.index,
-            checkpoint=point.checkpoint,
-            kind=point.kind,
-            date=point.date,
+            **point_fields(point),
             domain={"name": dom.name(), "uuid": dom.UUIDString(), "persistent": bool(dom.isPersistent())},
             disks=[{"disk": j.disk, "target": str(j.target), "overlay": str(overlay_path(j.target)),
                     "uri": server.uri(j.disk), "virtual_size": j.virtual_size, "data_bytes": j.data_bytes}
@@ -367,9 +362,7 @@ class _Session:
             independent_seconds=round(independent, 3) if independent is not None else None,
             independent_at=now_iso() if independent is not None else None,
             bandwidth_mib=self.iopts.bandwidth_mib or None,
-            verified=self.opts.verify,
-            verify_seconds=round(self.opened.verify_seconds, 3),
-            unchecked=[str(x) for x in self.opened.unchecked],
+            **self.opened.checked(self.opts.verify),
             pools=self.pools,
             warnings=[*self.opened.warnings, *self.warnings],
         )

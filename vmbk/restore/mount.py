@@ -44,6 +44,7 @@ from vmbk.errors import StorageError, ToolError, UsageError, VmbkError
 from vmbk.records import Record, make
 from vmbk.restore import blockdev, marker, partitions
 from vmbk.restore.preflight import check_restore_path
+from vmbk.restore.report import point_fields
 from vmbk.restore.serve import Opened, ServeOptions, deferred_signals, listening, open_point, until_stopped
 from vmbk.restore.source import SourceRef
 from vmbk.stream.chainread import ChainImage
@@ -205,22 +206,13 @@ def _mount_one(disk: str, name: str, partition: int | None, found: blockdev.Prob
 
 
 def record(opened: Opened, target: Path, found: list[Fs], opts: ServeOptions, session: str | None) -> Record:
-    p = opened.point
     return make(
         "mount", session,
         vm=opened.source.vm,
-        period=p.chain.period,
-        chain=p.chain.rel,
-        chain_path=str(p.chain.path),
-        restore_point=p.index,
-        checkpoint=p.checkpoint,
-        kind=p.kind,
-        date=p.date,
+        **point_fields(opened.point),
         dir=str(target),
         filesystems=[fs.as_record() for fs in found],
-        verified=opts.verify,
-        verify_seconds=round(opened.verify_seconds, 3),
-        unchecked=[str(x) for x in opened.unchecked],
+        **opened.checked(opts.verify),
         timeout=opts.timeout,
         pid=os.getpid(),
         warnings=opened.warnings,

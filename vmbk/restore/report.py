@@ -18,6 +18,7 @@ from vmbk.errors import VmbkError
 from vmbk.records import Record, make
 from vmbk.restore import image, inplace
 from vmbk.restore.preflight import RestorePlan
+from vmbk.tree.points import RestorePoint
 
 log = logging.getLogger("vmbk.restore")
 
@@ -68,6 +69,12 @@ def disk_record(plan: RestorePlan, job: image.DiskRestore, session: str | None, 
     )
 
 
+def point_fields(point: RestorePoint) -> dict[str, Any]:
+    """Which point a record is about, as every record of vmbk-restore names it."""
+    return {"period": point.chain.period, "chain": point.chain.rel, "chain_path": str(point.chain.path),
+            "restore_point": point.index, "checkpoint": point.checkpoint, "kind": point.kind, "date": point.date}
+
+
 def summary(plan: RestorePlan, session: str | None, outcome: str, out: Outcome, seconds: float,
              blocked: list[str] | None = None) -> Record:
     point = plan.point
@@ -78,13 +85,7 @@ def summary(plan: RestorePlan, session: str | None, outcome: str, out: Outcome, 
         mode=plan.mode,
         name=plan.name,
         restore_path=str(plan.restore_path),
-        period=point.chain.period,
-        chain=point.chain.rel,
-        chain_path=str(point.chain.path),
-        restore_point=point.index,
-        checkpoint=point.checkpoint,
-        kind=point.kind,
-        date=point.date,
+        **point_fields(point),
         disks=[j.disk for j in plan.jobs],
         files=[str(p) for p in plan.targets],
         nvram=str(plan.nvram_target) if plan.nvram_target else None,

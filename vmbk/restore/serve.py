@@ -49,10 +49,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from vmbk.errors import Terminated, UsageError
 from vmbk.nbd.server import Export, Server
 from vmbk.records import Record, make
+from vmbk.restore.report import point_fields
 from vmbk.restore.run import vm_lock
 from vmbk.restore.select import choose_chain, choose_disks, choose_point
 from vmbk.restore.source import Source, SourceRef, load
@@ -104,8 +106,10 @@ class Opened:
         return [Export(disk, img.virtual_size, img.reopen, f"{disk} of VM {self.source.vm}, {what}")
                 for disk, img in self.images.items()]
 
-    def data_bytes(self, disk: str) -> int:
-        return self.images[disk].data_bytes
+    def checked(self, verify: bool) -> dict[str, Any]:
+        """What a record says of the checksums: checked or not, how long it took, what had none."""
+        return {"verified": verify, "verify_seconds": round(self.verify_seconds, 3),
+                "unchecked": [str(x) for x in self.unchecked]}
 
     def close(self) -> None:
         for img in self.images.values():
@@ -247,26 +251,17 @@ def serve(ref: SourceRef, opts: ServeOptions, *, session: str | None, emit: Emit
 
 
 def record(opened: Opened, server: Server, opts: ServeOptions, session: str | None) -> Record:
-    p = opened.point
     return make(
         "serve", session,
         vm=opened.source.vm,
-        period=p.chain.period,
-        chain=p.chain.rel,
-        chain_path=str(p.chain.path),
-        restore_point=p.index,
-        checkpoint=p.checkpoint,
-        kind=p.kind,
-        date=p.date,
+        **point_fields(opened.point),
         exports=[{"name": disk, "uri": server.uri(disk), "virtual_size": img.virtual_size,
-                  "data_bytes": img.data_bytes, "sources": [s.name for s in p.paths(disk)]}
+                  "data_bytes": img.data_bytes, "sources": [s.name for s in opened.point.paths(disk)]}
                  for disk, img in opened.images.items()],
         socket=str(server.unix) if server.unix is not None else None,
         listen=f"{server.tcp[0]}:{server.port}" if server.tcp is not None else None,
         tls=server.tls is not None,
-        verified=opts.verify,
-        verify_seconds=round(opened.verify_seconds, 3),
-        unchecked=[str(x) for x in opened.unchecked],
+        **opened.checked(opts.verify),
         timeout=opts.timeout,
         pid=os.getpid(),
         warnings=opened.warnings,
