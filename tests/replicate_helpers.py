@@ -34,6 +34,8 @@ def _toml_value(v: Any) -> str:
         return str(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return orjson.dumps(str(v)).decode()
 
 

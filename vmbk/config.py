@@ -46,6 +46,7 @@ from vmbk.settings import (
     Drill,
     DrillVm,
     Email,
+    Encryption,
     Replication,
     ReplicationOptions,
     Report,
@@ -244,6 +245,7 @@ def _replication(data: Mapping[str, Any], where: str) -> Replication:
         known_hosts=r.opt_str("known_hosts"),
         remote=r.opt_str("remote"),
         rclone_config=r.opt_str("rclone_config"),
+        encrypt=_encryption(r.table("encrypt"), f"{where}.encrypt") if r.table("encrypt") else None,
     )
     r.done()
     if not _DEST_NAME.match(rep.name):
@@ -252,9 +254,25 @@ def _replication(data: Mapping[str, Any], where: str) -> Replication:
         raise ConfigError(f"{where}: transport 'ssh' needs 'host'")
     if rep.transport == "rclone" and not rep.remote:
         raise ConfigError(f"{where}: transport 'rclone' needs 'remote'")
+    if rep.encrypt is not None and rep.sync_mode == "append-only":
+        raise ConfigError(f"{where}: an append-only destination cannot be encrypted (its far side reads the .cpt "
+                          "it extends)")
     if rep.sync_mode == "append-only" and rep.transport != "ssh":
         raise ConfigError(f"{where}: sync_mode 'append-only' needs transport 'ssh' (a write-only key on the far side)")
     return rep
+
+
+def _encryption(data: Mapping[str, Any], where: str) -> Encryption:
+    r = _Reader(data, where)
+    enc = Encryption(recipients=r.str_list("recipients"), passphrase_file=r.opt_str("passphrase_file"))
+    r.done()
+    if bool(enc.recipients) == bool(enc.passphrase_file):
+        raise ConfigError(f"{where}: give 'recipients' (age1... public keys) or 'passphrase_file', one of them: "
+                          "age allows a passphrase only alone in a file")
+    for rec in enc.recipients:
+        if not re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", rec):
+            raise ConfigError(f"{where}: {rec!r} is not an age X25519 recipient (age1...)")
+    return enc
 
 
 def _replicate(data: Mapping[str, Any], where: str) -> ReplicationOptions:

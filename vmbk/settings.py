@@ -68,6 +68,15 @@ SPACE_CHECKS = ("skip", "warn", "disabled")
 
 
 @dataclasses.dataclass(frozen=True)
+class Encryption:
+    """A destination's ``encrypt = {...}``: every file stored as an age file
+    (`vmbk.replicate.encrypt`), to X25519 recipients or with a passphrase."""
+
+    recipients: tuple[str, ...] = ()
+    passphrase_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Replication:
     """One replication destination (vmbackup's DEST_N_* / CLOUD_DEST_N_*)."""
 
@@ -98,6 +107,8 @@ class Replication:
     remote: str | None = None
     #: rclone's configuration file (rclone's own default when None).
     rclone_config: str | None = None
+    #: ``encrypt = { recipients = [...] }`` or ``{ passphrase_file = ... }``: an age-encrypted replica.
+    encrypt: Encryption | None = None
 
     def excludes(self, vm: str) -> bool:
         return any(fnmatch.fnmatchcase(vm, p) for p in self.exclude_vms)

@@ -4,7 +4,7 @@ Usage:
   vmbk-replicate [options]
   vmbk-replicate [options] (--all | --vm NAMES...)
   vmbk-replicate [options] --verify-only [--all | --vm NAMES...]
-  vmbk-replicate [options] --pull --vm NAMES [--to DIR]
+  vmbk-replicate [options] --pull --vm NAMES [--to DIR] [--identity FILE]
   vmbk-replicate --receive DIR
   vmbk-replicate (-h | --help | --version)
 
@@ -52,9 +52,18 @@ monthly periods, `exclude_vms` to the other VMs.  TPM state and BitLocker
 keys keep 0600 on local and ssh replicas; on an rclone remote they go only
 to a crypt remote or with `replicate_secrets = true`.
 
+Encrypted replicas: a destination with encrypt = { recipients =
+["age1..."] } (or { passphrase_file = "FILE" }) stores every file as
+NAME.age, a standard age file (age -d -i KEY opens it), file names in
+clear; the pushing host needs only the public keys.  Checksum verify is
+done as size there (the content cannot be read back).
+
 The disaster-recovery path: --pull brings one VM's tree back from --dest
 into --to (default: the backup path), in the same order and checked by
-content, ready for vmbk-restore --backup-path.  A dry run and a
+content, ready for vmbk-restore --backup-path; from an encrypted
+destination it decrypts with --identity FILE (an age identity file of a
+recipient), each file checked chunk by chunk as it is decrypted, and a
+wrong identity fails before anything is written.  A dry run and a
 verification (--dry-run, --verify-only) change nothing.
 
 Options:
@@ -65,6 +74,7 @@ Options:
   --verify MODE            none, size or checksum instead of each destination's setting (--verify-only: checksum).
   --pull                   Copy one VM's tree back from --dest (required), checked by content: disaster recovery.
   --to DIR                 Where --pull puts the tree (default: the backup path).
+  --identity FILE          With --pull from an encrypted destination: the age identity file to decrypt with.
   --receive DIR            Far side of an append-only destination: its ssh forced command.
   --dry-run                Show what would be copied, moved and deleted; change nothing.
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
@@ -88,6 +98,7 @@ from vmbk.errors import UsageError
 from vmbk.fsutil import UMASK
 from vmbk.records import Record
 from vmbk.replicate import receive
+from vmbk.replicate.encrypt import read_identities
 from vmbk.replicate.run import WATCHED, ReplicateRun
 from vmbk.settings import VERIFY_MODES
 
@@ -110,8 +121,11 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
         if len(common.vms) != 1:
             raise UsageError("--pull takes one VM (--vm NAME)")
         to = Path(args["--to"]) if args["--to"] else cfg.require_backup_path()
-        run = ReplicateRun(cfg, to, dest=args["--dest"], catalogue=False)
+        identities = read_identities(Path(args["--identity"])) if args["--identity"] else []
+        run = ReplicateRun(cfg, to, dest=args["--dest"], catalogue=False, identities=identities)
         return _stage(ctx, common, run, lambda s: run.pull(common.vms[0], to, s), changes_state=True)
+    if args["--identity"]:
+        raise UsageError("--identity goes with --pull")
     root = existing_backup_path(cfg)
     vms = None if args["--all"] or not common.vms else list(common.vms)
     if args["--verify-only"]:

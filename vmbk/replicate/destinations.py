@@ -10,10 +10,12 @@ side by side, the destinations of a lane one after another.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmbk.errors import ConfigError
 from vmbk.replicate.appendonly import AppendOnlyTransport
+from vmbk.replicate.encrypt import EncryptingTransport
 from vmbk.replicate.local import LocalTransport
 from vmbk.replicate.rclone import RcloneTransport
 from vmbk.replicate.ssh import SshTransport
@@ -21,7 +23,15 @@ from vmbk.replicate.transport import Transport
 from vmbk.settings import Config, Replication
 
 
-def open_transport(dest: Replication, workdir: Path) -> Transport:
+def open_transport(dest: Replication, workdir: Path, *, identities: Sequence[bytes] = ()) -> Transport:
+    """The destination's transport; an encrypted one wrapped (`vmbk.replicate.encrypt`)."""
+    inner = _plain(dest, workdir)
+    if dest.encrypt is None:
+        return inner
+    return EncryptingTransport(inner, dest, workdir, identities=identities)
+
+
+def _plain(dest: Replication, workdir: Path) -> Transport:
     if dest.transport == "local":
         return LocalTransport(dest, workdir)
     if dest.transport == "ssh":

@@ -19,9 +19,11 @@ whose data is missing (`vmbk.replicate.plan`):
 ``DATA``   the streams and their ``.chksum``;
 ``SIDE``   what a point needs beside them (qemu info, NVRAM, TPM state ...);
 ``COMMIT`` the checkpoint XMLs and the domain XMLs;
-``CPT``    ``<vm>.cpt``, the list of the chain's finished points: the
-           marker that says a point is there, so it comes last of all
-           (and goes first when a chain is removed).
+``CPT``    the points' manifests and ``<vm>.cpt``, the list of the chain's
+           finished points: the marker that says a point is there, so
+           it comes last of all (and goes first when a chain is
+           removed); a manifest, written just before the ``.cpt`` by the
+           backup, is the commit of a copy point.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def phase(rel: str) -> int:
     name = rel.rsplit("/", 1)[-1]
     if name.endswith((".data", ".data" + CHKSUM)):
         return DATA
-    if name.endswith(".cpt"):
+    if name.endswith(".cpt") or names.manifest_ident(name) is not None:
         return CPT
     parts = rel.split("/")
     if names.vmconfig_order(name) is not None or (len(parts) >= 3 and parts[-2] == names.CHECKPOINTS):

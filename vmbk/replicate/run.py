@@ -32,6 +32,7 @@ from vmbk.errors import UsageError, VmbkError
 from vmbk.fsutil import ensure_dir
 from vmbk.records import Record
 from vmbk.replicate import destinations, files
+from vmbk.replicate.encrypt import EncryptingTransport
 from vmbk.replicate.history import History
 from vmbk.replicate.pull import pull
 from vmbk.replicate.push import Destination, RunOptions
@@ -47,12 +48,14 @@ WATCHED = {"backup", "rotate"}
 class ReplicateRun:
     def __init__(self, cfg: Config, root: Path, *, dest: str | None, dry_run: bool = False,
                  verify: str | None = None, catalogue: bool = True,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, identities: Sequence[bytes] = ()) -> None:
         self.cfg = cfg
         self.root = root
         self.dest_name = dest
         self.dry_run = dry_run
         self.verify = verify
+        #: ``--identity``: age identities a pull decrypts with.
+        self.identities = list(identities)
         self.say = say or (lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
         #: ``catalogue``: the run records itself in ``root``'s (a pull opens the target's itself).
         self.history = History(Catalogue.open(root) if catalogue and not dry_run else None)
@@ -152,7 +155,13 @@ class ReplicateRun:
         (dest,) = destinations.choose(self.cfg, self.dest_name, writing=False)
         workdir = Path(tempfile.mkdtemp(prefix=f"vmbk-replicate-{dest.name}-"))
         try:
-            t = destinations.open_transport(dest, workdir)
+            t = destinations.open_transport(dest, workdir, identities=self.identities)
+            if isinstance(t, EncryptingTransport):  # a wrong identity fails here, before anything is written
+                try:
+                    t.probe(sorted(t.listing([vm])))
+                except VmbkError as e:
+                    yield error(e, session=session, vm=vm, dest=dest)
+                    return
             ensure_dir(to)
             if not (to / files.CATALOGUE).exists():
                 # the replica's history comes first, this pull is added to it
