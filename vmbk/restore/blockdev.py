@@ -100,22 +100,27 @@ def _package(program: str) -> str:
 def start_nbdfuse(file: Path, uri: str, size: int) -> subprocess.Popen[bytes]:
     """``file`` (in a fresh directory, the FUSE mountpoint) shows the export read-only.
 
-    nbdfuse runs in the foreground as our child and exits when its mount
-    is unmounted.  It is not killed with us (no ``--pdeathsig``): after a
-    kill -9 it keeps the FUSE mount where the sweep finds it, with the
-    loop devices over it naming their backing file by its full path (an
-    nbdfuse that dies detaches the mount, and those paths then read
-    ``/vda``).  Returns once the file has the export's size.
+    nbdfuse runs in the foreground as our child, in a session of its own
+    (a Ctrl-C at the terminal is vmbk's to handle), its messages in
+    ``<dir>.log`` beside the mountpoint (a pipe nobody reads would stop it
+    once full), and exits when its mount is unmounted.  It is not killed
+    with us (no ``--pdeathsig``): after a kill -9 it keeps the FUSE mount
+    where the sweep finds it, with the loop devices over it naming their
+    backing file by its full path (an nbdfuse that dies detaches the
+    mount, and those paths then read ``/vda``).  Returns once the file
+    has the export's size.
     """
     if shutil.which("nbdfuse") is None:
         raise DependencyError(f"nbdfuse is not installed ({_package('nbdfuse')})")
-    argv = ["nbdfuse", "-r", str(file), uri]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = file.parent.with_name(file.parent.name + ".log")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(["nbdfuse", "-r", str(file), uri], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
     deadline = time.monotonic() + NBDFUSE_START
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = (proc.stderr.read() if proc.stderr else b"").decode("utf-8", "replace").strip()
-            raise ToolError(f"nbdfuse {file} exited with {proc.returncode}: {err.splitlines()[-1] if err else ''}")
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            raise ToolError(f"nbdfuse {file} exited with {proc.returncode}: {lines[-1] if lines else ''}")
         try:
             if os.stat(file).st_size == size:
                 return proc
