@@ -452,7 +452,11 @@ def _destroy_if_on(conn: Any, uuid: str, overlays: list[Path]) -> bool:
         xml = dom.XMLDesc(0)
     except libvirt.libvirtError:
         return False
-    if not any(f"'{p}'" in xml or f'"{p}"' in xml for p in overlays):
+    try:
+        files = {el.get("file") for el in ET.fromstring(xml).iter("source")}
+    except ET.ParseError:
+        return False
+    if not files & {str(p) for p in overlays}:
         return False
     with contextlib.suppress(libvirt.libvirtError):
         dom.destroy()
