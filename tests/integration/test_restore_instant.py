@@ -101,7 +101,12 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
 
 # -- --mount ---------------------------------------------------------------------------------------------
 
+needs_fuse_and_loop = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and os.path.exists("/dev/loop-control") and shutil.which("nbdfuse")),
+    reason="--mount needs /dev/fuse, loop devices and nbdfuse (libnbd-bin)")
 
+
+@needs_fuse_and_loop
 def test_mount_shows_the_points_files_and_leaves_nothing(backed, tmp_path):
     name = backed.guest.name
     target = tmp_path / "mount-here"
@@ -126,6 +131,7 @@ def test_mount_shows_the_points_files_and_leaves_nothing(backed, tmp_path):
     assert leftovers() == ([], [], [])
 
 
+@needs_fuse_and_loop
 def test_mount_killed_is_taken_down_by_the_next_run(backed, tmp_path):
     name = backed.guest.name
     target = tmp_path / "mount-here"
