@@ -148,6 +148,25 @@ def test_mount_killed_is_taken_down_by_the_next_run(backed, tmp_path):
     assert not target.exists() and rec["dir"] == str(target)
 
 
+@needs_fuse_and_loop
+def test_mount_killed_at_any_moment_leaves_nothing_after_the_next_run(backed, tmp_path):
+    """kill -9 while the session sets up (marker, server, FUSE, loop devices, mounts) or serves."""
+    name = backed.guest.name
+    left = []
+    for delay in (0.05, 0.2, 0.3, 0.45, 0.7, 1.2, 2.0):
+        target = tmp_path / f"mount-here-{delay}"
+        proc = spawn("--backup-path", str(backed.root), "--vm", name, "--mount", str(target))
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        left.append(tuple(len(x) for x in leftovers()))  # loop devices, mounts, markers
+        code, recs = run(restore_main, "--backup-path", str(backed.root), "--vm", name, "--serve", "--timeout", "0")
+        assert code == 0, recs
+        assert leftovers() == ([], [], []) and not target.exists(), delay
+    print("left by each kill (loop devices, mounts, markers):", left)
+    assert len(set(left)) >= 2  # the kills hit different steps (here: nothing yet, half set up, all mounted)
+
+
 # -- --instant ---------------------------------------------------------------------------------------------
 
 
