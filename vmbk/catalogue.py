@@ -228,6 +228,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX drills_vm ON drills(vm, started_at);
     """,
+    # 6: vmbk-restore --verify runs (vmbk.restore.verify.record): one row per
+    # VM verified, whatever the outcome, so vmbk-status shows when each VM was
+    # last checked against its manifests.  outcome: ok | bad | unverifiable;
+    # points: restore points checked; findings: how many were not ok.
+    """
+    CREATE TABLE verifications (
+        id           INTEGER PRIMARY KEY,
+        session_id   TEXT,
+        vm           TEXT NOT NULL,
+        started_at   TEXT NOT NULL,
+        duration_s   REAL,
+        deep         INTEGER NOT NULL DEFAULT 0,
+        chains       INTEGER,
+        points       INTEGER,
+        files        INTEGER,
+        findings     INTEGER,
+        outcome      TEXT NOT NULL,
+        exit_code    INTEGER,
+        error        TEXT
+    );
+    CREATE INDEX verifications_vm ON verifications(vm, started_at);
+    """,
 ]
 
 
@@ -371,7 +393,8 @@ class Catalogue:
 
 
 _TABLES = {"sessions", "vm_backups", "data_files", "chain_events", "restore_sessions", "retention_events",
-           "file_operations", "deleted_chains", "replication_runs", "replication_vms", "drills"}
+           "file_operations", "deleted_chains", "replication_runs", "replication_vms", "drills",
+           "verifications"}
 
 
 def _statements(script: str) -> list[str]:

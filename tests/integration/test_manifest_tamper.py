@@ -20,6 +20,7 @@ write nothing, and ``--force`` must restore it, saying what it skips.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import time
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guest.domain import nos_domain_xml, start_domain
 from test_restore_corruption import KiB, MiB, flip, hmp
 
+from vmbk.commands.status import main as status_main
 from vmbk.manifest import keys, sign
 from vmbk.stream import scan
 
@@ -162,6 +164,16 @@ def test_tamper_matrix(libvirt_conn, vm_workdir, cleanup_domains, tmp_path, conf
     code, recs = run_restore("--verify", vm, "--backup-path", str(root))
     points = [r for r in recs if r.get("point") is not None]
     assert code == 0 and [p["integrity"] for p in points] == ["good"] * 4, recs
+    # vmbk-status shows the verify; --public-key prints the key that signed
+    out = io.StringIO()
+    status_main(["--json", "--backup-path", str(root), "--vm", vm], io.StringIO(""), out)
+    last = orjson.loads(out.getvalue().splitlines()[0])["last_verify"]
+    assert (last["outcome"], last["points"], last["findings"], last["deep"]) == ("ok", 4, 0, False), last
+    out = io.StringIO()
+    assert status_main(["--public-key"], io.StringIO(""), out) == 0
+    assert out.getvalue().encode() == (keys.key_dir() / keys.PUBLIC).read_bytes()
+    assert points[0]["signed_by"] == keys.fingerprint(keys.read_public(keys.key_dir() / keys.PUBLIC))
+    assert (root / "_state" / keys.PUBLIC).read_bytes() == out.getvalue().encode()  # next to the tree
     t_chain = time.monotonic() - t0
     rows, failures = [], []
     for i, case in enumerate(CASES):

@@ -31,6 +31,7 @@ from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
 from vmbk.errors import VmbkError, VmError
 from vmbk.fsutil import ensure_dir, write_file_atomic
+from vmbk.manifest import keys
 from vmbk.manifest import write as manifest_write
 from vmbk.lock import VmLock
 from vmbk.policy import Plan, PlannedVm, VmFacts
@@ -219,7 +220,7 @@ def _fstrim(dom: Any) -> None:
         log.warning("%s: fstrim failed (backup goes on): %s", dom.name(), e.get_error_message())
 
 
-def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome) -> None:
+def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome, backup_path: Path) -> None:
     plan, vm = planned.plan, planned.vm
     level = plan.action
     checkpoint = plan.checkpoint if plan.online else None
@@ -238,10 +239,11 @@ def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome) ->
         sidefiles.save_tpm_state(target_dir, Path(vm.tpm_state_dir))
     if plan.online and vm.agent and (vm.windows or vm.tpm):
         bitlocker.save_recovery_keys(dom, target_dir)
-    _commit(planned, target_dir, tag, checkpoint, out)
+    _commit(planned, target_dir, tag, checkpoint, out, backup_path)
 
 
-def _commit(planned: PlannedVm, target_dir: Path, tag: str, checkpoint: str | None, out: Outcome) -> None:
+def _commit(planned: PlannedVm, target_dir: Path, tag: str, checkpoint: str | None, out: Outcome,
+            backup_path: Path) -> None:
     """The manifest, then the ``.cpt``: its rename commits the point (a copy's manifest commits it).
 
     `vmbk.manifest.write`: the manifest covers the ``.cpt``'s new bytes, so
@@ -254,6 +256,8 @@ def _commit(planned: PlannedVm, target_dir: Path, tag: str, checkpoint: str | No
     signer, warning = manifest_write.signer_or_warning()
     if warning:
         log.warning("%s: %s", plan.name, warning)
+    if signer is not None:
+        keys.publish(backup_path, signer)
     path = target_dir / names.manifest_name(tag)
     written = [p for p in out.files if p.parent == target_dir or target_dir in p.parents]
     out.files.append(path)
@@ -343,7 +347,7 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
                 if dom.isActive():
                     raise VmError(f"VM {name!r} is running: a copy backup needs it shut off; plan again", vm=name)
                 _copy_offline(planned, target_dir, opts, out)
-            _side_files(dom, planned, target_dir, out)
+            _side_files(dom, planned, target_dir, out, opts.backup_path)
         except BaseException as e:
             _undo(dom, plan, out, created)
             if isinstance(e, VmbkError) and e.vm is None:

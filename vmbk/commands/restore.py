@@ -140,11 +140,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
 from vmbk import cli
 from vmbk import config as _config
+from vmbk.clock import now_iso
 from vmbk.commands._common import Common, Session, existing_backup_path, make_emitter
 from vmbk.errors import StorageError, UsageError, VmbkError
 from vmbk.output import Emitter
@@ -398,11 +400,17 @@ def _inspect(a: Args, ref: SourceRef, emitter: Emitter, session: str) -> int:
     else:
         chains = [choose_chain(source, a.period)]
     if a.action == "verify":
-        seen = []
-        for rec in verify.verify_chains(source.vm, chains, session, deep=a.deep):
-            seen.append(rec)
-            emitter.emit(rec)
-        verify.verdict(source.vm, seen)
+        seen: list[dict[str, Any]] = []
+        started, t0 = now_iso(), time.monotonic()
+        try:
+            for rec in verify.verify_chains(source.vm, chains, session, deep=a.deep):
+                seen.append(rec)
+                emitter.emit(rec)
+            verify.verdict(source.vm, seen)
+        except BaseException as e:
+            verify.record(source.backup_path, source.vm, seen, started, t0, a.deep, e)
+            raise
+        verify.record(source.backup_path, source.vm, seen, started, t0, a.deep, None)
         return emitter.exit_code()
     bad = 0
     for rec in verify.dump_chain(source.vm, chains[0], session):

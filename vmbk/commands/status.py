@@ -4,6 +4,7 @@ Usage:
   vmbk-status [options] [--vm NAMES]...
   vmbk-status [options] --restores [--days N]
   vmbk-status [options] --sessions [--days N]
+  vmbk-status --public-key
   vmbk-status (-h | --help | --version)
 
 Emits one `status` record per VM of the backup tree (and per VM whose
@@ -12,7 +13,8 @@ state, policy, last successful backup (time, action, consistency), last
 attempt and its error, the newest and oldest complete restore point and
 the age of the newest, restore points, chains (active, archived, broken
 with the reason), bytes on disk, replication per destination (last good
-copy, lag), the last restore and drill, and its lock (held by a live
+copy, lag), the last restore, drill and verify (vmbk-restore --verify:
+when, and what it found), and its lock (held by a live
 process, or a stale file the next backup takes over).  Works with the tree
 alone when there is no catalogue.  On a terminal: a table with sizes and
 ages; --json and pipes get the records with exact numbers.
@@ -36,6 +38,13 @@ runs and VM backups into the catalogue (read-only on vmbackup's side; each
 row marked as vmbackup's, so running it again adds only what is new) and
 says on standard error how many; the status then counts them.
 
+The host's manifest signing key: --public-key prints its public key (PEM,
+what `openssl pkeyutl -verify -pubin -inkey` reads and vmbk-extract --key
+takes) on standard output and its fingerprint on standard error, making
+the key in /etc/vmbk/keys (VMBK_KEY_DIR) if there is none yet.  Keep a
+copy away from the backups: on another host, trusting it means putting
+it in the key directory's trusted/.
+
 With --prometheus FILE the VMs' metrics are written in the node_exporter
 textfile format too (written aside, then renamed over FILE): last
 success, attempt, duration and bytes, restore points, chains, size, lock,
@@ -49,6 +58,7 @@ Options:
   --sessions               Runs from the catalogue instead.
   --days N                 How many days of history --restores/--sessions show.
   --import-vmbackup        First copy vmbackup's _state/vmbackup.db into the catalogue.
+  --public-key             Print the host's manifest signing key (PEM), made if missing.
   --now ISO8601            Judge as if it were this time.
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
@@ -65,7 +75,8 @@ from typing import IO, Any
 
 from vmbk import cli
 from vmbk.commands._common import Common, Session, existing_backup_path, make_emitter, parse_now, positive_int
-from vmbk.errors import UsageError
+from vmbk.errors import ConfigError, UsageError
+from vmbk.manifest import keys
 from vmbk.status import run
 from vmbk.status.run import PROG, Outcome, StatusOptions
 from vmbk.vmbackup.importer import import_history
@@ -84,6 +95,13 @@ def _hours(raw: str | None, default: float) -> float:
 
 
 def body(args: dict[str, Any], ctx: cli.Context) -> int:
+    if args.get("--public-key"):
+        signer = keys.load_signer()
+        if signer is None:
+            raise ConfigError(f"no signing key in {keys.key_dir()} and none can be made there (run as root)")
+        ctx.stdout.write(keys.public_pem(signer.public).decode("ascii"))
+        ctx.stderr.write(f"{PROG}: {signer.fingerprint} ({signer.path})\n")
+        return 0
     common = Common.from_args(args)
     cfg = common.config()
     root = existing_backup_path(cfg)

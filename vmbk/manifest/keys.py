@@ -143,6 +143,20 @@ def _write_public(path: Path, raw: bytes) -> None:
     os.replace(tmp, path)
 
 
+def publish(backup_path: Path, signer: Signer) -> Path | None:
+    """The public key beside the tree, ``<backup path>/_state/signing.pub`` (informational: a
+    reader trusts only its key directory's keys); None when it cannot be written."""
+    path = backup_path / "_state" / PUBLIC
+    try:
+        if path.is_file() and read_public(path) == signer.public:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_public(path, signer.public)
+    except (OSError, ConfigError):
+        return None
+    return path
+
+
 def read_public(path: Path) -> bytes:
     """The raw key of a PEM (or OpenSSL DER-less base64 raw) public key file."""
     data = path.read_bytes()

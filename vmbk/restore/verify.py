@@ -41,9 +41,14 @@ plus what the scan found (frame counts, data and stored sizes).
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from vmbk.catalogue import Catalogue
 from vmbk.errors import Exit, StorageError, VmbkError
 from vmbk.manifest.check import BAD as BAD_INTEGRITY
 from vmbk.manifest.check import LEGACY as ADLER32_ONLY
@@ -53,6 +58,8 @@ from vmbk.stream import StreamMap, StreamReader, merge_chain, read_checksum_file
 from vmbk.stream.digest import file_digest
 from vmbk.tree import Chain, VmTree
 from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
+
+log = logging.getLogger("vmbk.restore")
 
 OK, BAD, UNVERIFIABLE = "ok", "bad", "unverifiable"
 LEGACY = ("the chain has no .chksum files (virtnbdbackup before 1.9.40 wrote none): "
@@ -187,6 +194,39 @@ def verdict(vm: str, records: Sequence[Record]) -> None:
         what += [f"restore point(s) {', '.join(unsure)} are not signed by a trusted key"] if unsure else []
         raise UnverifiedError(f"VM {vm!r} cannot be verified in full: {'; '.join(what)}; nothing checked is damaged",
                               vm=vm)
+
+
+def record(backup_path: Path, vm: str, records: Sequence[Record], started_at: str, t0: float, deep: bool,
+           error: BaseException | None) -> None:
+    """The run's ``verifications`` row (vmbk-status's ``last_verify``), if there is a catalogue.
+
+    Never fails the verify: a read-only recovery mount has no catalogue to write.
+    """
+    try:
+        cat = Catalogue.open_existing(backup_path)
+    except VmbkError as e:
+        log.warning("verify not recorded: %s", e)
+        return
+    if cat is None:
+        return
+    statuses = [r.get("status") for r in records]
+    row = {
+        "vm": vm, "session_id": next((r.get("session") for r in records), None), "started_at": started_at,
+        "duration_s": round(time.monotonic() - t0, 3), "deep": int(deep),
+        "chains": sum(1 for r in records if r.get("file") is None and r.get("point") is None),
+        "points": sum(1 for r in records if r.get("point") is not None),
+        "files": sum(1 for r in records if r.get("file") is not None),
+        "findings": sum(1 for s in statuses if s != OK),
+        "outcome": BAD if BAD in statuses or (error is not None and not isinstance(error, UnverifiedError))
+        else UNVERIFIABLE if UNVERIFIABLE in statuses else OK,
+        "exit_code": int(error.code) if isinstance(error, VmbkError) else 0 if error is None else int(Exit.GENERAL),
+        "error": None if error is None else str(error),
+    }
+    try:
+        with cat:
+            cat.insert("verifications", row)
+    except (VmbkError, sqlite3.Error, OSError) as e:
+        log.warning("verify not recorded in %s: %s", cat.path, e)
 
 
 def dump_chain(vm: str, chain: Chain, session: str | None = None) -> Iterator[Record]:

@@ -138,6 +138,17 @@ class History:
             FROM restore_sessions WHERE vm = ? AND mode = 'drill' ORDER BY started_at DESC, id DESC""", (vm,))
         return row
 
+    def last_verify(self, vm: str) -> dict[str, Any] | None:
+        """The newest ``vmbk-restore --verify`` of the VM (its manifests, hashes and checksums)."""
+        if "verifications" not in self.tables:
+            return None
+        row = self._one("verifications", """
+            SELECT started_at AS at, outcome, exit_code, deep, points, findings, duration_s AS duration, error
+            FROM verifications WHERE vm = ? ORDER BY started_at DESC, id DESC""", (vm,))
+        if row is not None:
+            row["deep"] = bool(row["deep"])
+        return row
+
     def replication(self, vm: str) -> list[dict[str, Any]]:
         """Report 6 per VM: each destination's last push, its last good one and
         the newest backup the replica then held."""

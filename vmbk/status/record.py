@@ -80,6 +80,7 @@ def status_record(session: str, tree: TreeState, hist: History, now: _dt.datetim
         replication=replication(hist.replication(vm), newest),
         last_restore=hist.last_restore(vm),
         last_drill=hist.last_drill(vm),
+        last_verify=hist.last_verify(vm),
         lock=lock.state,
         lock_pid=lock.pid,
         locked=lock.state == "held",
