@@ -274,3 +274,27 @@ def test_the_export_dying_before_the_move_gives_io_errors_never_wrong_data(backe
         libvirt_conn.lookupByName(clone)
     assert not dest.exists() or list(dest.iterdir()) == []
     assert leftovers() == ([], [], [])
+
+
+def test_instant_disaster_recovery_replaces_the_shut_off_vm_with_its_identity(backed, libvirt_conn):
+    """Last in the module: it takes the original guest's place (name, UUID), as a DR restore does."""
+    dom = backed.guest.dom
+    name, uuid = dom.name(), dom.UUIDString()
+    dom.destroy()
+    dest = backed.workdir / "dr"
+    argv = ["--backup-path", str(backed.root), "--vm", name, "--instant", "--restore-path", str(dest)]
+    code, recs = run(restore_main, *argv)
+    assert code == 5 and "--force" in recs[-1]["message"]  # a defined namesake needs --force
+    code, recs = run(restore_main, *argv, "--force")
+    assert code == 0, recs
+    (rec,) = recs
+    assert rec["mode"] == "dr" and rec["domain"] == {"name": name, "uuid": uuid, "persistent": True}
+    target = Path(rec["disks"][0]["target"])
+    assert target.parent == dest and target.name == backed.guest.disks[0].name  # the original file name
+    back = libvirt_conn.lookupByName(name)
+    assert back.UUIDString() == uuid and back.isActive() and str(target) in back.XMLDesc(0)
+    guest = Guest(back)
+    guest.wait_agent(timeout=120)
+    assert read_in_guest(guest, "check-1") == backed.checks[1]
+    assert same(target, backed.refs[1])
+    assert leftovers() == ([], [], [])
