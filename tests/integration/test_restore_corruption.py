@@ -224,18 +224,30 @@ CASES = [
 #: structure alone: an uncompressed payload byte flipped there is restored.
 #: --verify says it cannot vouch for the data (exit 9) and the restore names
 #: every stream it could not check.
-LIMIT = Case("every .chksum and vmbk's writtenBy deleted, a payload byte of inc 1 flipped",
+#: Before manifests (issue #16) this was the limit; now the manifests list
+#: the .chksum files and the flipped payload's digest: found by the listing.
+WAS_LIMIT = Case("every .chksum and vmbk's writtenBy deleted, a payload byte of inc 1 flipped",
+                 lambda c, r: (delete_checksums(c), forget_writer(c, manifests=False),
+                               flip(c / INC.format(1), mid_payload(c / INC.format(1)))), False)
+#: The limit now: manifests deleted too, and the meta key that says there were some.
+LIMIT = Case("every .chksum, manifest and vmbk meta key deleted, a payload byte of inc 1 flipped",
              lambda c, r: (delete_checksums(c), forget_writer(c),
                            flip(c / INC.format(1), mid_payload(c / INC.format(1)))), False)
 
 
-def forget_writer(chain: Path) -> None:
-    """Rewrite each stream's meta without ``writtenBy`` (same length: the key renamed)."""
+def forget_writer(chain: Path, *, manifests: bool = True) -> None:
+    """Rewrite each stream's meta without ``writtenBy`` (same length: the key renamed); with
+    ``manifests``, without ``vmbkManifest`` either, and the manifests gone."""
+    keys = [b'"writtenBy"'] + ([b'"vmbkManifest"'] if manifests else [])
     for f in chain.glob("*.data"):
         raw = bytearray(f.read_bytes())
-        at = raw.index(b'"writtenBy"')
-        raw[at:at + len(b'"writtenBy"')] = b'"xrittenBy"'
+        for key in keys:
+            at = raw.index(key)
+            raw[at + 1:at + 2] = b"x"
         f.write_bytes(bytes(raw))
+    if manifests:
+        for m in chain.glob("vmbk.*.manifest"):
+            m.unlink()
 
 
 def flip_block(db: Path) -> None:
@@ -319,6 +331,9 @@ def test_no_damage_restores_silently(nos_domain, vm_workdir, tmp_path, config_di
     print("tried {tried}, detected {detected}, harmless {harmless}, silent {silent}".format(**tally))
     assert tally["silent"] == 0 and not failures, "\n".join(failures)
 
+    # the former limit: the manifests see it, the listing refuses every point
+    o = run_case(chains["plain"], WAS_LIMIT, tmp_path / "was-limit")
+    assert o.verify == 4 and o.refused == o.listed_incomplete == {0, 1, 2, 3} and not o.wrong, o
     # the limit, uncompressed: said, not silent
     o = run_case(chains["plain"], LIMIT, tmp_path / "limit")
     assert o.verify == 9 and not o.refused and o.wrong == {1, 2, 3}, o
