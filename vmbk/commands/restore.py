@@ -106,7 +106,7 @@ Options:
   --period PERIOD            Period directory to restore from (default: latest).
   --restore-point N          Restore point: a number or 'full'.
   --disk DISKS               Only these disks (vda,vdb or 'all').
-  --force                    Overwrite existing files or VM definition; restore a point that fails its checks.
+  --force                    Overwrite existing files or VM definition; restore or serve a point that fails its checks.
   --dry-run                  Show the plan; change nothing.
   --verify VM                Check every checksum of the chosen chain.
   --all-chains               With --verify: every chain of the VM (or of --period), archives included.
@@ -249,7 +249,7 @@ def _access_args(args: dict[str, Any], common: Common, vm: str | None, access: s
         if args.get(opt):
             raise UsageError(f"{opt} cannot be combined with {access}")
     if access != "--instant":
-        for opt in ("--restore-path", "--name", "--force", "--skip-tpm"):
+        for opt in ("--restore-path", "--name", "--skip-tpm"):
             if args.get(opt) is not None and args.get(opt) is not False:
                 raise UsageError(f"{opt} goes with a restore or --instant, not {access}")
     if bool(args.get("--tls-cert")) != bool(args.get("--tls-key")):
@@ -265,6 +265,7 @@ def _access_args(args: dict[str, Any], common: Common, vm: str | None, access: s
         disks=parse_disks(args.get("--disk")),
         include_incomplete=bool(args.get("--include-incomplete")),
         verify=not args.get("--no-verify"),
+        force=bool(args.get("--force")),
         socket=Path(os.path.abspath(args["--socket"])) if args.get("--socket") else None,
         listen=_address(args["--listen"]) if args.get("--listen") else None,
         tls_cert=Path(args["--tls-cert"]) if args.get("--tls-cert") else None,

@@ -161,7 +161,8 @@ def _quick_look_checks(plan: RestorePlan, conn: Any) -> bool:
 
 def _open(plan: RestorePlan, opts: RestoreOptions) -> Opened:
     t = time.monotonic()
-    unchecked = verify_streams([p for j in plan.jobs for p in j.sources]) if opts.verify else []
+    streams = [(p, j.digests[i] if j.digests else None) for j in plan.jobs for i, p in enumerate(j.sources)]
+    unchecked = verify_streams(streams, tolerate=opts.force) if opts.verify else []
     seconds = time.monotonic() - t
     images: dict[str, ChainImage] = {}
     try:

@@ -24,12 +24,16 @@ Nothing is written anywhere.  Order:
 
 **Checksums are verified before serving, not lazily per frame.** A
 stream's ``.chksum`` is one adler32 over the whole file (virtnbdbackup's
-format): there is nothing to check a single frame against, so "lazily"
-could only mean "after the client read it".  Checking first costs one
+format), and so is its manifest's SHA-256 stream digest: there is
+nothing to check a single frame against, so "lazily" could only mean
+"after the client read it".  Every stream is checked first as a restore
+checks it (`vmbk.restore.checker`: the ``.chksum``, and the digest when
+the point has a trusted manifest), four at once; it costs one
 sequential read of the point's streams (which also warms the page cache
 for the clients: bench/serve.py has the figures) and means no client
-ever reads a byte that did not pass; ``--no-verify`` skips it, as for a
-restore.  lz4 streams are read through lz4's own block and content
+ever reads a byte that did not pass.  ``--no-verify`` skips it, as for a
+restore; ``--force`` serves a point whose manifest or checksums fail,
+and says so in the record's warnings.  lz4 streams are read through lz4's own block and content
 checksums when they have no ``.chksum`` (`vmbk.stream.chainread`), and
 a read that fails reaches the client as an NBD error (EIO), never as
 data.
@@ -37,7 +41,6 @@ data.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import ipaddress
@@ -54,11 +57,12 @@ from typing import Any
 from vmbk.errors import Terminated, UsageError
 from vmbk.nbd.server import Export, Server
 from vmbk.records import Record, make
+from vmbk.manifest.check import stream_digests
+from vmbk.restore.checker import SourceCheck
 from vmbk.restore.report import point_fields
 from vmbk.restore.run import vm_lock
 from vmbk.restore.select import choose_chain, choose_disks, choose_point
 from vmbk.restore.source import Source, SourceRef, load
-from vmbk.stream import verify_checksum
 from vmbk.stream.chainread import ChainImage
 from vmbk.tree.points import RestorePoint, chain_warnings
 from vmbk.virt import backupjob
@@ -80,6 +84,8 @@ class ServeOptions:
     disks: tuple[str, ...] | None = None
     include_incomplete: bool = False
     verify: bool = True
+    #: Serve a point that fails its manifest or checksum checks (they are skipped, and said).
+    force: bool = False
     socket: Path | None = None
     listen: tuple[str, int] | None = None
     tls_cert: Path | None = None
@@ -122,12 +128,16 @@ def open_point(ref: SourceRef, opts: ServeOptions) -> Opened:
         source = load(ref)
         chain = choose_chain(source, opts.period)
         point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm,
-                             verify=opts.verify)
+                             verify=opts.verify, force=opts.force)
         disks = choose_disks(point, opts.disks, vm=source.vm)
         warnings = chain_warnings(chain) + [f"incomplete point served on request: {p}" for p in point.problems]
         warnings += [f"--no-verify: {n} has no .chksum and is served unchecked" for n in point.unverifiable]
+        warnings += [f"--force: served although point {point.index} is {point.integrity} ({line})"
+                     for line in ([] if point.trusted else point.integrity_findings)]
+        digests = stream_digests(chain.path) if point.trusted else {}
+        streams = [(p, digests.get(p.name)) for d in disks for p in point.paths(d)]
         t0 = time.monotonic()
-        unchecked = verify_streams([p for d in disks for p in point.paths(d)]) if opts.verify else []
+        unchecked = verify_streams(streams, tolerate=opts.force) if opts.verify else []
         seconds = time.monotonic() - t0
         images: dict[str, ChainImage] = {}
         try:
@@ -140,36 +150,26 @@ def open_point(ref: SourceRef, opts: ServeOptions) -> Opened:
     return Opened(source, point, images, unchecked, seconds, warnings)
 
 
-def verify_streams(paths: list[Path]) -> list[Path]:
-    """Check each stream against its ``.chksum``, several at once; those without one.
-
-    The first mismatch (StreamError, exit 4) stops the others.
+def verify_streams(streams: list[tuple[Path, str | None]], *, tolerate: bool = False) -> list[Path]:
+    """Check each stream as a restore does (`vmbk.restore.checker`: its ``.chksum``, and its
+    manifest's SHA-256 stream digest when it has one), `VERIFY_THREADS` at once; those without
+    a ``.chksum``.  The first failure (StreamError, exit 4) stops the others; ``tolerate``
+    (``--force``) counts a failing stream as unchecked instead.
     """
-    paths = list(dict.fromkeys(paths))
-    stop = threading.Event()
-
-    def check() -> None:
-        if stop.is_set():
-            raise _Stopped
-
-    def one(path: Path) -> bool:
-        return verify_checksum(path, check=check)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(paths) or 1)) as pool:
-        futures = {pool.submit(one, p): p for p in paths}
-        unchecked = []
-        try:
-            for fut in concurrent.futures.as_completed(futures):
-                if not fut.result():
-                    unchecked.append(futures[fut])
-        except BaseException:
-            stop.set()
-            raise
-    return [p for p in paths if p in unchecked]
-
-
-class _Stopped(Exception):
-    pass
+    pending = list(dict.fromkeys(streams))
+    running: list[SourceCheck] = []
+    unchecked: list[Path] = []
+    try:
+        while pending or running:
+            while pending and len(running) < VERIFY_THREADS:
+                path, digest = pending.pop(0)
+                running.append(SourceCheck([path], [digest], tolerate=tolerate))
+            unchecked += running.pop(0).result()
+    except BaseException:
+        for check in running:
+            check.stop()
+        raise
+    return unchecked
 
 
 def tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
