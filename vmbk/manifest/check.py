@@ -137,12 +137,14 @@ class ChainManifests:
         return self._digests[name]
 
     def judge(self, index: int, ident: str, own: Sequence[str], required: bool,
-              previous: str | None) -> Judgement:
+              previous: str | None, last: bool = True) -> Judgement:
         """The point's own manifest; ``previous``: the ident of point ``index - 1`` (None: first).
 
         ``own``: the data files the point added; ``required``: the point
-        must have a manifest (its streams say so, or a point before it
-        has one).
+        must have a manifest (its streams say vmbk wrote one: a point
+        another tool added to the chain has none, and is adler32-only);
+        ``last``: it is the chain's newest point, so its manifest must
+        describe the ``.cpt`` and the TPM state as they are now.
         """
         name = names.manifest_name(ident)
         m = self.parsed(ident)
@@ -165,7 +167,7 @@ class ChainManifests:
             j = j.with_findings(TAMPERED, f"{name} describes checkpoint {m.checkpoint!r} (point "
                                           f"{m.body.get('index')!r}), not this point: a manifest was swapped")
         j = self._chain(j, name, m, previous)
-        return self._files(j, name, m, own, newest=self.newest() == ident)
+        return self._files(j, name, m, own, newest=last and self.newest() == ident)
 
     def _chain(self, j: Judgement, name: str, m: sign.Manifest, previous: str | None) -> Judgement:
         if previous is None:

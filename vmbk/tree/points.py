@@ -161,7 +161,7 @@ def restore_points(chain: Chain, *, stream_digests: Mapping[str, str | None] | N
     judged: list[tuple[int, Judgement]] = []
     out = []
     for p in points:
-        out.append(_with_integrity(p, manifests, judged))
+        out.append(_with_integrity(p, manifests, judged, last=p is points[-1]))
     return out
 
 
@@ -169,13 +169,16 @@ def _own_files(p: RestorePoint) -> list[DataFile]:
     return [fs[-1] for fs in p.disks.values() if fs and (p.index == 0 or fs[-1].level != "copy")]
 
 
-def _with_integrity(p: RestorePoint, manifests: ChainManifests, judged: list[tuple[int, Judgement]]) -> RestorePoint:
+def _with_integrity(p: RestorePoint, manifests: ChainManifests, judged: list[tuple[int, Judgement]], *,
+                    last: bool = True) -> RestorePoint:
     """``p`` with its integrity: its own manifest's judgement and those of the points before it
     (``judged``, which this extends)."""
     own = _own_files(p)
-    required = any(f.manifested for f in own) or any(j.manifest is not None for _, j in judged)
+    # its streams say vmbk wrote a manifest for it: another tool's point in a mixed chain
+    # (vmbackup's virtnbdbackup continuing a vmbk chain) has none and is adler32-only
+    required = any(f.manifested for f in own)
     previous = checkpoint_name(p.index - 1) if p.checkpoint and p.index > 0 else None
-    judged.append((p.index, manifests.judge(p.index, p.ident, [f.name for f in own], required, previous)))
+    judged.append((p.index, manifests.judge(p.index, p.ident, [f.name for f in own], required, previous, last)))
     status, lines = combine([j for _, j in judged], lambda i: f"point {judged[i][0]}")
     return dataclasses.replace(p, integrity=status, integrity_findings=lines, signed_by=judged[-1][1].key)
 
