@@ -36,8 +36,8 @@ from vmbk.manifest.check import stream_digests
 from vmbk.restore import inplace, tpm
 from vmbk.restore.image import DiskRestore, measure, qcow_options
 from vmbk.restore.inplace import CurrentDisk
-from vmbk.tree.points import RestorePoint, chain_warnings
-from vmbk.restore.select import choose_chain, choose_disks, choose_point
+from vmbk.tree.points import RestorePoint
+from vmbk.restore.select import choose
 from vmbk.restore.source import Source
 from vmbk.restore.vmconfig import DomainConfig, nvram_backup, point_config
 from vmbk.tree.names import checkpoint_name
@@ -153,15 +153,9 @@ def make_plan(source: Source, opts: RestoreOptions, current: Mapping[str, Curren
     ``current``: the VM's disks as libvirt defines them now, which an
     in-place restore (``opts.restore_path`` None) replaces.
     """
-    chain = choose_chain(source, opts.period)
-    point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm,
-                         verify=opts.verify, force=opts.force)
-    disks = choose_disks(point, opts.disks, vm=source.vm)
-    warnings = chain_warnings(chain) + [f"incomplete point restored on request: {p}" for p in point.problems]
-    warnings += [f"--no-verify: {n} has no .chksum and is restored unchecked" for n in point.unverifiable]
-    warnings += [f"--force: restored although point {point.index} is {point.integrity} ({line}): "
-                 f"its manifest and checksum checks are skipped" for line in ([] if point.trusted else
-                                                                            point.integrity_findings)]
+    chain, point, disks, warnings = choose(source, period=opts.period, restore_point=opts.restore_point,
+                                           disks=opts.disks, include_incomplete=opts.include_incomplete,
+                                           verify=opts.verify, force=opts.force)
     config = point_config(point) if opts.defines else None
     if opts.defines and config is None:
         raise VmError(f"{chain.path} holds no readable domain XML (vmconfig.*.xml): "

@@ -21,7 +21,7 @@ non-existent ``--restore-point`` is a usage error (7).
 from __future__ import annotations
 
 from vmbk.errors import UsageError, VmError
-from vmbk.tree.points import RestorePoint, restore_points
+from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 from vmbk.restore.source import Source
 from vmbk.tree import Chain
 from vmbk.tree.names import where
@@ -121,3 +121,21 @@ def choose_disks(point: RestorePoint, requested: tuple[str, ...] | None, *, vm: 
             raise VmError(f"disk {disk!r} is not in restore point {point.index} of {point.chain.path} "
                           f"(disks: {', '.join(sorted(point.disks)) or 'none'}){hint}", vm=vm)
     return requested
+
+
+def choose(source: Source, *, period: str | None, restore_point: int | None, disks: tuple[str, ...] | None,
+           include_incomplete: bool, verify: bool, force: bool,
+           doing: str = "restored") -> tuple[Chain, RestorePoint, tuple[str, ...], list[str]]:
+    """Chain, point and disks as a restore (``doing``: or a --serve) chooses them, and the warnings
+    about what was accepted on request (an incomplete point, streams without .chksum, --force)."""
+    chain = choose_chain(source, period)
+    point = choose_point(chain, restore_point, include_incomplete=include_incomplete, vm=source.vm, verify=verify,
+                         force=force)
+    chosen = choose_disks(point, disks, vm=source.vm)
+    warnings = chain_warnings(chain) + [f"incomplete point {doing} on request: {p}" for p in point.problems]
+    warnings += [f"--no-verify: {n} has no .chksum and is {doing} unchecked" for n in point.unverifiable]
+    warnings += [f"--force: {doing} although point {point.index} is {point.integrity} ({line}): "
+                 f"its manifest and checksum checks are skipped" for line in ([] if point.trusted else
+                                                                            point.integrity_findings)]
+    return chain, point, chosen, warnings
+

@@ -61,10 +61,10 @@ from vmbk.manifest.check import stream_digests
 from vmbk.restore.checker import SourceCheck
 from vmbk.restore.report import point_fields
 from vmbk.restore.run import vm_lock
-from vmbk.restore.select import choose_chain, choose_disks, choose_point
+from vmbk.restore.select import choose
 from vmbk.restore.source import Source, SourceRef, load
 from vmbk.stream.chainread import ChainImage
-from vmbk.tree.points import RestorePoint, chain_warnings
+from vmbk.tree.points import RestorePoint
 from vmbk.virt import backupjob
 
 log = logging.getLogger("vmbk.restore")
@@ -126,14 +126,9 @@ def open_point(ref: SourceRef, opts: ServeOptions) -> Opened:
     """Choose the point, check its streams and open them, under the VM's lock (module doc, 2)."""
     with vm_lock(ref):
         source = load(ref)
-        chain = choose_chain(source, opts.period)
-        point = choose_point(chain, opts.restore_point, include_incomplete=opts.include_incomplete, vm=source.vm,
-                             verify=opts.verify, force=opts.force)
-        disks = choose_disks(point, opts.disks, vm=source.vm)
-        warnings = chain_warnings(chain) + [f"incomplete point served on request: {p}" for p in point.problems]
-        warnings += [f"--no-verify: {n} has no .chksum and is served unchecked" for n in point.unverifiable]
-        warnings += [f"--force: served although point {point.index} is {point.integrity} ({line})"
-                     for line in ([] if point.trusted else point.integrity_findings)]
+        chain, point, disks, warnings = choose(source, period=opts.period, restore_point=opts.restore_point,
+                                               disks=opts.disks, include_incomplete=opts.include_incomplete,
+                                               verify=opts.verify, force=opts.force, doing="served")
         digests = stream_digests(chain.path) if point.trusted else {}
         streams = [(p, digests.get(p.name)) for d in disks for p in point.paths(d)]
         t0 = time.monotonic()
