@@ -3,14 +3,18 @@ their reference images, vmbk-restore as a process, and what sessions must not le
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,4 +170,32 @@ def backup_paused(guest: Any, disk: Path, ref: Path, root: Path) -> list[dict[st
     recs = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert code == 0, recs
     return recs
+
+
+@contextlib.contextmanager
+def module_guest(conn: Any, image: dict[str, Any], prefix: str, *,
+                 data: Sequence[str]) -> Iterator[tuple[Path, Any, Path]]:
+    """(work directory, booted test guest, its 256 MiB vda): a module's guest, removed with its files after.
+
+    ``data``: the disks its init formats and mounts (``[]``: none, the test does).
+    """
+    from fixtures.guest import WORKDIR_BASE, unique_name
+    from guest.agent import Guest
+    from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
+
+    WORKDIR_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=WORKDIR_BASE))
+    os.chmod(workdir, 0o755)
+    name = unique_name()
+    disk = make_qcow2(workdir / f"{name}-vda.qcow2", "256M")
+    console = workdir / f"{name}-console.log"
+    dom = start_domain(conn, guest_domain_xml(name, image, [disk], data=list(data), console_log=console))
+    try:
+        guest = Guest(dom, console_log=console, disks=[disk])
+        guest.wait_agent(timeout=120)
+        yield workdir, guest, disk
+    finally:
+        remove_domain(dom)
+        if os.environ.get("VMBK_KEEP_WORKDIR") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
 

@@ -15,23 +15,15 @@ import io
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from access_helpers import backup_paused
-from fixtures.guest import WORKDIR_BASE, unique_name
+from access_helpers import backup_paused, module_guest
 from guest.agent import AgentError, Guest
-from guest.domain import (
-    guest_domain_xml,
-    make_qcow2,
-    nos_domain_xml,
-    remove_domain,
-    start_domain,
-)
+from guest.domain import make_qcow2, nos_domain_xml
 
 from vmbk.commands.backup import main as backup_main
 from vmbk.commands.restore import main as restore_main
@@ -68,16 +60,8 @@ def same(image: Path, ref: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
-    WORKDIR_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="restore-guest-", dir=WORKDIR_BASE))
-    os.chmod(workdir, 0o755)
-    name = unique_name()
-    disk = make_qcow2(workdir / f"{name}-vda.qcow2", "256M")
-    console = workdir / f"{name}-console.log"
-    dom = start_domain(libvirt_conn, guest_domain_xml(name, guest_image, [disk], data=["vda"], console_log=console))
-    try:
-        guest = Guest(dom, console_log=console, disks=[disk])
-        guest.wait_agent(timeout=120)
+    with module_guest(libvirt_conn, guest_image, "restore-guest-", data=["vda"]) as (workdir, guest, disk):
+        name = guest.name
         root = workdir / "backups"
         root.mkdir()
         refs, contents = [], []
@@ -89,10 +73,6 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
             recs = backup_paused(guest, disk, refs[-1], root)
             assert recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
         yield Backed(guest, workdir, root, refs, contents)
-    finally:
-        remove_domain(dom)
-        if os.environ.get("VMBK_KEEP_WORKDIR") != "1":
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_the_chain_lists_three_complete_points(backed):

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +23,9 @@ from pathlib import Path
 import libvirt
 import orjson
 import pytest
-from access_helpers import backup_paused, first_record, leftovers, spawn
+from access_helpers import backup_paused, first_record, leftovers, module_guest, spawn
 from contract_doc import undocumented
-from fixtures.guest import WORKDIR_BASE, unique_name
 from guest.agent import AgentError, Guest
-from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain
 
 from vmbk.commands.restore import main as restore_main
 
@@ -66,16 +63,8 @@ def read_in_guest(guest: Guest, path: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
-    WORKDIR_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="restore-instant-", dir=WORKDIR_BASE))
-    os.chmod(workdir, 0o755)
-    name = unique_name()
-    disk = make_qcow2(workdir / f"{name}-vda.qcow2", "256M")
-    console = workdir / f"{name}-console.log"
-    dom = start_domain(libvirt_conn, guest_domain_xml(name, guest_image, [disk], data=[], console_log=console))
-    try:
-        guest = Guest(dom, console_log=console, disks=[disk])
-        guest.wait_agent(timeout=120)
+    with module_guest(libvirt_conn, guest_image, "restore-instant-", data=[]) as (workdir, guest, disk):
+        name = guest.name
         guest.sh("mkfs.ext4 -q -F -L vda -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda && mkdir -p /mnt/vda")
         root = workdir / "backups"
         root.mkdir()
@@ -93,10 +82,6 @@ def backed(libvirt_conn, guest_image) -> Iterator[Backed]:
             recs = backup_paused(guest, disk, refs[-1], root)
             assert recs[-1]["action"] == ("full" if n == 0 else "inc"), recs
         yield Backed(guest, workdir, root, refs, checks, big)
-    finally:
-        remove_domain(dom)
-        if os.environ.get("VMBK_KEEP_WORKDIR") != "1":
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- --mount ---------------------------------------------------------------------------------------------
