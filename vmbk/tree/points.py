@@ -176,9 +176,14 @@ def _with_integrity(p: RestorePoint, manifests: ChainManifests, judged: list[tup
     own = _own_files(p)
     # its streams say vmbk wrote a manifest for it: another tool's point in a mixed chain
     # (vmbackup's virtnbdbackup continuing a vmbk chain) has none and is adler32-only
-    required = any(f.manifested for f in own)
+    # (a point its .cpt does not list did not finish: without a manifest it is that, not tampered)
+    committed = p.checkpoint is None or (p.chain.cpt is not None and p.checkpoint in p.chain.cpt)
+    required = committed and any(f.manifested for f in own)
     previous = checkpoint_name(p.index - 1) if p.checkpoint and p.index > 0 else None
-    judged.append((p.index, manifests.judge(p.index, p.ident, [f.name for f in own], required, previous, last)))
+    if committed:
+        judged.append((p.index, manifests.judge(p.index, p.ident, [f.name for f in own], required, previous, last)))
+    else:  # its manifest, if it got one, covers a .cpt that never came: "did not finish" says it all
+        judged.append((p.index, Judgement(LEGACY)))
     status, lines = combine([j for _, j in judged], lambda i: f"point {judged[i][0]}")
     return dataclasses.replace(p, integrity=status, integrity_findings=lines, signed_by=judged[-1][1].key)
 
