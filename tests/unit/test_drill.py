@@ -28,6 +28,7 @@ from test_restore_points import HOSTILE, MiB, Chain, write_stream
 from vmbk import cli
 from vmbk.commands import drill as command
 from vmbk.config import from_mapping
+from vmbk.disklabel import describe
 from vmbk.drill import filesystems, isolate, leftovers, picture
 from vmbk.drill.checks import FAILED, PASSED, SKIPPED, Check, level
 from vmbk.drill.points import PointSpec, choose, complete_points, from_backup
@@ -240,7 +241,7 @@ def test_an_mbr_with_ext4_and_swap():
     img = mbr([(0x83, 2048), (0x82, 6144), (0x05, 10000)])
     img[2048 * 512 + 1080:2048 * 512 + 1082] = b"\x53\xef"
     img[6144 * 512 + 4086:6144 * 512 + 4096] = b"SWAPSPACE2"
-    assert filesystems.probe_disk(reader(img)) == ("mbr: 1 ext4, 2 swap", 2)
+    assert describe(reader(img), len(img)) == ("mbr: 1 ext4, 2 swap", 2)
 
 
 def test_a_gpt_with_fat_and_an_unknown_partition():
@@ -250,16 +251,16 @@ def test_a_gpt_with_fat_and_an_unknown_partition():
     for i, first in enumerate((2048, 4096)):
         entry = 1024 + i * 128
         img[entry:entry + 16] = b"\x01" * 16
-        struct.pack_into("<Q", img, entry + 32, first)
+        struct.pack_into("<QQ", img, entry + 32, first, first + 2047)
     img[2048 * 512 + 82:2048 * 512 + 90] = b"FAT32   "
-    assert filesystems.probe_disk(reader(img)) == ("gpt: 1 vfat, 2 unknown", 1)
+    assert describe(reader(img), len(img)) == ("gpt: 1 vfat, 2 unknown", 1)
 
 
 def test_a_bare_file_system_and_nothing():
     img = bytearray(2 * MiB)
     img[0:4] = b"XFSB"
-    assert filesystems.probe_disk(reader(img)) == ("xfs", 1)
-    assert filesystems.probe_disk(reader(bytearray(MiB))) == ("no partition table, no file system", 0)
+    assert describe(reader(img), len(img)) == ("xfs", 1)
+    assert describe(reader(bytearray(MiB)), MiB) == ("no partition table, no file system", 0)
 
 
 def test_probe_reads_the_merged_chain(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 import uuid
 
-from vmbk.restore.partitions import Partition, read_table
+from vmbk.disklabel import Partition, read_table
 
 MiB = 1 << 20
 

@@ -42,7 +42,8 @@ from typing import Any
 
 from vmbk.errors import StorageError, ToolError, UsageError, VmbkError
 from vmbk.records import Record, make
-from vmbk.restore import blockdev, marker, partitions
+from vmbk import disklabel
+from vmbk.restore import blockdev, marker
 from vmbk.restore.preflight import check_restore_path
 from vmbk.restore.report import point_fields
 from vmbk.restore.serve import Opened, ServeOptions, deferred_signals, listening, open_point, until_stopped
@@ -145,7 +146,7 @@ def _session(opened: Opened, opts: ServeOptions, target: Path, rundir: Path, exi
 
 def _mount_disk(disk: str, file: Path, img: ChainImage, target: Path) -> list[Fs]:
     """Every file system of one disk: the whole disk, or each partition (`vmbk.restore.partitions`)."""
-    table, parts = partitions.read_table(lambda offset, n: _read(img, offset, n), img.virtual_size)
+    table, parts = disklabel.read_table(img.pread, img.virtual_size)
     if table is None:
         found = blockdev.probe(_attach(file))
         if not found.fstype:
@@ -176,13 +177,6 @@ def _recorded(rundir: Path) -> list[tuple[str, str]]:
     except OSError:
         return []
     return [(dev, file) for dev, _, file in (line.partition(" ") for line in text.split("\n")[:-1]) if file]
-
-
-def _read(img: ChainImage, offset: int, length: int) -> bytes:
-    length = max(0, min(length, img.virtual_size - offset))
-    out = bytearray(length)
-    img.pread_into(offset, memoryview(out))
-    return bytes(out)
 
 
 def _mount_one(disk: str, name: str, partition: int | None, found: blockdev.Probe, target: Path) -> Fs:

@@ -170,6 +170,13 @@ class ChainImage:
             pos = stop
         return out
 
+    def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image from ``offset``, fewer past its end (a ``read`` for `vmbk.disklabel`)."""
+        length = max(0, min(length, self.virtual_size - offset))
+        out = bytearray(length)
+        self.pread_into(offset, memoryview(out))
+        return bytes(out)
+
     def pread_into(self, offset: int, out: memoryview) -> None:
         """The image's bytes from ``offset`` into ``out`` (zero where no data is)."""
         if offset < 0 or offset + out.nbytes > self.virtual_size:

@@ -1,12 +1,18 @@
-"""A disk's partitions, read from its bytes: MBR (logical partitions too) and GPT.
+"""A disk's partitions and file systems, read from its bytes: MBR (logical
+partitions too), GPT, and the superblock signatures of the file systems
+and volumes vmbk names.
 
-``--mount`` gives each partition a read-only loop device of its own
+Two readers: ``vmbk-restore --mount`` (`read_table`) gives each partition a read-only loop device of its own
 (``losetup --offset --sizelimit``) instead of asking the kernel to scan
 the table (``losetup --partscan``, kpartx): kernels built without
 MSDOS/EFI partition support (minimal VMs -- this test host's), and
 containers whose ``/dev`` never shows the partition nodes, have loop
 devices all the same.  Numbers are the kernel's: MBR slots 1-4, logical
 partitions from 5 in chain order, GPT entries by index.
+
+vmbk-drill (`describe`) proves, for a guest that shows nothing else,
+that a restored disk is laid out as a disk: a table whose partitions
+hold file systems it knows.  It proves the layout, not that they mount.
 
 Pure: ``read(offset, length)`` in, partitions out; every offset and size
 is checked against the disk before it is used, and the chains of EBRs
@@ -122,3 +128,40 @@ def _gpt(read: Read, disk_size: int, sector: int) -> list[Partition] | None:
 def _guid(raw: bytes) -> str:
     a, b, c = struct.unpack_from("<IHH", raw)
     return f"{a:08x}-{b:04x}-{c:04x}-{raw[8:10].hex()}-{raw[10:16].hex()}"
+
+
+#: (offset in the partition, bytes, name): the first that matches names it.
+SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (1024 + 56, b"\x53\xef", "ext4"),
+    (0, b"XFSB", "xfs"),
+    (0x10040, b"_BHRfS_M", "btrfs"),
+    (3, b"NTFS    ", "ntfs"),
+    (3, b"EXFAT   ", "exfat"),
+    (3, b"-FVE-FS-", "bitlocker"),
+    (82, b"FAT32   ", "vfat"),
+    (54, b"FAT1", "vfat"),
+    (4086, b"SWAPSPACE2", "swap"),
+    (512 + 24, b"LVM2 001", "lvm"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x8001, b"CD001", "iso9660"),
+)
+
+
+def fs_type(read: Read, start: int) -> str | None:
+    """The file system or volume whose signature lies at ``start`` (None: none known)."""
+    for off, magic, name in SIGNATURES:
+        if read(start + off, len(magic)) == magic:
+            return name
+    return None
+
+
+def describe(read: Read, disk_size: int) -> tuple[str, int]:
+    """One disk in words (``gpt: 1 vfat, 2 ext4``) and how many file systems or volumes were recognised."""
+    table, parts = read_table(read, disk_size)
+    if table is None:
+        whole = fs_type(read, 0)
+        return (whole, 1) if whole else ("no partition table, no file system", 0)
+    found = [(p.number, fs_type(read, p.start)) for p in parts]
+    known = sum(1 for _, fs in found if fs)
+    words = ", ".join(f"{n} {fs or 'unknown'}" for n, fs in found) or "no partitions"
+    return f"{table}: {words}", known
