@@ -28,6 +28,7 @@ from test_restore_points import HOSTILE, MiB, Chain, write_stream
 from vmbk import cli
 from vmbk.commands import drill as command
 from vmbk.config import from_mapping
+from vmbk import runmarker
 from vmbk.disklabel import describe
 from vmbk.drill import filesystems, isolate, leftovers, picture
 from vmbk.drill.checks import FAILED, PASSED, SKIPPED, Check, level
@@ -352,12 +353,12 @@ def conn():
 
 def test_the_sweep_removes_what_a_dead_drill_left_and_never_a_live_one(run_dir, tmp_path, conn):
     dead, live = leftover(tmp_path, 1), leftover(tmp_path, 2)
-    os.close(dead.mark())  # its drill is gone: the lock went with the fd
+    runmarker.abandon(dead.mark())  # its drill is gone: the lock went with the fd
     fd = live.mark()
     try:
         # a third held by another process (a vmbk-drill running beside this one)
         other = leftover(tmp_path, 3)
-        os.close(other.mark())
+        runmarker.abandon(other.mark())
         holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
                                    "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
                                    "time.sleep(60)", str(other.marker)], stdout=subprocess.PIPE)

@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "vmbk": 0, "errors": 0, "clock": 0, "fsutil": 0, "heap": 0, "cancel": 0, "settings": 0,
     "records": 0, "lock": 0, "progress": 0, "human": 0,
     # formats and facts: what the tree, the streams, libvirt and the catalogue hold; pure decisions
-    "nbd": 1, "stream": 1, "tree": 1, "policy": 1, "catalogue": 1, "virt": 1, "config": 1, "vmbackup": 1, "disklabel": 1,
+    "nbd": 1, "stream": 1, "tree": 1, "policy": 1, "catalogue": 1, "virt": 1, "config": 1, "vmbackup": 1, "disklabel": 1, "runmarker": 1,
     "manifest": 1,
     # orchestration: one package (or module) per command
     "discover": 2, "planner": 2, "backup": 2, "restore": 2, "rotate": 2, "replicate": 2, "status": 2,

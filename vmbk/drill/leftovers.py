@@ -11,13 +11,10 @@ guest running until the next run.  Cleanup goes the other way round
 success, failure, timeout and SIGINT/SIGTERM (`vmbk.drill.one`).
 
 **The marker**, ``RUN_DIR/drill-<uuid>.json`` (``VMBK_RUN_DIR``,
-``/var/tmp/vmbk``), names everything the drill may create.  It is written
-under a temporary name, fsynced, locked with ``flock`` and renamed into
-place (with its directory fsynced) before the first of them exists, and
-the drill holds the lock until it removes the marker.  The kernel drops
-an ``flock`` when its process dies, however it dies: a marker whose lock
-can be taken belongs to a drill that is gone -- no PID to be reused, no
-clock to trust, and two runs at once never take each other's.
+``/var/tmp/vmbk``), names everything the drill may create: a locked
+`vmbk.runmarker` written before the first of them exists and held until
+the drill removes it.  A marker whose lock can be taken belongs to a
+drill that is gone, however it died.
 
 **The sweep** (`sweep`, at the start of every vmbk-drill run):
 
@@ -34,21 +31,16 @@ name is the drill's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import json
 import logging
-import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from vmbk import runmarker
 from vmbk.drill.isolate import MARK_TAG
-from vmbk.fsutil import fsync_dir
 from vmbk.restore import tpm
-from vmbk.virt import backupjob
 from vmbk.virt.connection import libvirt_module
 
 log = logging.getLogger("vmbk.drill")
@@ -58,8 +50,7 @@ PREFIX = "drill-"
 INFIX = "-drill-"
 
 
-def run_dir() -> Path:
-    return backupjob.RUN_DIR
+run_dir = runmarker.run_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +66,7 @@ class Leftovers:
 
     @property
     def marker(self) -> Path:
-        return run_dir() / f"{PREFIX}{self.uuid}.json"
+        return runmarker.path_of(PREFIX, self.uuid)
 
     @property
     def tpm_dir(self) -> Path:
@@ -83,7 +74,7 @@ class Leftovers:
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "vm": self.vm, "uuid": self.uuid, "scratch": str(self.scratch),
-                "network": self.network, "started": self.started, "pid": os.getpid()}
+                "network": self.network, "started": self.started}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Leftovers:
@@ -92,33 +83,13 @@ class Leftovers:
                    str(net) if net else None, str(data.get("started") or ""))
 
     # -- the marker -------------------------------------------------------------------
-    def mark(self) -> int:
-        """Write the marker and lock it; the fd holds the lock (`unmark` closes it)."""
-        d = run_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{PREFIX}{self.uuid}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, json.dumps(self.as_json()).encode())
-            os.fsync(fd)
-            os.rename(tmp, self.marker)
-            fsync_dir(d)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return fd
+    def mark(self) -> runmarker.Marker:
+        """Write the marker and lock it (`unmark` removes it)."""
+        return runmarker.Marker(PREFIX, self.uuid, self.as_json())
 
-    def unmark(self, fd: int) -> None:
+    def unmark(self, marker: runmarker.Marker) -> None:
         """Remove the marker (everything it names is gone), then let go of its lock."""
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                self.marker.unlink()
-            fsync_dir(self.marker.parent)
-        finally:
-            os.close(fd)
+        marker.release()
 
     # -- removal ------------------------------------------------------------------------
     def remove(self, conn: Any) -> list[str]:
@@ -187,50 +158,17 @@ def destroy_network(conn: Any, name: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _dead(marker: Path) -> Any:
-    """Yield the marker's content when its drill is gone (its lock taken meanwhile), else None."""
-    try:
-        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield None
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None  # its drill is running
-            return
-        if not os.path.exists(marker):  # removed by its drill just before we locked it
-            yield None
-            return
-        try:
-            yield json.loads(os.read(fd, 1 << 16) or b"{}")
-        except ValueError:
-            yield {}
-    finally:
-        os.close(fd)
-
-
 def sweep(conn: Any) -> list[str]:
     """Remove what drills that are gone left; what was removed, in words."""
     done: list[str] = []
-    d = run_dir()
-    for path in sorted(d.glob(f".{PREFIX}*.tmp")) if d.is_dir() else []:
-        with _dead(path) as data:
-            if data is not None:
-                path.unlink(missing_ok=True)
-    for path in sorted(d.glob(f"{PREFIX}*.json")) if d.is_dir() else []:
-        with _dead(path) as data:
-            if data is None:
-                continue
-            try:
-                left = Leftovers.from_json(data)
-            except (KeyError, TypeError):
-                log.warning("%s: not a drill marker: removed", path)
-                path.unlink(missing_ok=True)
-                continue
-            done += _remove(conn, left, path)
+    for path, data in runmarker.dead(PREFIX):
+        try:
+            left = Leftovers.from_json(data)
+        except (KeyError, TypeError):
+            log.warning("%s: not a drill marker: removed", path)
+            path.unlink(missing_ok=True)
+            continue
+        done += _remove(conn, left, path)
     if conn is not None:
         done += _unmarked(conn)
     for line in done:
@@ -267,10 +205,8 @@ def _unmarked(conn: Any) -> list[str]:
             mark = _marked(obj.XMLDesc(0))
             if mark is None or not mark.get("uuid"):
                 continue
-            marker = run_dir() / f"{PREFIX}{mark['uuid']}.json"
-            with _dead(marker) as data:
-                if data is None and marker.exists():
-                    continue  # its drill runs
+            if runmarker.held(runmarker.path_of(PREFIX, mark["uuid"])):
+                continue  # its drill runs
             if kind == "domain" and destroy_domain(conn, obj.UUIDString()):
                 done.append(f"domain {name}")
             elif kind == "network" and destroy_network(conn, name):

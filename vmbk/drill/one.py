@@ -56,6 +56,7 @@ from typing import Any
 
 from vmbk.cancel import Cancel, Cancelled
 from vmbk.clock import now_iso
+from vmbk import runmarker
 from vmbk.drill import filesystems, guest, isolate, leftovers, network, picture
 from vmbk.drill.checks import FAILED, PASSED, SKIPPED, Check, failed, level
 from vmbk.drill.history import History
@@ -168,11 +169,11 @@ class _Drill:
         link = Link(self.uri)
         interrupted: BaseException | None = None
         try:
-            fd = self._mark()
+            marker = self._mark()
             try:
                 self._steps(link)
             finally:
-                self._cleanup(link, fd)
+                self._cleanup(link, marker)
         except BaseException as e:
             interrupted = e
             raise
@@ -184,7 +185,7 @@ class _Drill:
             picture.prune(self.root, self.opts.pictures, self.opts.pictures_max_bytes)
         return Result(rec, err)
 
-    def _mark(self) -> int:
+    def _mark(self) -> runmarker.Marker:
         try:
             return self.left.mark()
         except OSError as e:
@@ -465,18 +466,18 @@ class _Drill:
                                      guest.console_tail(text) if text.strip() else None)
 
     # -- 6: cleanup --------------------------------------------------------------------------------
-    def _cleanup(self, link: Link, fd: int) -> None:
+    def _cleanup(self, link: Link, marker: runmarker.Marker) -> None:
         with signals_deferred():
             try:
                 self.left.remove(link.get())
             except Exception as e:  # the marker stays: the next run removes the rest
-                os.close(fd)
+                runmarker.abandon(marker)
                 msg = getattr(e, "message", None) or str(e)
                 self.warnings.append(f"not everything of the drill could be removed ({msg}): the next vmbk-drill "
                                      f"removes it")
                 log.warning("%s: %s", self.name, self.warnings[-1])
                 return
-            self.left.unmark(fd)
+            self.left.unmark(marker)
 
     # -- 7: what it says ---------------------------------------------------------------------------
     def _record(self, session: str, seconds: float, interrupted: BaseException | None) -> tuple[Record,
