@@ -18,7 +18,10 @@ and mtimes are kept), so the quick check of unchanged files still
 works.  Sending encrypts one file at a time into the work directory and
 hands it to the inner transport, phase by phase and file by file in the
 phase's order (a manifest before its ``.cpt``), so a killed run leaves
-what the inner transport leaves and the staging space is one file's.
+what the inner transport leaves and the staging space is one file's; a
+local replica is written in place instead (a hidden ``.partial`` beside
+the target, renamed, the phase fsynced: staging and rsync's copy doubled
+the bytes written, 0.40x the age CLI in bench/trust.py).
 Memory stays a few MiB whatever the file size.
 
 What changes with encryption: ``verify = "checksum"`` compares content,
@@ -38,9 +41,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmbk.errors import ConfigError, StorageError, UsageError
-from vmbk.fsutil import SECRET_FILE_MODE
+from vmbk.fsutil import PARTIAL, SECRET_FILE_MODE, ensure_dir, ensure_secret_dir
 from vmbk.replicate import age, files
 from vmbk.replicate.files import Listing
+from vmbk.replicate.local import LocalTransport, durable
 from vmbk.replicate.transport import Batch, Space, Transport
 from vmbk.settings import Replication
 
@@ -104,9 +108,13 @@ class EncryptingTransport(Transport):
         return out
 
     def _seal(self, src_root: Path, rel: str) -> str:
-        src = src_root / rel
         dst = self.stage / (rel + SUFFIX)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        self._seal_to(src_root / rel, dst)
+        return rel + SUFFIX
+
+    def _seal_to(self, src: Path, dst: Path) -> None:
+        """Encrypt ``src`` into ``dst`` with its mode and times."""
         st = src.stat()
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SECRET_FILE_MODE)
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
@@ -116,12 +124,14 @@ class EncryptingTransport(Transport):
                 age.encrypt(fin, fout, passphrase=self.passphrase)
         os.chmod(dst, st.st_mode & 0o777)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return rel + SUFFIX
 
     def send(self, src_root: Path, phases: Sequence[Batch]) -> None:
         for new, updates in phases:
             todo = [(r, False) for r in new] + [(r, True) for r in updates]
             todo.sort(key=lambda t: (t[0].endswith(".cpt"), t[0]))  # a manifest before its .cpt
+            if isinstance(self.inner, LocalTransport):
+                self._send_local(self.inner.root, src_root, [r for r, _ in todo])
+                continue
             for rel, update in todo:
                 name = self._seal(src_root, rel)
                 try:
@@ -129,6 +139,27 @@ class EncryptingTransport(Transport):
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         (self.stage / name).unlink()
+
+    def _send_local(self, root: Path, src_root: Path, rels: Sequence[str]) -> None:
+        """A local replica: encrypted straight into place (a hidden ``.partial``, renamed), no staging copy."""
+        names = []
+        for rel in rels:
+            name = rel + SUFFIX
+            dst = root / name
+            if files.is_secret(rel):
+                ensure_secret_dir(dst.parent)
+            else:
+                ensure_dir(dst.parent)
+            tmp = dst.with_name(f".{dst.name}{PARTIAL}")
+            try:
+                self._seal_to(src_root / rel, tmp)
+                os.replace(tmp, dst)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+            names.append(name)
+        durable(root, names)
 
     def move(self, moves: Sequence[tuple[str, str]]) -> None:
         self.inner.move([(a + SUFFIX, b + SUFFIX) for a, b in moves])
