@@ -8,7 +8,7 @@ machine without vmbk.  Why not a library that implements age: PyPI's
 so a 100 GiB stream would need 100 GiB of memory; measured here on a
 1 GiB file it encrypts at 636 MB/s (``encrypt_io``) in 10 MiB.  This
 module, on the `cryptography` package vmbk needs for Ed25519 anyway,
-streams both kinds at 1.3-1.9 GB/s in a few MiB (docs/encryption.md has
+streams both kinds at ~1.2 GB/s (the age CLI: ~1.1) in a few MiB (docs/trust.md has
 the figures).  The format is small, and interoperability is proven with
 the real ``age`` CLI both ways (tests/integration/test_age_interop.py).
 

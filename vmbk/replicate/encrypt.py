@@ -4,7 +4,7 @@ A destination with ``encrypt = { recipients = ["age1..."] }`` (or
 ``{ passphrase_file = "/etc/vmbk/replica.pass" }``) gets each file of the
 tree -- streams, side files, manifests, the ``.cpt``, the catalogue
 snapshot -- as a standard age file (`vmbk.replicate.age`) under its name
-plus ``.age``; names stay readable (docs/encryption.md).  The host that
+plus ``.age``; names stay readable (docs/trust.md).  The host that
 pushes needs only the recipients' public keys: nothing it writes can be
 read back without an identity, which a pull gets with ``--identity
 FILE`` (or the passphrase file).
