@@ -164,11 +164,13 @@ def test_tamper_matrix(libvirt_conn, vm_workdir, cleanup_domains, tmp_path, conf
     code, recs = run_restore("--verify", vm, "--backup-path", str(root))
     points = [r for r in recs if r.get("point") is not None]
     assert code == 0 and [p["integrity"] for p in points] == ["good"] * 4, recs
+    code, recs = run_restore("--verify", vm, "--backup-path", str(root), "--deep")  # lz4 decoded, chains merged
+    assert code == 0 and all(r["ok"] for r in recs), recs
     # vmbk-status shows the verify; --public-key prints the key that signed
     out = io.StringIO()
     status_main(["--json", "--backup-path", str(root), "--vm", vm], io.StringIO(""), out)
     last = orjson.loads(out.getvalue().splitlines()[0])["last_verify"]
-    assert (last["outcome"], last["points"], last["findings"], last["deep"]) == ("ok", 4, 0, False), last
+    assert (last["outcome"], last["points"], last["findings"], last["deep"]) == ("ok", 4, 0, True), last
     out = io.StringIO()
     assert status_main(["--public-key"], io.StringIO(""), out) == 0
     assert out.getvalue().encode() == (keys.key_dir() / keys.PUBLIC).read_bytes()
