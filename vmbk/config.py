@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.errors import ConfigError
+from vmbk.tree.names import NOT_VMS
+from vmbk.virt.remote import host_name
 from vmbk.settings import (
     COMPRESSIONS,
     DRILL_NETWORKS,
@@ -47,6 +49,7 @@ from vmbk.settings import (
     DrillVm,
     Email,
     Encryption,
+    Host,
     Replication,
     ReplicationOptions,
     Report,
@@ -63,6 +66,7 @@ __all__ = [
     "Drill",
     "DrillVm",
     "Email",
+    "Host",
     "Replication",
     "ReplicationOptions",
     "Report",
@@ -168,8 +172,15 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
         report=_report(r.table("report"), f"{where} [report]"),
         status=_status(r.table("status"), f"{where} [status]"),
         drill=_drill(r.table("drill"), f"{where} [drill]"),
+        hosts=tuple(_host(t, f"{where} hosts #{i + 1}") for i, t in enumerate(r.table_list("hosts"))),
     )
     r.done()
+    host_names = [h.name for h in cfg.hosts]
+    dups = sorted({n for n in host_names if host_names.count(n) > 1})
+    if dups:
+        raise ConfigError(f"{where}: host names must be unique (give 'name'): {', '.join(dups)}")
+    if cfg.hosts and cfg.connect:
+        raise ConfigError(f"{where}: 'connect' and 'hosts' exclude each other: list the host of 'connect' in 'hosts'")
     names = [d.name for d in cfg.replication]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
@@ -260,6 +271,30 @@ def _replication(data: Mapping[str, Any], where: str) -> Replication:
     if rep.sync_mode == "append-only" and rep.transport != "ssh":
         raise ConfigError(f"{where}: sync_mode 'append-only' needs transport 'ssh' (a write-only key on the far side)")
     return rep
+
+
+#: A host's name is a directory of the tree (``<backup_path>/<host>/``): never ``_state`` or hidden.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _host(data: Mapping[str, Any], where: str) -> Host:
+    """One entry of ``hosts = [{ uri = ..., ssh_key = ..., name = ... }, ...]``."""
+    r = _Reader(data, where)
+    uri = r.req_str("uri")
+    name = r.opt_str("name")
+    key = r.opt_str("ssh_key")
+    r.done()
+    try:
+        default = host_name(uri)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    name = name or default
+    if not _HOST_NAME.match(name) or name in NOT_VMS:
+        raise ConfigError(f"{where}: host name {name!r} must be letters, digits, '.', '_' or '-' (not first): "
+                          "it names the host's directory of the tree")
+    if key is not None and not os.path.isabs(key):
+        raise ConfigError(f"{where}: 'ssh_key' must be an absolute path, not {key!r}")
+    return Host(name=name, uri=uri, ssh_key=key)
 
 
 def _encryption(data: Mapping[str, Any], where: str) -> Encryption:
@@ -497,3 +532,20 @@ class _Reader:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise ConfigError(f"{self.where}: unknown key(s): {', '.join(unknown)}")
+
+
+def hosts_for(cfg: Config, connect: str | None, env: Mapping[str, str] | None = None) -> tuple[Host, ...]:
+    """The hypervisors a command works on.
+
+    ``--connect URI``: that one (with the name and ssh key of the
+    configured host of that URI, if any); else ``hosts = [...]``; else the
+    one of ``connect``, ``LIBVIRT_DEFAULT_URI`` or ``qemu:///system``.
+    """
+    env = os.environ if env is None else env
+    if connect:
+        known = cfg.host(connect)
+        return (known,) if known is not None else (Host(name=host_name(connect), uri=connect),)
+    if cfg.hosts:
+        return cfg.hosts
+    uri = cfg.connect or env.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
+    return (Host(name=host_name(uri), uri=uri),)

@@ -20,6 +20,7 @@ from vmbk.config import POLICIES, Config
 from vmbk.errors import InputError, VmError
 from vmbk.policy import Plan, VmFacts, decide
 from vmbk.tree import VmTree, find_uuid, scan_vm
+from vmbk.tree.scan import host_root
 
 
 def plan_vm(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.datetime) -> tuple[Plan, VmTree]:
@@ -51,6 +52,12 @@ def plan_vm(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.dat
 
 def plan_record(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.datetime,
                 session: str | None) -> records.Record:
+    """The ``plan`` record of one ``vm`` record.
+
+    With several hosts configured the VM's tree is under its host's
+    directory (``<backup_path>/<host>/<vm>/``, the record's ``host``).
+    """
+    backup_path = host_root(backup_path, rec.get("host"), layered=cfg.host_level)
     plan, tree = plan_vm(rec, cfg, backup_path, now)
     if plan.error:
         raise VmError(plan.error, vm=plan.name)

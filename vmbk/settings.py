@@ -258,6 +258,21 @@ class Drill:
 
 
 @dataclasses.dataclass(frozen=True)
+class Host:
+    """One hypervisor of ``hosts = [...]``: a backup server pulls from each.
+
+    ``uri``: its libvirt URI (``qemu+ssh://root@kvm1/system``; a local
+    ``qemu:///system`` too); ``name``: how records and the tree name it
+    (default: the URI's host part); ``ssh_key``: the key ssh logs in with
+    (libvirt's ``keyfile``; default: ssh's own, ``~/.ssh/config``).
+    """
+
+    name: str
+    uri: str
+    ssh_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     instance: str
     source: Path | None
@@ -279,6 +294,24 @@ class Config:
     report: Report = Report()
     status: Status = Status()
     drill: Drill = Drill()
+    #: ``hosts = [...]``: the hypervisors a backup server backs up (empty: ``connect`` alone).
+    hosts: tuple[Host, ...] = ()
+
+    @property
+    def host_level(self) -> bool:
+        """Does the tree have a directory per host (``<backup_path>/<host>/<vm>/``)?
+
+        Only when several hosts are configured: one host keeps vmbackup's
+        ``<backup_path>/<vm>/``.
+        """
+        return len(self.hosts) > 1
+
+    def host(self, name_or_uri: str) -> Host | None:
+        """The configured host of that name or URI."""
+        for h in self.hosts:
+            if name_or_uri in (h.name, h.uri):
+                return h
+        return None
 
     def require_backup_path(self) -> Path:
         if self.backup_path is None:

@@ -28,7 +28,8 @@ import contextlib
 import copy
 import datetime as _dt
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from vmbk.backup.vm import BackupOptions, backup_vm
 from vmbk.cancel import Cancel
 from vmbk.catalogue import Catalogue
 from vmbk.clock import now_iso
-from vmbk.discover import discover
+from vmbk.discover import discover_hosts
 from vmbk.errors import LockError, VmbkError
 from vmbk.fsutil import ensure_root
 from vmbk.lock import VmLock
@@ -47,11 +48,15 @@ from vmbk.planner import plan_record
 from vmbk.policy import PlannedVm
 from vmbk.progress import Board
 from vmbk.records import Record, error_record
-from vmbk.settings import Config
+from vmbk.settings import Config, Host
 from vmbk.tree import names
+from vmbk.tree.ops import mark_host
+from vmbk.tree.scan import host_root
 from vmbk.virt import backupjob
 from vmbk.virt.backupjob import RedefineFailed
 from vmbk.virt.connection import Link, LibvirtError, connection_lost, libvirt_module
+from vmbk.virt.hostfiles import LOCAL, HostFiles
+from vmbk.virt.remote import host_name, with_keyfile
 
 log = logging.getLogger("vmbk.backup")
 
@@ -59,65 +64,127 @@ PROG = "vmbk-backup"
 
 
 class BackupRun:
-    """One vmbk-backup run: a libvirt connection, the catalogue, the options."""
+    """One vmbk-backup run: libvirt connections (one per host), the catalogues, the options.
 
-    def __init__(self, cfg: Config, root: Path, uri: str, now: _dt.datetime, *, dry_run: bool,
+    Several hosts (a backup server, `vmbk.config.hosts_for`): each plan's
+    ``vm`` record names its host and URI; each host gets its connection
+    (and, when remote, its ssh control master, `vmbk.virt.hostfiles`) the
+    first time one of its VMs comes, and its tree root
+    (``<backup_path>/<host>`` when the tree has a level per host, each
+    with its own locks and catalogue).  A host that cannot be reached
+    fails its VMs only.
+    """
+
+    def __init__(self, cfg: Config, root: Path, hosts: Sequence[Host], now: _dt.datetime, *, dry_run: bool,
                  cancel: Cancel, progress: Board | None) -> None:
         self.cfg = cfg
         self.root = root
-        self.uri = uri
+        self.hosts = tuple(hosts)
         self.now = now
         self.dry_run = dry_run
         self.cancel = cancel
         self.progress = progress
-        self.link = Link(uri)
+        self._links: dict[str, Link] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
         if not dry_run and ensure_root(root):
             log.info("backup root %s set to root:backup 2750, as vmbackup sets it", root)
-        self.history = History(None if dry_run else Catalogue.open(root))
+        self._histories: dict[Path, History] = {}
         #: VMs whose backup libvirtd's death cut short: job and checkpoint to clean up.
         self.pending: list[PlannedVm] = []
 
-    def close(self) -> None:
-        self.link.close()
+    @property
+    def uri(self) -> str:
+        return self.hosts[0].uri
 
-    def options(self, vm: str) -> BackupOptions:
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+
+    def host_of(self, planned: PlannedVm) -> Host:
+        """The host of a plan: its ``vm`` record's (configured, or as the record says), else the first."""
+        vm: Any = planned.record.get("vm") if hasattr(planned.record, "get") else None
+        name = vm.get("host") if isinstance(vm, Mapping) else None
+        uri = vm.get("uri") if isinstance(vm, Mapping) else None
+        for h in self.hosts:
+            if name == h.name or (uri and uri == h.uri):
+                return h
+        known = self.cfg.host(str(name)) if name else None
+        if known is not None:
+            return known
+        if isinstance(uri, str) and uri:
+            return Host(name=str(name or host_name(uri)), uri=uri)
+        return self.hosts[0]
+
+    def link(self, host: Host) -> Link:
+        """The host's connection, made once; LibvirtError (for each of its VMs) when it cannot be reached."""
+        with self._lock:
+            if host.name in self._failed:
+                raise LibvirtError(self._failed[host.name])
+            if host.name not in self._links:
+                try:
+                    self._links[host.name] = Link(with_keyfile(host.uri, host.ssh_key))
+                except LibvirtError as e:
+                    self._failed[host.name] = f"host {host.name} cannot be reached: {e}"
+                    raise LibvirtError(self._failed[host.name]) from None
+            return self._links[host.name]
+
+    def root_of(self, host: Host) -> Path:
+        """The host's backup root (`vmbk.tree.scan.host_root`), marked as a host's directory when it is one."""
+        path = host_root(self.root, host.name, layered=self.cfg.host_level)
+        if path != self.root and not self.dry_run:
+            with self._lock:
+                mark_host(self.root, host.name, host.uri)
+        return path
+
+    def history(self, root: Path, session: str) -> History:
+        with self._lock:
+            if root not in self._histories:
+                self._histories[root] = History(None if self.dry_run else Catalogue.open(root))
+                self._histories[root].session(session)
+            return self._histories[root]
+
+    def options(self, vm: str, root: Path | None = None, files: HostFiles = LOCAL) -> BackupOptions:
         lz4 = self.cfg.compression_for(vm) == "lz4"
-        return BackupOptions(backup_path=self.root, compression=self.cfg.compression_level if lz4 else None,
+        return BackupOptions(backup_path=root or self.root, compression=self.cfg.compression_level if lz4 else None,
                        fstrim=self.cfg.fstrim_for(vm), dry_run=self.dry_run, cancel=self.cancel,
-                       progress=self.progress, default_policy=self.cfg.policy)
+                       progress=self.progress, default_policy=self.cfg.policy, files=files)
 
     def handle(self, rec: Record, session: str) -> Iterator[Record]:
         """The ``backup`` record of one ``plan`` record."""
-        self.history.session(session)
         planned = PlannedVm.from_record(rec)
+        host = self.host_of(planned)
+        history = self.history(self.root_of(host), session)
         started_at = now_iso()
         try:
             try:
-                out = self._backup(planned, session)
+                out = self._backup(planned, session, host)
             except RedefineFailed as e:
                 planned = self.replan_without_bitmaps(planned, str(e))
-                out = self._backup(planned, session)
+                out = self._backup(planned, session, host)
         except VmbkError as e:
             if e.vm is None:
                 e.vm = planned.name
-            self.history.backup(session, planned, {"outcome": "failed"}, started_at, error=str(e))
+            history.backup(session, planned, {"outcome": "failed"}, started_at, error=str(e))
             raise
-        self.history.backup(session, planned, out, started_at)
+        history.backup(session, planned, out, started_at)
         yield out
 
-    def _backup(self, planned: PlannedVm, session: str) -> Record:
+    def _backup(self, planned: PlannedVm, session: str, host: Host) -> Record:
+        root = self.root_of(host)
         if planned.plan.action == "skip" or self.dry_run:
-            return backup_vm(planned, None, self.options(planned.name), session)
+            return backup_vm(planned, None, self.options(planned.name, root), session)
         try:
-            conn = self.link.get()
+            link = self.link(host)
+            conn = link.get()
         except LibvirtError as e:
             raise LibvirtError(f"not backed up: {e}", vm=planned.name) from None
         self.clean_pending()
         libvirt = libvirt_module()
         try:
-            return backup_vm(planned, conn, self.options(planned.name), session)
+            return backup_vm(planned, conn, self.options(planned.name, root, link.files), session)
         except BaseException as e:
-            lost = connection_lost(e) or not self.link.alive()
+            lost = connection_lost(e) or not link.alive()
             if lost and planned.plan.online:
                 self.pending.append(planned)
             if isinstance(e, libvirt.libvirtError):
@@ -132,13 +199,15 @@ class BackupRun:
         """End the jobs and remove the checkpoints of backups libvirtd's death cut short."""
         while self.pending:
             planned = self.pending[0]
+            host = self.host_of(planned)
             try:
-                conn = self.link.get()
+                link = self.link(host)
+                conn = link.get()
             except LibvirtError:
                 return
             self.pending.pop(0)
             try:
-                self._clean(conn, planned)
+                self._clean(conn, planned, self.root_of(host), link.files)
             except (VmbkError, OSError) as e:
                 log.warning("%s: cleaning up after libvirtd came back failed (the next run does it): %s",
                             planned.name, e)
@@ -146,17 +215,17 @@ class BackupRun:
                 log.warning("%s: cleaning up after libvirtd came back failed (the next run does it): %s",
                             planned.name, e.get_error_message())
 
-    def _clean(self, conn: Any, planned: PlannedVm) -> None:
+    def _clean(self, conn: Any, planned: PlannedVm, root: Path, files: HostFiles) -> None:
         plan = planned.plan
         dom = conn.lookupByName(plan.name)
-        lock = VmLock(self.root, plan.name, purpose="backup")
+        lock = VmLock(root, plan.name, purpose="backup")
         try:
             lock.acquire()
         except LockError:
             return  # someone else backs it up now: theirs to clean
         try:
-            job = backupjob.clear_stale_job(dom)
-            cpt = self.root / plan.name / (plan.target or ".") / names.cpt_name(plan.name)
+            job = backupjob.clear_stale_job(dom, files=files)
+            cpt = root / plan.name / (plan.target or ".") / names.cpt_name(plan.name)
             listed: list[str] = []
             with contextlib.suppress(OSError, ValueError):
                 listed = orjson.loads(cpt.read_bytes())
@@ -184,7 +253,7 @@ class BackupRun:
 
     def plan(self, names: Sequence[str], session: str) -> Iterator[Record]:
         """Standalone: discover and plan ``names``; other records pass as they come."""
-        for rec in discover(self.uri, self.cfg, names=names, session=session):
+        for rec in discover_hosts(self.hosts, self.cfg, names=names, session=session):
             if rec["type"] != "vm":
                 yield rec
                 continue
@@ -200,4 +269,5 @@ class BackupRun:
             log.warning("%s: libvirtd did not come back: its backup job and checkpoint %s are left to the next run",
                         planned.name, planned.plan.checkpoint)
         if not self.dry_run:
-            self.history.end(session, code)
+            for history in self._histories.values():
+                history.end(session, code)

@@ -19,9 +19,8 @@ import dataclasses
 import datetime as _dt
 import functools
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from vmbk.records import Record, make
 from vmbk.tree import names, ops
 from vmbk.tree.scan import scan_vm
 from vmbk.virt import backupjob, hold
+from vmbk.virt.hostfiles import LOCAL, HostFiles
 from vmbk.vmbackup import markers
 from vmbk.virt.connection import libvirt_module
 
@@ -57,6 +57,9 @@ class BackupOptions:
     #: The configuration's default policy: vmbackup's markers are named
     #: after it (`vmbk.vmbackup.markers`); None: the VM's own.
     default_policy: str | None = None
+    #: The VM's host's files (`vmbk.virt.hostfiles`): this machine's, or a
+    #: ``qemu+ssh://`` host's over ssh (job directory, sockets, side files).
+    files: HostFiles = LOCAL
 
 
 def _copy(job: DiskBackup, board: Board | None, label: str) -> DiskResult:
@@ -74,8 +77,8 @@ def _online_copy(job: DiskBackup, board: Board | None, label: str, cancel: Cance
 
 
 def _offline_copy(target: str, image: str, fmt: str, path: Path, compression: int | None,
-                  board: Board | None, label: str, cancel: Cancel) -> DiskResult:
-    with qemu_nbd_export(image, fmt) as address:
+                  board: Board | None, label: str, files: HostFiles, cancel: Cancel) -> DiskResult:
+    with qemu_nbd_export(image, fmt, files=files) as address:
         job = DiskBackup(target, address, "copy", path, disk_format=fmt, compression=compression, cancel=cancel)
         return _copy(job, board, label)
 
@@ -166,7 +169,7 @@ def _copy_online(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOpt
     if opts.fstrim and agent and vm.fstrim is not False:
         _fstrim(dom)
     with libvirt_export(dom, disks=wanted, skip=skip, checkpoint=checkpoint, parent=parent,
-                        checkpoint_disks=cp_disks, agent=agent) as (addresses, consistency):
+                        checkpoint_disks=cp_disks, agent=agent, files=opts.files) as (addresses, consistency):
         out.consistency = consistency
         if checkpoint:
             out.files.append(sidefiles.write_checkpoint_xml(
@@ -208,7 +211,7 @@ def _copy_offline(planned: PlannedVm, target_dir: Path, opts: BackupOptions, out
         path = target_dir / names.data_name(d.target, "copy", None)
         out.files += [path, path.with_name(names.chksum_name(path.name))]
         jobs.append(functools.partial(_offline_copy, d.target, src.source, src.format or "raw", path, opts.compression,
-                                      opts.progress, f"{plan.name}/{d.target}"))
+                                      opts.progress, f"{plan.name}/{d.target}", opts.files))
     out.disks += _all_disks(jobs, opts.cancel)
 
 
@@ -220,7 +223,8 @@ def _fstrim(dom: Any) -> None:
         log.warning("%s: fstrim failed (backup goes on): %s", dom.name(), e.get_error_message())
 
 
-def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome, backup_path: Path) -> None:
+def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome, backup_path: Path,
+                files: HostFiles = LOCAL) -> None:
     plan, vm = planned.plan, planned.vm
     level = plan.action
     checkpoint = plan.checkpoint if plan.online else None
@@ -231,12 +235,16 @@ def _side_files(dom: Any, planned: PlannedVm, target_dir: Path, out: Outcome, ba
     for r in out.disks:
         src = vm.disk(r.target)
         if src is not None and src.source:
-            with contextlib.suppress(VmbkError):  # informational: never fail a backup for it
-                out.files.append(sidefiles.write_qemu_info(target_dir, r.target, tag, src.source, src.format))
-    if vm.nvram and os.path.exists(vm.nvram):
-        out.files.append(sidefiles.copy_nvram(target_dir, vm.nvram, tag, level))
-    if vm.tpm_state_dir and os.path.isdir(vm.tpm_state_dir):
-        sidefiles.save_tpm_state(target_dir, Path(vm.tpm_state_dir))
+            with contextlib.suppress(VmbkError, OSError):  # informational: never fail a backup for it
+                out.files.append(sidefiles.write_qemu_info(target_dir, r.target, tag, src.source, src.format,
+                                                           files))
+    # read on the VM's host: a remote host's files come over ssh (vmbk.virt.hostfiles)
+    nvram = files.read(vm.nvram) if vm.nvram else None
+    if vm.nvram and nvram is not None:
+        out.files.append(sidefiles.copy_nvram(target_dir, vm.nvram, tag, level, nvram))
+    tpm_state = files.read_tree(vm.tpm_state_dir) if vm.tpm_state_dir else None
+    if tpm_state is not None:
+        sidefiles.save_tpm_state(target_dir, tpm_state)
     if plan.online and vm.agent and (vm.windows or vm.tpm):
         bitlocker.save_recovery_keys(dom, target_dir)
     _commit(planned, target_dir, tag, checkpoint, out, backup_path)
@@ -309,12 +317,19 @@ def _undo(dom: Any, plan: Plan, out: Outcome, created_checkpoint: bool) -> None:
             backupjob.delete_checkpoint(dom, plan.checkpoint)
 
 
+def _host(planned: PlannedVm) -> str | None:
+    """The host the plan's ``vm`` record names (None: a record from before hosts)."""
+    vm: Any = planned.record.get("vm") if hasattr(planned.record, "get") else None
+    host = vm.get("host") if isinstance(vm, Mapping) else None
+    return host if isinstance(host, str) else None
+
+
 def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) -> Record:
     """Back one VM up as its plan says; return its ``backup`` record."""
     plan = planned.plan
     name = plan.name
     started = time.monotonic()
-    base = make("backup", session, name=name, action=plan.action, period=plan.period,
+    base = make("backup", session, name=name, host=_host(planned), action=plan.action, period=plan.period,
                 target_dir=planned.target_dir, checkpoint=plan.checkpoint, parent=plan.parent,
                 reasons=list(plan.reasons), policy=plan.policy or None,
                 excluded=planned.vm.excluded or plan.policy == "never")
@@ -331,7 +346,7 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
         ensure_dir(vm_dir)
         if event := hold.heal(dom):  # the pause/freeze a killed vmbk left (vmbk.virt.hold)
             out.events.append({**event, "directory": plan.target})
-        if plan.online and (stale := backupjob.clear_stale_job(dom)):
+        if plan.online and (stale := backupjob.clear_stale_job(dom, files=opts.files)):
             out.events.append({"event": "cleaned", "directory": plan.target,
                                "reason": f"backup job left running by a vmbk-backup that did not finish ({stale})"})
         _prepare(plan, vm_dir, dom, out)
@@ -347,7 +362,7 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
                 if dom.isActive():
                     raise VmError(f"VM {name!r} is running: a copy backup needs it shut off; plan again", vm=name)
                 _copy_offline(planned, target_dir, opts, out)
-            _side_files(dom, planned, target_dir, out, opts.backup_path)
+            _side_files(dom, planned, target_dir, out, opts.backup_path, opts.files)
         except BaseException as e:
             _undo(dom, plan, out, created)
             if isinstance(e, VmbkError) and e.vm is None:

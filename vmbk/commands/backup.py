@@ -10,12 +10,19 @@ VM names it discovers and plans those VMs itself.  Emits one `backup`
 record per VM; other records pass through.  A failed VM becomes an `error`
 record and the others go on.
 
+A backup server backs up VMs of other hosts (--connect
+qemu+ssh://USER@HOST/system, or hosts = [...] in the configuration): the
+pull backup's NBD export is reached through an ssh-forwarded unix socket,
+and NVRAM, TPM state and qemu-img facts are read over ssh.  With several
+hosts configured the tree is BACKUP_PATH/HOST/VM/ (one host keeps
+BACKUP_PATH/VM/); --vm HOST/NAME names a VM of one host.
+
 Options:
   --vm NAMES               Back up these VMs (comma-separated or repeated).
   --jobs N                 VMs backed up at once; each VM's disks always go in parallel [default: 1].
   --now ISO8601            Plan as if it were this time (with VM names).
   --dry-run                Show what would be done; write nothing.
-  --connect URI            libvirt URI [default from config, LIBVIRT_DEFAULT_URI, qemu:///system].
+  --connect URI            libvirt URI [default from the config's hosts or connect, LIBVIRT_DEFAULT_URI, qemu:///system].
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
   --json                   JSON lines even on a terminal.
@@ -33,6 +40,7 @@ from vmbk.backup.run import PROG, BackupRun
 from vmbk.cancel import Cancel
 from vmbk.commands._common import Common, existing_backup_path, parse_now, positive_int
 from vmbk.commands._stage import run_stage
+from vmbk.config import hosts_for
 from vmbk.fsutil import UMASK
 from vmbk.progress import board_for
 
@@ -46,7 +54,8 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     now = parse_now(args.get("--now"))
     cancel = Cancel()
     os.umask(UMASK)
-    run = BackupRun(cfg, root, common.uri(cfg), now, dry_run=dry_run, cancel=cancel, progress=board_for(ctx.stderr))
+    run = BackupRun(cfg, root, hosts_for(cfg, common.connect), now, dry_run=dry_run, cancel=cancel,
+                    progress=board_for(ctx.stderr))
     source = (lambda session: run.plan(common.vms, session)) if common.vms else None
     try:
         return run_stage(ctx, common, {"plan"}, run.handle, source=source, finish=run.end, jobs=jobs, cancel=cancel,

@@ -26,6 +26,8 @@ either tool are read by vmbk and the other way round::
     <vm>/chain-manifest.json           vmbackup's manifest of restore points
     .deleting-<vm>/                    a VM directory being deleted
     _state/                            catalogue and locks, never a VM
+    <host>/.vmbk-host                  with several hosts configured, each host's directory,
+    <host>/<vm>/..., <host>/_state/    marked so, is a backup root of its own (VMs, locks, catalogue)
     _state/vmbackup.db                 vmbackup's catalogue (read only by vmbk)
 
 ``<ident>`` is a point's checkpoint name, or ``copy``.  This module is
@@ -71,6 +73,11 @@ STATE_DIR = "_state"
 #: A directory being deleted (vmbk-rotate) is first renamed to this prefix
 #: + its name, in the same directory: hidden, so no scan sees it any more.
 DELETING = ".deleting-"
+#: The mark of a host's directory (``<backup_path>/<host>/``, several hosts
+#: configured): a backup root of its own, never a VM directory.  JSON:
+#: ``{"host": name, "uri": libvirt URI}``, written before the first VM
+#: directory in it.
+HOST_MARKER = ".vmbk-host"
 #: Directories a file system puts at its root; never VM directories.
 NOT_VMS = ("lost+found",)
 PERIODIC = ("daily", "weekly", "monthly")

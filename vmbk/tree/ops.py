@@ -231,3 +231,30 @@ def _dirs(path: Path) -> list[os.DirEntry[str]]:
         return []
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def mark_host(backup_path: Path, host: str, uri: str) -> Path:
+    """Make ``<backup_path>/<host>/`` a host's directory (`names.HOST_MARKER`); its path.
+
+    Written before the first VM directory in it (aside, fsynced, renamed),
+    so that no reader ever takes the host's directory for a VM's.
+    """
+    import json
+
+    from vmbk.fsutil import write_file_atomic
+    from vmbk.tree.names import HOST_MARKER
+
+    if not is_vm_dir_name(host) or "/" in host:
+        raise StorageError(f"host name {host!r} cannot be a directory of the tree")
+    path = Path(backup_path) / host
+    marker = path / HOST_MARKER
+    if marker.is_file():
+        return path
+    if path.is_dir() and any(os.scandir(path)):
+        # A VM of that name has backups there, or a moved tree lacks its mark (README, "backup server").
+        raise StorageError(f"{path} exists, is not empty and has no {HOST_MARKER}: a VM named {host!r}? "
+                           f"(give the host another 'name'), or a tree moved there (add {HOST_MARKER})")
+    ensure_dir(path)
+    write_file_atomic(marker, json.dumps({"host": host, "uri": uri}).encode() + b"\n")
+    fsync_dir(Path(backup_path))
+    return path

@@ -41,9 +41,72 @@ def is_vm_dir(entry: os.DirEntry[str]) -> bool:
     """THE rule for what at the backup root is a VM directory.
 
     A real directory (not a symlink) whose name `names.is_vm_dir_name`
-    accepts: ``_state``, hidden work directories and ``lost+found`` are not.
+    accepts: ``_state``, hidden work directories and ``lost+found`` are
+    not, nor a host's directory (`is_host_dir`).
     """
-    return names_.is_vm_dir_name(entry.name) and entry.is_dir(follow_symlinks=False)
+    return names_.is_vm_dir_name(entry.name) and entry.is_dir(follow_symlinks=False) and not is_host_dir(entry)
+
+
+def is_host_dir(entry: os.DirEntry[str]) -> bool:
+    """A host's directory: a real directory holding `names.HOST_MARKER`."""
+    return (names_.is_vm_dir_name(entry.name) and entry.is_dir(follow_symlinks=False)
+            and os.path.isfile(os.path.join(entry.path, names_.HOST_MARKER)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    """A backup root: the tree's own (``host`` None), or a host's directory in it."""
+
+    host: str | None
+    path: Path
+
+    def key(self, vm: str) -> str:
+        """How a VM of this root is named across the tree: ``host/vm``, or ``vm``."""
+        return f"{self.host}/{vm}" if self.host else vm
+
+
+def roots(backup_path: Path) -> list[Root]:
+    """Every backup root of a tree: itself, then each host's directory (by name).
+
+    With several hosts configured the backup writes ``<backup_path>/<host>/<vm>/``;
+    a tree that was single-host before keeps its VM directories at the top
+    (the first root) until they are moved (README, "backup server").  Every
+    reader -- listing, status, rotate, replicate, drill -- walks these.
+    """
+    out = [Root(None, Path(backup_path))]
+    try:
+        with os.scandir(backup_path) as it:
+            out += sorted((Root(e.name, Path(e.path)) for e in it if is_host_dir(e)), key=lambda r: r.host or "")
+    except OSError as e:
+        raise StorageError(f"cannot read {backup_path}: {e.strerror}") from None
+    return out
+
+
+def host_root(backup_path: Path, host: str | None, *, layered: bool) -> Path:
+    """Where the VMs of ``host`` are: ``<backup_path>/<host>`` when the tree has a level per host."""
+    return Path(backup_path) / host if layered and host else Path(backup_path)
+
+
+def locate(backup_path: Path, spec: str) -> tuple[Root, str]:
+    """``host/vm`` or ``vm`` -> (its root, the VM's name).
+
+    A bare name is looked for in every root; it must be in exactly one
+    (else the first root: a VM with no backups yet).  StorageError names
+    the hosts when it is in several.
+    """
+    all_roots = roots(backup_path)
+    host, sep, vm = spec.rpartition("/")
+    if sep:
+        for r in all_roots:
+            if r.host == host:
+                return r, vm
+        raise StorageError(f"no host {host!r} in {backup_path} (hosts: "
+                           f"{', '.join(r.host for r in all_roots if r.host) or 'none'})", vm=vm)
+    found = [r for r in all_roots if (r.path / vm).is_dir() and not (r.path / vm / names_.HOST_MARKER).exists()]
+    if len(found) > 1:
+        raise StorageError(f"VM {vm!r} has backups of several hosts: name one as "
+                           + " or ".join(r.key(vm) for r in found), vm=vm)
+    return (found[0] if found else all_roots[0]), vm
 
 
 def vm_dirs(backup_path: Path) -> list[os.DirEntry[str]]:

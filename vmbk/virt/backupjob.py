@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import pwd
 import shutil
 import socket
@@ -186,7 +187,7 @@ class BackupJob:
         self.end()
 
 
-def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
+def clear_stale_job(dom: Any, *, wait: float = 30.0, files: Any = None) -> str | None:
     """End the backup job a vmbk that died (SIGKILL, OOM) left running.
 
     Call with the VM's lock held: then no live vmbk is backing the VM up,
@@ -196,7 +197,9 @@ def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
     without this every later run would fail.  Returns the socket of the
     job it ended, None when there was none.  Another kind of job, or a
     backup job of another tool (virtnbdbackup run by hand), is left
-    alone: `VmError`, saying what runs.
+    alone: `VmError`, saying what runs.  ``files``: the host's files
+    (`vmbk.virt.hostfiles`; None: this machine's): a remote host's job
+    directories are under its own run directory, removed over ssh.
     """
     libvirt = libvirt_module()
     if not dom.isActive() or dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
@@ -208,7 +211,12 @@ def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
                       f"{dom.name()}): try again when it is done", vm=dom.name()) from None
     server = ET.fromstring(xml).find("server")
     sock = Path(server.get("socket", "")) if server is not None else None
-    if sock is None or sock.parent.parent.resolve() != RUN_DIR.resolve() or not sock.parent.name.startswith(BACKUP_PREFIX):
+    run_dir = Path(files.run_dir) if files is not None else RUN_DIR
+    remote = files is not None and files.remote is not None
+    ours = sock is not None and sock.parent.name.startswith(BACKUP_PREFIX) and (
+        posixpath.normpath(sock.parent.parent) == posixpath.normpath(run_dir) if remote
+        else sock.parent.parent.resolve() == run_dir.resolve())
+    if sock is None or not ours:
         raise VmError(f"VM {dom.name()!r} is being backed up by another tool (NBD socket {sock}): "
                       f"try again when it is done, or end it with 'virsh domjobabort {dom.name()}'", vm=dom.name())
     log.warning("%s: ending the backup job a vmbk-backup that did not finish left running (%s)", dom.name(), sock)
@@ -221,7 +229,10 @@ def clear_stale_job(dom: Any, *, wait: float = 30.0) -> str | None:
         if time.monotonic() > deadline:
             raise LibvirtError(f"the backup job left running did not end within {wait:g} s", vm=dom.name())
         time.sleep(0.05)
-    shutil.rmtree(sock.parent, ignore_errors=True)
+    if remote:
+        files.remove_job_dir(str(sock.parent))
+    else:
+        shutil.rmtree(sock.parent, ignore_errors=True)
     return str(sock)
 
 

@@ -97,6 +97,16 @@ class Link:
         self.conn: Any = open_connection(uri)
         self.reconnects = 0
         self._gave_up = False
+        self._files: Any = None
+
+    @property
+    def files(self) -> Any:
+        """The host's files (`vmbk.virt.hostfiles`): local, or over ssh for a ``qemu+ssh://`` URI."""
+        if self._files is None:
+            from vmbk.virt.hostfiles import files_for
+
+            self._files = files_for(self.uri)
+        return self._files
 
     def alive(self) -> bool:
         return alive(self.conn)
@@ -127,3 +137,6 @@ class Link:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.conn.close()
+        if self._files is not None:
+            self._files.close()
+            self._files = None

@@ -8,12 +8,12 @@ sizes, checkpoints, whether the agent answers).
 from __future__ import annotations
 
 import logging
-import os
 import xml.etree.ElementTree as ET
 from typing import Any
 
 from vmbk.errors import VmbkError
 from vmbk.virt import qemuimg
+from vmbk.virt.hostfiles import LOCAL, HostFiles
 
 log = logging.getLogger("vmbk.virt")
 
@@ -141,8 +141,12 @@ def agent_answers(dom: Any, timeout: int = AGENT_TIMEOUT) -> bool:
         return False
 
 
-def domain_facts(dom: Any, agent_timeout: int = AGENT_TIMEOUT) -> dict[str, Any]:
-    """`parse_domain_xml` plus the live state, persistence and checkpoints."""
+def domain_facts(dom: Any, agent_timeout: int = AGENT_TIMEOUT, files: HostFiles = LOCAL) -> dict[str, Any]:
+    """`parse_domain_xml` plus the live state, persistence and checkpoints.
+
+    ``files``: the host's files (`vmbk.virt.hostfiles`): a remote host's
+    disks are looked at there, over ssh, never here.
+    """
     facts = parse_domain_xml(dom.XMLDesc(0))
     state, _reason = dom.state()
     facts["state"] = STATES.get(state, str(state))
@@ -162,7 +166,7 @@ def domain_facts(dom: Any, agent_timeout: int = AGENT_TIMEOUT) -> dict[str, Any]
     for disk in facts["disks"]:
         if disk["device"] != "disk" or not disk["target"]:
             continue
-        _disk_facts(dom, facts["name"], disk)
+        _disk_facts(dom, facts["name"], disk, files)
     if facts["state"] in ("running", "paused", "blocked", "pmsuspended"):
         _live_bitmaps(dom, facts)
     return facts
@@ -206,7 +210,7 @@ def _live_bitmaps(dom: Any, facts: dict[str, Any]) -> None:
     facts["checkpoint_errors"] = errors
 
 
-def _disk_facts(dom: Any, vm: str, disk: dict[str, Any]) -> None:
+def _disk_facts(dom: Any, vm: str, disk: dict[str, Any], files: HostFiles) -> None:
     try:
         capacity, allocation, _physical = dom.blockInfo(disk["target"])
         disk["virtual_size"] = capacity
@@ -217,11 +221,11 @@ def _disk_facts(dom: Any, vm: str, disk: dict[str, Any]) -> None:
     if not path or disk.get("type") not in ("file", "block"):
         return
     try:
-        disk["mtime"] = os.stat(path).st_mtime
+        disk["mtime"], info = files.disk_info(path, disk.get("format"))
     except OSError as e:
         disk["error"] = f"cannot stat {path}: {e.strerror}"
         return
-    try:
-        disk.update(qemuimg.image_facts(qemuimg.info(path, fmt=disk.get("format"))))
     except VmbkError as e:
         disk["error"] = str(e)
+        return
+    disk.update(qemuimg.image_facts(info))

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -82,6 +83,7 @@ from vmbk.errors import VmError
 from vmbk.fsutil import fsync_dir
 from vmbk.virt import backupjob
 from vmbk.virt.connection import LibvirtError, libvirt_module
+from vmbk.virt.remote import is_remote
 
 log = logging.getLogger("vmbk.virt")
 
@@ -99,8 +101,26 @@ BEGIN_SETTLE = 30.0
 ACTIONS = ("paused", "frozen")
 
 
-def marker_path(uuid: str) -> Path:
+def marker_path(uuid: str, uri: str | None = None) -> Path:
+    """The marker of a domain; a remote host's (``qemu+ssh://``) carries a hash of its URI.
+
+    The marker of a remote domain lives here, on the backup server, with
+    its guard: the guard must notice vmbk's death, which only a process
+    beside vmbk can, and it undoes the hold through a libvirt connection
+    of its own to the URI in the marker (ssh, like vmbk's).  Two hosts may
+    run domains of one UUID (a clone of a template), hence the URI's hash.
+    """
+    if uri and is_remote(uri):
+        tag = hashlib.sha256(uri.split("?", 1)[0].encode()).hexdigest()[:12]
+        return backupjob.RUN_DIR / f"{MARKER_PREFIX}{uuid}-{tag}.json"
     return backupjob.RUN_DIR / f"{MARKER_PREFIX}{uuid}.json"
+
+
+def _dom_uri(dom: Any) -> str | None:
+    try:
+        return str(dom.connect().getURI())
+    except Exception:  # a test double or a connection gone: the local name
+        return None
 
 
 def _boot_id() -> str:
@@ -192,7 +212,7 @@ def _write_marker(path: Path, data: dict[str, Any], *, replace: bool) -> bool:
 
 def _sweep_tmp(uuid: str) -> None:
     """Temporary marker files of holders that died while writing one."""
-    for tmp in backupjob.RUN_DIR.glob(f".{MARKER_PREFIX}{uuid}.json.*.tmp"):
+    for tmp in backupjob.RUN_DIR.glob(f".{MARKER_PREFIX}{uuid}*.json.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and _proc_start(int(pid)) is None:
             with contextlib.suppress(OSError):
@@ -291,8 +311,8 @@ def settle_backup_begin(dom: Any, timeout: float = BEGIN_SETTLE) -> None:
                 return  # another kind of job
             time.sleep(0.05)
             continue
-        if _exports_served(xml):
-            return
+        if is_remote(_dom_uri(dom)) or _exports_served(xml):
+            return  # a remote host's socket is not reachable here: the job answering is the sign
         time.sleep(0.05)
     log.warning("%s: the backup job being started did not settle within %g s", dom.name(), timeout)
 
@@ -332,7 +352,7 @@ def heal(dom: Any) -> dict[str, Any] | None:
     """
     uuid = dom.UUIDString()
     _sweep_tmp(uuid)
-    path = marker_path(uuid)
+    path = marker_path(uuid, _dom_uri(dom))
     marker = read_marker(path)
     if marker is None:
         return None
@@ -391,7 +411,7 @@ class Hold:
 
     def __init__(self, dom: Any) -> None:
         self.dom = dom
-        self.path = marker_path(dom.UUIDString())
+        self.path = marker_path(dom.UUIDString(), _dom_uri(dom))
         self.guard: subprocess.Popen[bytes] | None = None
         self.marked = False
 
