@@ -904,6 +904,20 @@ def page_reporting() -> str | None:
     return PAGE_REPORTING.read_text().strip()
 
 
+@contextlib.contextmanager
+def reporting_off(enabled: bool) -> Iterator[str | None]:
+    """Free page reporting off while the bench runs when ``enabled`` (--no-page-reporting), restored after;
+    yields the setting found (None: no reporting on this machine)."""
+    reporting = page_reporting()
+    if reporting is not None and enabled:
+        PAGE_REPORTING.write_text("11\n")  # above the largest buddy order: nothing is reported
+    try:
+        yield reporting
+    finally:
+        if reporting is not None and enabled:
+            PAGE_REPORTING.write_text(f"{reporting}\n")
+
+
 def start_session(lock_name: str, script: str) -> IO[str]:
     """Root check, SIGTERM/SIGHUP as KeyboardInterrupt (so cleanup runs), and
     the bench's lock file, held (and returned) for the life of the process."""

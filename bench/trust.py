@@ -183,26 +183,22 @@ def main() -> int:
     _lock = common.start_session("lock", "bench/trust.py")  # noqa: F841 -- holding it keeps other benches out
     bench = Trust(opts)
     bench.facts.append(common.machine_load("start"))
-    reporting = common.page_reporting()
     code = 0
-    try:
-        if reporting is not None and opts.no_page_reporting:
-            common.PAGE_REPORTING.write_text("11\n")
-        bench.setup()
-        assert bench.work is not None
-        bench.env["VMBK_KEY_DIR"] = str(bench.work / "keys")  # the bench's own signing key
-        bench.section()
-    except KeyboardInterrupt:
-        code = 130
-    except Exception:  # noqa: BLE001 -- the table of what was measured, then the error
-        import traceback
-        traceback.print_exc()
-        code = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        bench.teardown()
-        if reporting is not None and opts.no_page_reporting:
-            common.PAGE_REPORTING.write_text(f"{reporting}\n")
+    with common.reporting_off(opts.no_page_reporting):
+        try:
+            bench.setup()
+            assert bench.work is not None
+            bench.env["VMBK_KEY_DIR"] = str(bench.work / "keys")  # the bench's own signing key
+            bench.section()
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:  # noqa: BLE001 -- the table of what was measured, then the error
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            bench.teardown()
     bench.facts.append(common.machine_load("end"))
     bench.report()
     return code

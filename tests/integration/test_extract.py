@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_restore_corruption import PERIOD, flip, make_chain
+from test_restore_corruption import PERIOD, config_dir, flip, make_chain  # noqa: F401 -- config_dir: a fixture
 
 from vmbk.manifest import keys
 from vmbk.stream import scan
@@ -31,14 +31,6 @@ pytestmark = pytest.mark.libvirt
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "contrib" / "vmbk-extract"
-
-
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    cfg = tmp_path / "etc"
-    cfg.mkdir()
-    monkeypatch.setenv("VMBK_CONFIG_DIR", str(cfg))
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pytest
 from backup_helpers import backup_ok, run_restore
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guest.domain import nos_domain_xml, start_domain
-from test_restore_corruption import KiB, MiB, flip, hmp
+from test_restore_corruption import KiB, MiB, config_dir, flip, hmp  # noqa: F401 -- config_dir: a fixture
 
 from vmbk.commands.status import main as status_main
 from vmbk.manifest import keys, sign
@@ -121,14 +121,6 @@ CASES = [
     Case("middle point deleted", delete_middle, 3, "hash chain is broken", extra=("--include-incomplete",)),
     Case("re-signed with another key", resign, 3, "does not trust", verify_code=9),
 ]
-
-
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    cfg = tmp_path / "etc"
-    cfg.mkdir()
-    monkeypatch.setenv("VMBK_CONFIG_DIR", str(cfg))
-    return cfg
 
 
 def uefi_chain(libvirt_conn, vm_workdir: Path, cleanup_domains: list[str]) -> tuple[Path, str]:

@@ -32,7 +32,7 @@ import base64
 import hmac
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -241,44 +241,54 @@ def encrypt(src: BinaryIO, dst: BinaryIO, *, recipients: Sequence[bytes] = (), p
     return _seal(src, dst, ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload")))
 
 
+def _chunks(src: BinaryIO, size: int) -> Iterator[tuple[memoryview, bool]]:
+    """Every ``size``-byte chunk of ``src`` and whether it is the last (shorter, or empty for an empty src).
+
+    Read ``BLOCK_CHUNKS`` chunks at a time; a full chunk is held back until
+    more data or the end shows whether it is the last.  Each view is valid
+    until the next one is asked for.
+    """
+    buf = bytearray(size * (BLOCK_CHUNKS + 1))
+    view = memoryview(buf)
+    pending = 0
+    while True:
+        n = src.readinto(view[pending:pending + size * BLOCK_CHUNKS])  # type: ignore[attr-defined]
+        have = pending + (n or 0)
+        if not n:  # the end: every chunk but the last, then the last
+            full = max(0, -(-have // size) - 1)
+            for i in range(full):
+                yield view[i * size:(i + 1) * size], False
+            yield view[full * size:have], True
+            return
+        full = have // size - (have % size == 0)  # keep the last full chunk: it may be the final one
+        for i in range(full):
+            yield view[i * size:(i + 1) * size], False
+        pending = have - full * size
+        view[:pending] = view[full * size:have]
+
+
+def _nonce(counter: int, last: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
 def _seal(src: BinaryIO, dst: BinaryIO, aead: ChaCha20Poly1305) -> int:
     """The STREAM payload: every chunk but the last flagged 0; the last (maybe empty) flagged 1."""
-    buf = bytearray(CHUNK * (BLOCK_CHUNKS + 1))
-    view = memoryview(buf)
-    out = bytearray((CHUNK + TAG) * (BLOCK_CHUNKS + 1))
+    out = bytearray((CHUNK + TAG) * BLOCK_CHUNKS)
     oview = memoryview(out)
     into = getattr(aead, "encrypt_into", None)
-    pending = counter = total = 0
-    while True:
-        n = src.readinto(view[pending:pending + CHUNK * BLOCK_CHUNKS])  # type: ignore[attr-defined]
-        eof = not n
-        have = pending + (n or 0)
-        total += n or 0
-        full = have // CHUNK
-        if not eof and have % CHUNK == 0:
-            full -= 1  # the last full chunk may be the final one: keep it until more comes
-        if eof:
-            full = max(0, -(-have // CHUNK) - 1)  # everything but the final chunk
-        o = 0
-        for i in range(full):
-            nonce = counter.to_bytes(11, "big") + b"\x00"
-            chunk = view[i * CHUNK:(i + 1) * CHUNK]
-            if into is not None:
-                into(nonce, chunk, None, oview[o:o + CHUNK + TAG])
-            else:
-                oview[o:o + CHUNK + TAG] = aead.encrypt(nonce, chunk, None)
-            o += CHUNK + TAG
-            counter += 1
-        if eof:
-            last = view[full * CHUNK:have]
-            sealed = aead.encrypt(counter.to_bytes(11, "big") + b"\x01", last, None)
-            oview[o:o + len(sealed)] = sealed
-            o += len(sealed)
+    o = total = 0
+    for counter, (chunk, last) in enumerate(_chunks(src, CHUNK)):
+        n = len(chunk) + TAG
+        if into is not None:
+            into(_nonce(counter, last), chunk, None, oview[o:o + n])
+        else:
+            oview[o:o + n] = aead.encrypt(_nonce(counter, last), chunk, None)
+        o += n
+        total += len(chunk)
+        if last or o + CHUNK + TAG > len(out):
             dst.write(oview[:o])
-            return total
-        dst.write(oview[:o])
-        pending = have - full * CHUNK
-        view[:pending] = view[full * CHUNK:have]
+            o = 0
+    return total
 
 
 # -- decrypt -----------------------------------------------------------------------------
@@ -387,46 +397,25 @@ def decrypt(src: BinaryIO, dst: BinaryIO, *, identities: Sequence[bytes] = (), p
             max_work_factor: int = MAX_WORK_FACTOR) -> int:
     """Decrypt ``src`` into ``dst``; the plaintext bytes.  AgeError before any damaged chunk is written."""
     aead = open_header(src, identities=identities, passphrase=passphrase, max_work_factor=max_work_factor)
-    enc = CHUNK + TAG
-    buf = bytearray(enc * (BLOCK_CHUNKS + 1))
-    view = memoryview(buf)
-    out = bytearray(CHUNK * (BLOCK_CHUNKS + 1))
+    out = bytearray(CHUNK * BLOCK_CHUNKS)
     oview = memoryview(out)
     into = getattr(aead, "decrypt_into", None)
-    pending = counter = total = 0
-    while True:
-        n = src.readinto(view[pending:pending + enc * BLOCK_CHUNKS])  # type: ignore[attr-defined]
-        eof = not n
-        have = pending + (n or 0)
-        full = have // enc
-        if not eof and have % enc == 0:
-            full -= 1
-        if eof:
-            full = max(0, -(-have // enc) - 1)
-        o = 0
+    o = total = 0
+    for counter, (chunk, last) in enumerate(_chunks(src, CHUNK + TAG)):
+        if len(chunk) < TAG or (last and len(chunk) == TAG and counter > 0):
+            raise AgeError("the age file is cut short (no final chunk)")
+        n = len(chunk) - TAG
         try:
-            for i in range(full):
-                nonce = counter.to_bytes(11, "big") + b"\x00"
-                chunk = view[i * enc:(i + 1) * enc]
-                if into is not None:
-                    into(nonce, chunk, None, oview[o:o + CHUNK])
-                else:
-                    oview[o:o + CHUNK] = aead.decrypt(nonce, chunk, None)
-                o += CHUNK
-                counter += 1
-            if eof:
-                last = view[full * enc:have]
-                if len(last) < TAG or (len(last) == TAG and counter > 0):
-                    raise AgeError("the age file is cut short (no final chunk)")
-                plain = aead.decrypt(counter.to_bytes(11, "big") + b"\x01", last, None)
-                oview[o:o + len(plain)] = plain
-                o += len(plain)
-        except InvalidTag:
+            if into is not None:
+                into(_nonce(counter, last), chunk, None, oview[o:o + n])
+            else:
+                oview[o:o + n] = aead.decrypt(_nonce(counter, last), chunk, None)
+        except InvalidTag:  # nothing of this block is written
             raise AgeError(f"the age payload does not check at chunk {counter} (damaged, or cut short)") from None
-        dst.write(oview[:o])
-        total += o
-        if eof:
-            return total
-        pending = have - full * enc
-        view[:pending] = view[full * enc:have]
+        o += n
+        if last or o + CHUNK > len(out):
+            dst.write(oview[:o])
+            total += o
+            o = 0
+    return total
 
