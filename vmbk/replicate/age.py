@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -148,14 +148,20 @@ def parse_identities(text: str, *, source: str = "identity file") -> list[bytes]
     return out
 
 
+def _raw_public(key: X25519PrivateKey) -> bytes:
+    """(``public_bytes_raw()`` came with cryptography 40; Debian 12 has 38.)"""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def generate_identity() -> tuple[str, str]:
     """(identity, recipient) strings of a new X25519 key, as ``age-keygen`` makes them."""
-    secret = X25519PrivateKey.generate().private_bytes_raw()
+    secret = X25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                       serialization.NoEncryption())
     return bech32_encode("age-secret-key-", secret).upper(), recipient_of(secret)
 
 
 def recipient_of(secret: bytes) -> str:
-    return bech32_encode("age", X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw())
+    return bech32_encode("age", _raw_public(X25519PrivateKey.from_private_bytes(secret)))
 
 
 # -- primitives -------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def encrypt(src: BinaryIO, dst: BinaryIO, *, recipients: Sequence[bytes] = (), p
         header += _stanza(["scrypt", _b64(salt), str(work_factor)], wrap)
     for r in recipients:
         eph = X25519PrivateKey.generate()
-        share = eph.public_key().public_bytes_raw()
+        share = _raw_public(eph)
         shared = eph.exchange(X25519PublicKey.from_public_bytes(r))
         key = _hkdf(shared, share + r, b"age-encryption.org/v1/X25519")
         header += _stanza(["X25519", _b64(share)], ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, file_key, None))
@@ -370,7 +376,7 @@ def _file_key(stanzas: list[tuple[list[str], bytes]], identities: Sequence[bytes
                     shared = key.exchange(X25519PublicKey.from_public_bytes(share))
                 except ValueError:
                     raise AgeError("an age X25519 stanza has a low-order share") from None
-                wrap = _hkdf(shared, share + key.public_key().public_bytes_raw(), b"age-encryption.org/v1/X25519")
+                wrap = _hkdf(shared, share + _raw_public(key), b"age-encryption.org/v1/X25519")
                 try:
                     return ChaCha20Poly1305(wrap).decrypt(_ZERO_NONCE, body, None)
                 except InvalidTag:
