@@ -20,4 +20,5 @@ pytest_plugins = [
     "fixtures.nbd_servers",
     "fixtures.guest",
     "fixtures.replication",
+    "fixtures.remote",
 ]

@@ -45,7 +45,7 @@ def plan_vm(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.dat
         tree = VmTree.empty(backup_path, facts.name)
     else:
         tree = scan_vm(backup_path, facts.name)
-        if tree.last_backup is None and facts.uuid:
+        if tree.last_backup is None and facts.uuid and backup_path.is_dir():  # a host's first backup: no root yet
             tree = dataclasses.replace(tree, renamed_from=find_uuid(backup_path, facts.uuid, exclude=facts.name))
     return decide(facts, tree, policy, cfg.retention, now), tree
 

@@ -32,12 +32,22 @@ from vmbk.tree.points import RestorePoint, chain_complete, chain_warnings, resto
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
 from vmbk.tree import Chain, names
-from vmbk.tree.scan import vm_dirs
+from vmbk.tree.scan import roots, vm_dirs
 from vmbk.virt.domain import parse_domain_xml
 from vmbk.vmbackup.db import VmbackupDb
 
 def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
-    """One ``backup_vm`` record per VM directory that holds backups."""
+    """One ``backup_vm`` record per VM directory that holds backups, host by host.
+
+    A tree with a level per host (several hosts configured) has its VMs in
+    each host's directory (`vmbk.tree.scan.roots`): each is listed with its
+    ``host``, and its history is that directory's own catalogue.
+    """
+    for root in roots(backup_path):
+        yield from _list_root(root.path, session, root.host)
+
+
+def _list_root(backup_path: Path, session: str | None, host: str | None) -> Iterator[Record]:
     entries = vm_dirs(backup_path)
     history = health.History(backup_path)
     theirs = VmbackupDb(backup_path)
@@ -47,7 +57,8 @@ def list_vms(backup_path: Path, session: str | None = None) -> Iterator[Record]:
             chains = active_chains(source)
             if not chains:
                 continue
-            yield vm_record(source, chains, session, history.of(source.vm), theirs.summary(source.vm))
+            rec = vm_record(source, chains, session, history.of(source.vm), theirs.summary(source.vm))
+            yield {**rec, "host": host} if host else rec
     finally:
         history.close()
         theirs.close()

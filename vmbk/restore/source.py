@@ -18,6 +18,7 @@ from pathlib import Path
 from vmbk.errors import UsageError, VmError
 from vmbk.tree import ARCHIVES, Chain, VmTree, scan_chain, scan_vm
 from vmbk.tree.names import is_archive_name, policy_of_period
+from vmbk.tree.scan import locate as locate_root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Source:
 
 
 def is_path(arg: str) -> bool:
-    return "/" in arg
+    """A path (absolute, ``./``, or a directory here), not a name: ``HOST/VM`` names a VM of one host."""
+    return "/" in arg and (arg.startswith(("/", "./", "../")) or os.path.isdir(arg) or arg.count("/") > 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,9 @@ def resolve(arg: str, backup_path: Callable[[], Path]) -> SourceRef:
         return resolve_path(arg)
     if arg in ("", ".", "..") or arg.startswith("_"):
         raise UsageError(f"{arg!r} is not a VM name")
-    return SourceRef(backup_path(), arg)
+    # HOST/VM, or a VM of one host, in a tree with a level per host (`vmbk.tree.scan.locate`)
+    root, vm = locate_root(backup_path(), arg)
+    return SourceRef(root.path, vm)
 
 
 def resolve_path(arg: str) -> SourceRef:

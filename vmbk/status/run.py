@@ -24,7 +24,7 @@ from vmbk.settings import Config
 from vmbk.status import metrics, record
 from vmbk.status.history import History
 from vmbk.status.tree import read
-from vmbk.tree.scan import vm_dirs
+from vmbk.tree.scan import locate, roots, vm_dirs
 
 PROG = "vmbk-status"
 
@@ -60,7 +60,32 @@ def vm_names(opts: StatusOptions, failing: set[str]) -> list[str]:
 
 
 def statuses(opts: StatusOptions, session: str, outcome: Outcome) -> Iterator[Record]:
-    """One ``status`` record per VM (or an ``error`` record); ``outcome`` collects the verdicts."""
+    """One ``status`` record per VM (or an ``error`` record); ``outcome`` collects the verdicts.
+
+    Host by host in a tree with a level per host (`vmbk.tree.scan.roots`:
+    each host's directory has its VMs, locks and catalogue); ``--vm``
+    takes ``HOST/VM`` there.
+    """
+    if opts.vms:
+        wanted: dict[Path, tuple[str | None, list[str]]] = {}
+        for spec in opts.vms:
+            root, vm = locate(opts.backup_path, spec)
+            wanted.setdefault(root.path, (root.host, []))[1].append(vm)
+        for path, (host, vms) in wanted.items():
+            yield from _with_host(_statuses(dataclasses.replace(opts, backup_path=path, vms=tuple(vms)), session,
+                                            outcome), host)
+        return
+    for root in roots(opts.backup_path):
+        yield from _with_host(_statuses(dataclasses.replace(opts, backup_path=root.path), session, outcome),
+                              root.host)
+
+
+def _with_host(recs: Iterator[Record], host: str | None) -> Iterator[Record]:
+    for rec in recs:
+        yield {**rec, "host": host} if host else rec
+
+
+def _statuses(opts: StatusOptions, session: str, outcome: Outcome) -> Iterator[Record]:
     with History(opts.backup_path) as hist:
         failing = set(hist.failing_vms(opts.now))
         for vm in vm_names(opts, failing):

@@ -186,13 +186,17 @@ class Remote:
                 self.control.unlink()
             argv = [*self._base(), "-o", "ControlMaster=yes", "-o", f"ControlPersist={self.persist}",
                     "-f", "-N", self.target.host]
-            try:
-                r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
-                                   timeout=CONNECT_TIMEOUT + 15, check=False)
-            except subprocess.TimeoutExpired:
-                raise RemoteError(f"ssh to {self.target.label}: no connection within {CONNECT_TIMEOUT} s") from None
-            if r.returncode != 0:
-                raise RemoteError(f"ssh to {self.target.label} failed: {_last_line(r.stderr)}")
+            # The master forks into the background (-f) keeping the stderr it was
+            # given: a file, never a pipe this call would wait on for EOF.
+            with tempfile.TemporaryFile() as errors:
+                try:
+                    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=errors, stdin=subprocess.DEVNULL,
+                                       timeout=CONNECT_TIMEOUT + 15, check=False)
+                except subprocess.TimeoutExpired:
+                    raise RemoteError(f"ssh to {self.target.label}: no connection within {CONNECT_TIMEOUT} s") from None
+                if r.returncode != 0:
+                    errors.seek(0)
+                    raise RemoteError(f"ssh to {self.target.label} failed: {_last_line(errors.read())}")
 
     def master_pid(self) -> int | None:
         """The control master's PID (``ssh -O check``), None when none runs."""
