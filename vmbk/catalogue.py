@@ -250,6 +250,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX verifications_vm ON verifications(vm, started_at);
     """,
+    # 7: a restore onto a host that lacks what the VM had (vmbk.restore.crosshost):
+    # the remaps it applied, JSON [{"kind", "from", "to"}]
+    """
+    ALTER TABLE restore_sessions ADD COLUMN remaps TEXT;
+    """,
 ]
 
 

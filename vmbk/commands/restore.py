@@ -5,7 +5,8 @@ Usage:
   vmbk-restore --list-restore-points VM [options]
   vmbk-restore --verify VM [--deep] [options]
   vmbk-restore --dump VM [options]
-  vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [options]
+  vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [--remap-network MAP]... [--remap-pool MAP]...
+               [--remap-dir MAP]... [options]
   vmbk-restore --vm VM --serve [--socket PATH | --listen ADDR] [--disk DISKS] [options]
   vmbk-restore --vm VM --mount DIR [--disk DISKS] [options]
   vmbk-restore --vm VM --instant --restore-path DIR [options]
@@ -45,6 +46,22 @@ name is replaced only with --force and only when shut off.  TPM state
 the VM's current state there moved to tpm2.pre-restore-EPOCH; if that
 fails after the disks are restored, the restore is partial (exit 9).  The
 storage pool holding the restored files is refreshed.
+
+Onto another host, or one whose networks or storage changed: before
+anything is written or defined, the VM's domain XML is checked against the
+host it is defined on (networks, bridges, storage pools and directories,
+firmware files, machine type, CPU model, emulator, swtpm) and every
+problem is named with its fix; the restore exits 5 (kind preflight) having
+defined nothing.  --remap-network OLD=NEW moves interfaces from network
+OLD to NEW, --network-fallback NAME sends any network or bridge the host
+lacks to NAME, --cpu host-model replaces a CPU model the host cannot run.
+Without --restore-path the disks go back to their places: the directory
+of each disk in the backup's XML, or its storage pool's, after the
+remaps --remap-dir OLD=NEW and --remap-pool OLD=NEW.  A firmware file the host
+lacks is replaced by libvirt's firmware auto-selection, a machine type by
+its alias (q35, pc), an emulator path by the host's own.  The remaps are
+in the restore record and the catalogue.  With --connect
+qemu+ssh://USER@HOST/system, --dry-run checks that host.
 
 Instant access, without writing the point out first.  With --serve each
 disk of the point is exported read-only over NBD under its target name
@@ -101,7 +118,12 @@ Options:
   --list                     List VMs with backups.
   --list-restore-points VM   List the restore points of a VM.
   --vm VM                    VM to restore: a name, or a path to its backup directory.
-  --restore-path DIR         Where the restored disks go.
+  --restore-path DIR         Where the restored disks go (default for DR and clone: back in their places).
+  --remap-network MAP        OLD=NEW: interfaces on network OLD go on NEW (repeatable).
+  --network-fallback NAME    Any network or bridge the host lacks: this network.
+  --remap-pool MAP           OLD=NEW: disks of storage pool OLD go into pool NEW (repeatable).
+  --remap-dir MAP            OLD=NEW: disks under directory OLD go under NEW (repeatable).
+  --cpu MODE                 host-model: a CPU model the host cannot run becomes host-model.
   --name NAME                Clone under this name (new UUID and MACs).
   --period PERIOD            Period directory to restore from (default: latest).
   --restore-point N          Restore point: a number or 'full'.
@@ -152,6 +174,7 @@ from vmbk.errors import StorageError, UsageError, VmbkError
 from vmbk.output import Emitter
 from vmbk.restore import instant, listing, mount, serve, verify
 from vmbk.restore.preflight import RestoreOptions
+from vmbk.restore.remap import Remaps, parse_pairs
 from vmbk.restore.run import restore
 from vmbk.restore.select import choose_chain, parse_disks, parse_restore_point
 from vmbk.restore.source import SourceRef, load, resolve
@@ -199,8 +222,9 @@ class Args:
             if name is not None and disk_restore:
                 raise UsageError("--disk cannot be combined with --name: a clone takes every disk")
             raw_path = args.get("--restore-path")
-            if raw_path is None and not disk_restore:
-                raise UsageError("--restore-path is required (only --disk restores in place without it)")
+            if raw_path is None and not disk_restore and args.get("--skip-config"):
+                raise UsageError("--restore-path is required with --skip-config (only a VM that is defined has "
+                                 "places to go back to; --disk restores in place)")
             if args.get("--no-pre-restore") and (raw_path is not None or not disk_restore):
                 raise UsageError("--no-pre-restore goes with an in-place --disk restore (no --restore-path)")
             options = RestoreOptions(
@@ -217,6 +241,7 @@ class Args:
                 verify=not args.get("--no-verify"),
                 disk_restore=disk_restore,
                 pre_restore=not args.get("--no-pre-restore"),
+                remaps=_remaps(args),
             )
         elif args.get("--restore-point") is not None or args.get("--restore-path") is not None:
             raise UsageError("--restore-point and --restore-path go with --vm")
@@ -296,6 +321,17 @@ def _access_args(args: dict[str, Any], common: Common, vm: str | None, access: s
     )
     return Args(common, "instant", vm, None, False, options, serving=serving, instant_opts=instant.InstantOptions(
         move=not args.get("--no-move"), bandwidth_mib=_bandwidth(args.get("--bandwidth")), timeout=timeout))
+
+
+def _remaps(args: dict[str, Any]) -> Remaps:
+    cpu = args.get("--cpu")
+    if cpu not in (None, "host-model"):
+        raise UsageError(f"--cpu takes host-model, not {cpu!r}")
+    return Remaps(networks=parse_pairs(args.get("--remap-network") or [], "--remap-network"),
+                  network_fallback=args.get("--network-fallback"),
+                  pools=parse_pairs(args.get("--remap-pool") or [], "--remap-pool"),
+                  dirs=parse_pairs(args.get("--remap-dir") or [], "--remap-dir"),
+                  cpu_host_model=cpu == "host-model")
 
 
 def _seconds(raw: str | None) -> float | None:

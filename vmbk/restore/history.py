@@ -8,6 +8,7 @@ fails the restore.  ``--dry-run`` writes none (the caller does not call).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -56,6 +57,8 @@ def record(ref: SourceRef, opts: RestoreOptions, plan: RestorePlan | None, start
         "exit_code": exit_code(error),
         "error": None if error is None else (str(error) or error.__class__.__name__),
     }
+    if plan is not None and plan.remaps:
+        row["remaps"] = json.dumps(list(plan.remaps))
     try:
         with cat:
             cat.insert("restore_sessions", row)

@@ -36,6 +36,7 @@ from vmbk.manifest.check import stream_digests
 from vmbk.restore import inplace, tpm
 from vmbk.restore.image import DiskRestore, measure, qcow_options
 from vmbk.restore.inplace import CurrentDisk
+from vmbk.restore.remap import Remaps
 from vmbk.tree.points import RestorePoint
 from vmbk.restore.select import choose
 from vmbk.restore.source import Source
@@ -69,6 +70,11 @@ class RestoreOptions:
     pre_restore: bool = True
     #: Backup roots (configured ones) the restore path must stay out of.
     protected: tuple[Path, ...] = ()
+    #: Onto another host (or one that changed): ``--remap-*``, ``--network-fallback``, ``--cpu host-model``.
+    remaps: Remaps = Remaps()
+    #: DR/clone without ``--restore-path``: each disk back in its place on the
+    #: target (after the remaps), as `vmbk.restore.crosshost` found it.
+    placements: tuple[tuple[str, Path], ...] = ()
 
     @property
     def mode(self) -> str:
@@ -110,6 +116,8 @@ class RestorePlan:
     tpm_source: Path | None = None
     #: Bytes needed per directory written to (`check_space`).
     needed: dict[Path, int] = dataclasses.field(default_factory=dict)
+    #: What `vmbk.restore.crosshost` remapped (kind, from, to): in the record and the catalogue.
+    remaps: tuple[dict[str, str], ...] = ()
 
     @property
     def targets(self) -> list[Path]:
@@ -165,7 +173,17 @@ def make_plan(source: Source, opts: RestoreOptions, current: Mapping[str, Curren
     name = opts.name or (config.name if config is not None and config.name else source.vm)
     roots = (source.backup_path, *opts.protected)
     raw: frozenset[str] = frozenset()
-    if opts.restore_path is None:
+    if opts.restore_path is None and opts.placements and opts.mode in ("dr", "clone"):
+        # back in their places on the target (vmbk.restore.crosshost): the first disk's directory
+        # holds the XML (and a clone's NVRAM)
+        placed = dict(opts.placements)
+        paths = {d: Path(os.path.abspath(placed[d])) for d in disks}
+        if opts.mode == "clone":
+            paths = {d: p.with_name(image_name(name, d, len(point.disks) == 1)) for d, p in paths.items()}
+        restore_path = paths[disks[0]].parent
+        for p in paths.values():
+            check_restore_path(p.parent, roots)
+    elif opts.restore_path is None:
         now = inplace.targets(source.vm, disks, dict(current or {}))
         paths = {d: Path(os.path.abspath(c.path or "")) for d, c in now.items()}
         raw = frozenset(d for d, c in now.items() if c.fmt == "raw")

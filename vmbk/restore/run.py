@@ -29,6 +29,7 @@ Order and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -38,14 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.clock import now_iso
-from vmbk.errors import StorageError, VmbkError, VmError
+from vmbk.errors import StorageError, UsageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
 from vmbk.records import Record, error_record
-from vmbk.restore import define, domainxml, history, image, inplace, livedisks, pools, report, tpm
+from vmbk.restore import crosshost, define, domainxml, history, image, inplace, livedisks, pools, remap, report, tpm
 from vmbk.restore.preflight import RestoreOptions, RestorePlan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt import hold
 from vmbk.virt.connection import LibvirtError, open_connection
+from vmbk.virt.hostfiles import files_for
+from vmbk.virt.remote import is_remote
 
 log = logging.getLogger("vmbk.restore")
 
@@ -57,6 +60,10 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
     if opts.dry_run:
         _dry_run(ref, opts, uri=uri, session=session, emit=emit)
         return
+    if is_remote(uri):
+        # the preflight (--dry-run) reads the far host; writing there is not built yet (README, "backup server")
+        raise UsageError(f"restoring onto {uri} writes its files on that host, which this vmbk does not do yet: "
+                         "--dry-run checks the host; restore on it (vmbk-restore there, the tree mounted or copied)")
     started_at, t0 = now_iso(), time.monotonic()
     plan: RestorePlan | None = None
     try:
@@ -64,9 +71,12 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
             source = load(ref)
             with _connection(uri, required=opts.defines or opts.mode == "inplace", write=True) as conn:
                 healed = hold.heal_named(conn, source.vm)  # the pause/freeze a killed vmbk left
-                plan = make_plan(source, opts, _current(conn, source.vm, opts))
+                opts, verdict = _cross_host(source, opts, conn, uri)
+                if verdict is not None:
+                    verdict.raise_if_problems(source.vm, _host_label(uri))
+                plan = _with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict)
                 replace = preflight(plan, conn, opts)
-                outcome = _execute(plan, conn, opts, replace)
+                outcome = _execute(plan, conn, opts, replace, verdict)
                 outcome.warnings[:0] = healed
                 _after(plan, conn, outcome)
     except BaseException as e:
@@ -90,7 +100,10 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
     source = load(ref)
     failed: list[VmbkError] = []
     with _connection(uri, required=opts.mode == "inplace", write=False) as conn:
-        plan = make_plan(source, opts, _current(conn, source.vm, opts))
+        opts, verdict = _cross_host(source, opts, conn, uri)
+        if verdict is not None and verdict.problems:
+            failed += [remap.PreflightError(str(p), vm=source.vm) for p in verdict.problems]
+        plan = _with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict)
         try:
             preflight(plan, conn, opts)
         except VmbkError as e:
@@ -162,7 +175,36 @@ def preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
     return replace
 
 
-def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool) -> report.Outcome:
+def _cross_host(source: Any, opts: RestoreOptions, conn: Any,
+                uri: str | None) -> tuple[RestoreOptions, crosshost.Verdict | None]:
+    """The target's preflight (`vmbk.restore.crosshost`); the options with the disks' places."""
+    if conn is None or not opts.defines:
+        if opts.restore_path is None and opts.mode in ("dr", "clone"):
+            raise UsageError("--restore-path is required without a libvirt connection (the disks' places "
+                             "are looked up on the host)")
+        return opts, None
+    files = files_for(uri or "qemu:///system")
+    try:
+        verdict = crosshost.check(source, opts, conn, files)
+    finally:
+        files.close()
+    if verdict is not None and verdict.placements:
+        opts = dataclasses.replace(opts, placements=tuple(verdict.placements.items()))
+    elif verdict is not None and opts.restore_path is None and not verdict.problems:
+        raise UsageError("--restore-path is required: the backup does not say where the disks were")
+    return opts, verdict
+
+
+def _with_remaps(plan: RestorePlan, verdict: crosshost.Verdict | None) -> RestorePlan:
+    return dataclasses.replace(plan, remaps=verdict.remaps) if verdict is not None else plan
+
+
+def _host_label(uri: str | None) -> str:
+    return uri if uri and is_remote(uri) else "this host"
+
+
+def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool,
+             verdict: crosshost.Verdict | None = None) -> report.Outcome:
     out = report.Outcome()
     if opts.verify:  # raw images first; qcow2 ones are checked while they are written
         out.unchecked = image.verify_sources(p for j in plan.jobs if j.disk in plan.raw for p in j.sources)
@@ -183,6 +225,8 @@ def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool) 
             xml, out.warnings = domainxml.restored_xml(
                 plan.config.xml, disks={j.disk: j.target for j in plan.jobs}, nvram=plan.nvram_target,
                 new_name=plan.name if plan.mode == "clone" else None)
+            if verdict is not None:  # onto this host's networks, firmware, machine types (crosshost)
+                xml = verdict.apply(xml, tpm=not opts.skip_tpm)
             _stage(staged, plan.xml_target, lambda p: p.write_text(xml, encoding="utf-8"))
         out.saved = save_aside(plan.aside)
         if replace:

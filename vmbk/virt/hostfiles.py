@@ -21,7 +21,7 @@ import os
 import posixpath
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ stat -c %Y -- "$1" || exit 3
 if [ -n "$2" ]; then exec qemu-img info --output=json --force-share -f "$2" -- "$1"
 else exec qemu-img info --output=json --force-share -- "$1"; fi
 """
+_EXISTING = 'for p; do if [ -e "$p" ]; then printf "%s\\0" "$p"; fi; done'
 _RMJOB = 'case "$1" in "$2"/*-*) exec rm -rf -- "$1";; esac; exit 1'
 
 
@@ -88,6 +89,10 @@ class LocalFiles:
         if not root.is_dir():
             return None
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def existing(self, paths: Iterable[str]) -> set[str]:
+        """Which of ``paths`` exist on the host."""
+        return {p for p in paths if os.path.exists(p)}
 
     @contextlib.contextmanager
     def job_dir(self, prefix: str, *, for_qemu: bool = True) -> Iterator[str]:
@@ -143,6 +148,13 @@ class RemoteFiles:
         if r.returncode == MISSING:
             return None
         return untar(r.stdout)
+
+    def existing(self, paths: Iterable[str]) -> set[str]:
+        want = sorted(set(paths))
+        if not want:
+            return set()
+        r = self.remote.script(_EXISTING, *want)
+        return {p.decode() for p in r.stdout.split(b"\0") if p}
 
     @contextlib.contextmanager
     def job_dir(self, prefix: str, *, for_qemu: bool = True) -> Iterator[str]:
