@@ -99,7 +99,9 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
     """The whole plan as records; the first failed check is raised afterwards."""
     source = load(ref)
     failed: list[VmbkError] = []
-    with _connection(uri, required=opts.mode == "inplace", write=False) as conn:
+    # read-write when it can be had: a read-only connection hides the domain
+    # capabilities the cross-host checks need, and the dry run must check what the restore will
+    with _connection(uri, required=opts.mode == "inplace", write=True) as conn:
         opts, verdict = _cross_host(source, opts, conn, uri)
         if verdict is not None and verdict.problems:
             failed += [remap.PreflightError(str(p), vm=source.vm) for p in verdict.problems]
