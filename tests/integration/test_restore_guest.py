@@ -181,7 +181,10 @@ def test_corrupt_copy_fails_verify_and_restore_writes_nothing(backed, tmp_path):
         f.write(bytes([byte[0] ^ 0x5A]))
     code, recs = run(restore_main, "--verify", str(copy / name))
     assert code == Exit.STORAGE and recs[-1]["type"] == "error"
-    assert [(r["file"], r["checksum"]) for r in recs[:-1] if not r["ok"]] == [(victim.name, "bad")]
+    assert [(r["file"], r["checksum"]) for r in recs[:-1] if r["file"] and not r["ok"]] == [(victim.name, "bad")]
+    # the points that need the file: its hash is not the one their manifests signed; the full is intact
+    assert [(r["point"], r["integrity"]) for r in recs[:-1] if r.get("point") is not None and not r["ok"]] == \
+        [(1, "tampered"), (2, "tampered")]
     dest = tmp_path / "out"
     code, recs = run(restore_main, "--vm", str(copy / name), "--restore-path", str(dest), "--skip-config")
     assert code == Exit.STORAGE and failed(recs, Exit.STORAGE)
