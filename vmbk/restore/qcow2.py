@@ -29,10 +29,11 @@ Refcounts are 16 bits (QEMU's default; ``refcount_order`` 4).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vmbk.fsutil import pwrite_all
 
@@ -94,10 +95,14 @@ class Writer:
     read as zero.
     """
 
-    def __init__(self, fd: int, virtual_size: int, options: ImageOptions) -> None:
+    def __init__(self, fd: int, virtual_size: int, options: ImageOptions, *,
+                 pwrite: Callable[[memoryview, int], None] | None = None) -> None:
         if virtual_size <= 0:
             raise ValueError("a qcow2 image needs a virtual size above 0")
         self.fd = fd
+        # every write goes up the file except the header's, last, at 0: a stream can take it
+        # (vmbk.restore.remote sends the image to another host as it is written)
+        self._pwrite = pwrite if pwrite is not None else functools.partial(pwrite_all, fd)
         self.size = virtual_size
         self.opts = options
         self.cs = options.cluster_size
@@ -124,7 +129,7 @@ class Writer:
         if self.l2 is not None and self.l2[0] != first // self.l2_entries:
             self._flush_l2()
         host = self.next * cs
-        pwrite_all(self.fd, data, host)
+        self._pwrite(data, host)
         self.next += count
         self.data_clusters += count
         self.last_guest = first + count - 1
@@ -144,7 +149,7 @@ class Writer:
         assert self.l2 is not None
         l1i, table = self.l2
         pos = self.next * self.cs
-        pwrite_all(self.fd, memoryview(_be(table)), pos)
+        self._pwrite(memoryview(_be(table)), pos)
         self.l1[l1i] = pos | COPIED
         self.next += 1
         self.l2 = None
@@ -171,17 +176,17 @@ class Writer:
         blocks_offset = pos * cs
         table_offset = blocks_offset + blocks * cs
         total = pos + blocks + table_clusters
-        pwrite_all(self.fd, memoryview(_be(self.l1)), l1_offset)
+        self._pwrite(memoryview(_be(self.l1)), l1_offset)
         full = b"\x00\x01" * per_block
         for b in range(blocks):
             used = min(per_block, total - b * per_block)
             block = full if used == per_block else full[:2 * used] + bytes(2 * (per_block - used))
-            pwrite_all(self.fd, memoryview(block), blocks_offset + b * cs)
+            self._pwrite(memoryview(block), blocks_offset + b * cs)
         table = array("Q", bytes(table_clusters * cs))
         for b in range(blocks):
             table[b] = blocks_offset + b * cs
-        pwrite_all(self.fd, memoryview(_be(table)), table_offset)
-        pwrite_all(self.fd, memoryview(self._header(l1_offset, table_offset, table_clusters)), 0)
+        self._pwrite(memoryview(_be(table)), table_offset)
+        self._pwrite(memoryview(self._header(l1_offset, table_offset, table_clusters)), 0)
         return total * cs
 
     def _header(self, l1_offset: int, table_offset: int, table_clusters: int) -> bytes:
