@@ -12,6 +12,7 @@ agent answers.  The remaps are in the restore record and the catalogue.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import uuid
@@ -35,7 +36,8 @@ def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
 
 
 def _pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
-    path.mkdir(mode=0o755)
+    path.mkdir()
+    os.chmod(path, 0o755)  # whatever the umask (vmbk's commands, run in this process, set 027): QEMU must traverse it
     pool = conn.storagePoolDefineXML(f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>")
     pool.create()
     return pool
