@@ -204,7 +204,10 @@ def test_too_many_options_end_the_session(server):
     greet(s)
     for _ in range(1000):
         assert option(s, 4242)[-1][0] == wire.REP_ERR_UNSUP
-    s.sendall(wire.OPTION.pack(wire.IHAVEOPT, 4242, 0))
+    try:  # the server hangs up after the 1000th answer: the next option may already meet a reset
+        s.sendall(wire.OPTION.pack(wire.IHAVEOPT, 4242, 0))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     assert closed(s)
     good_read(server)
 
