@@ -94,6 +94,13 @@ def test_the_catalogue_adds_history_replication_restores_and_sessions(root, caps
     code, hist = status(root, "--sessions", "--days", "3")
     assert code == 0 and [r["type"] for r in hist] == ["session_history"] * 3
     assert [r["backed_up"] + r["failed"] + r["skipped"] for r in hist] == [1, 1, 2]  # + gone-wrong
+    with Catalogue.open(root) as cat:  # a copy a signal stopped did not go well either
+        for outcome in ("ok", "interrupted", "failed", "partial"):
+            cat.insert("replication_runs", {"session_id": rows[-1]["session_id"], "destination": "nas",
+                                            "transport": "local", "action": "push",
+                                            "started_at": NOW.isoformat(), "outcome": outcome})
+    code, hist = status(root, "--sessions", "--days", "3")
+    assert [(r["replicated"], r["replication_failed"]) for r in hist][-1] == (1, 3)
     code, hist = status(root, "--restores")
     assert [(r["mode"], r["outcome"]) for r in hist] == [("clone", "ok"), ("drill", "failed")]
     assert status(root, "--days", "3")[0] == Exit.USAGE

@@ -184,7 +184,7 @@ class History:
             extra += ["(SELECT count(*) FROM replication_runs r WHERE r.session_id = s.id AND r.outcome = 'ok') "
                       "AS replicated",
                       "(SELECT count(*) FROM replication_runs r WHERE r.session_id = s.id "
-                      "AND r.outcome IN ('failed', 'partial')) AS replication_failed"]
+                      "AND r.outcome IN ('failed', 'partial', 'interrupted')) AS replication_failed"]
         cols = ", ".join(["s.id", "s.started_at", "s.ended_at", "s.command", "s.host", "s.exit_code", *extra])
         return self._rows("sessions", f"SELECT {cols} FROM sessions s WHERE s.started_at >= ? "
                                       "ORDER BY s.started_at, s.id", (iso(since),))
