@@ -823,3 +823,21 @@ def test_address_parse_and_url(url: str, address: Address) -> None:
 def test_address_rejects(url: str) -> None:
     with pytest.raises(NbdError):
         Address.parse(url)
+
+
+def test_reader_dirty_extents_walk_the_bitmap_alone(tmp_path, qemu_nbd) -> None:
+    """An incremental's walk: the bitmap on a connection of its own, allocation only where dirty."""
+    image = qcow2(
+        tmp_path, 64 * MiB,
+        "write -P 0x11 0 8M",
+        bitmap="b0",
+        after=("write -P 0x22 1M 64k", "write -z 40M 128k", "write -P 0x33 60M 64k"),
+    )
+    srv = qemu_nbd(image, read_only=True, bitmap="b0", shared=4)
+    with Reader(srv.address, dirty_bitmap="b0") as r:
+        assert r.connections > 1 and r.bitmap_status() is not None
+        want = [e for e in r.changed_extents() if e.dirty]
+        assert list(r.dirty_extents()) == want == [
+            Extent(MiB, 64 * KiB, DIRTY), Extent(40 * MiB, 128 * KiB, DIRTY | Z), Extent(60 * MiB, 64 * KiB, DIRTY)]
+    with Reader(srv.address, dirty_bitmap="b0", connections=1) as r:
+        assert r.bitmap_status() is None and list(r.dirty_extents()) == want

@@ -62,6 +62,9 @@ def test_full_then_incremental_export(nos_domain):
                 changed = list(r.changed_extents())
                 assert ranges(changed, zero=False) == [(4 * MiB, 128 * 1024), (20 * MiB, K64)]
                 assert ranges(changed, zero=True) == [(8 * MiB, K64)]
+                # the incremental's walk: the bitmap alone on the second connection
+                assert r.connections > 1 and r.bitmap_status() is not None
+                assert list(r.dirty_extents()) == [e for e in changed if e.dirty]
                 got = {c.offset: bytes(c.data) for c in r.read([(4 * MiB, K64), (20 * MiB, K64)]) if c.data}
                 assert got == {4 * MiB: b"\x33" * K64, 20 * MiB: b"\x44" * K64}
     assert sorted(c.getName() for c in dom.listAllCheckpoints(0)) == ["virtnbdbackup.0", "virtnbdbackup.1"]

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmbk.nbd import status
-from vmbk.nbd.extents import DIRTY, HOLE, ZERO, Extent, clip, intersect, merge, split
+from vmbk.nbd.extents import DIRTY, HOLE, ZERO, Extent, clip, intersect, merge, spans, split
 from vmbk.nbd.status import ExtentQueries
 from vmbk.nbd.wire import ALLOCATION
 
@@ -246,3 +246,65 @@ def test_changed_extents_with_contexts_answering_different_lengths(monkeypatch, 
 def test_without_allocation_context_everything_is_data() -> None:
     fake = FakeStatus({}, {}, 64)
     assert list(fake.extents()) == [Extent(0, 64, 0)]
+
+
+def test_spans_join_close_neighbours_and_cap_their_number() -> None:
+    dirty = [Extent(0, 2, DIRTY), Extent(5, 1, DIRTY), Extent(20, 2, DIRTY)]
+    assert list(spans(dirty, 4, 8)) == [(0, 6), (20, 22)]
+    assert list(spans(dirty, 3, 8)) == [(0, 2), (5, 6), (20, 22)]
+    assert list(spans(dirty, 3, 2)) == [(0, 22)]  # too many: one span over all
+    assert list(spans([], 4, 8)) == []
+
+
+class BitmapAlone(FakeStatus):
+    """FakeStatus with a second "connection" that answers the bitmap alone, as Reader does."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.bitmap_requests: list[tuple[int, int]] = []
+
+    def bitmap_status(self):
+        def status_of_bitmap(offset: int, length: int) -> list[Extent]:
+            self.bitmap_requests.append((offset, length))
+            truth = self.truths[BITMAP]
+            run = [e for e in truth if e.end > offset]
+            run[0] = Extent(offset, run[0].end - offset, run[0].flags)
+            return clip(run[: self.answer.get(BITMAP, len(run))], offset + length)
+        return status_of_bitmap
+
+
+@given(st.data())
+def test_dirty_extents_bitmap_first_equals_the_combined_walk(data) -> None:
+    """Asking allocation only over dirty spans gives the dirty extents of the whole overlay."""
+    alloc = data.draw(st.text(alphabet="dz", min_size=1, max_size=60))
+    dirty = data.draw(st.text(alphabet="D.", min_size=len(alloc), max_size=len(alloc)))
+    window = data.draw(st.integers(1, 70))
+    gap = data.draw(st.integers(1, 10))
+    most = data.draw(st.integers(1, 4))
+    answer = data.draw(st.integers(1, 5))
+    truths = {BITMAP: list(merge(_run(dirty))), ALLOCATION: list(merge(_run(alloc)))}
+    combined = FakeStatus(truths, {}, len(alloc))
+    first = BitmapAlone(truths, {BITMAP: answer, ALLOCATION: answer}, len(alloc))
+    old = (status.BLOCK_STATUS_WINDOW, status.DIRTY_GAP, status.DIRTY_SPANS)
+    status.BLOCK_STATUS_WINDOW, status.DIRTY_GAP, status.DIRTY_SPANS = window, gap, most
+    try:
+        want = [e for e in combined.changed_extents() if e.dirty]
+        assert list(combined.dirty_extents()) == want  # no bitmap-only connection: the combined walk
+        assert list(first.dirty_extents()) == want
+    finally:
+        status.BLOCK_STATUS_WINDOW, status.DIRTY_GAP, status.DIRTY_SPANS = old
+    # allocation is asked only where something is dirty
+    for offset, length in first.requests:
+        assert "D" in dirty[offset:offset + length]
+
+
+def test_dirty_extents_asks_allocation_only_around_the_changes(monkeypatch) -> None:
+    monkeypatch.setattr(status, "BLOCK_STATUS_WINDOW", 100)
+    monkeypatch.setattr(status, "DIRTY_GAP", 10)
+    size = 1000
+    alloc = [Extent(0, size, 0)]
+    bitmap = [Extent(0, 150, 0), Extent(150, 5, DIRTY), Extent(155, 845, 0)]
+    fake = BitmapAlone({BITMAP: bitmap, ALLOCATION: alloc}, {}, size)
+    assert list(fake.dirty_extents()) == [Extent(150, 5, DIRTY)]
+    assert fake.requests == [(150, 5)]
+    assert len(fake.bitmap_requests) == 10

@@ -1,11 +1,16 @@
 """One disk, from an NBD export into a stream file.
 
-The export is a point-in-time image (a libvirt pull-mode backup job, or a
-read-only qemu-nbd of a shut-off disk), so it can be walked twice: once to
-add up ``dataSize`` (the stream's meta header comes first and must carry
-it; virtnbdbackup does the same from a full extent list) and once to copy.
-Walking block status is cheap (metadata only), and two walks keep memory
-bounded where one stored list of extents would grow with fragmentation.
+The stream's meta header comes first and must carry ``dataSize``, so the
+extents are walked before anything is copied (virtnbdbackup does the same
+from a full extent list).  The walk is kept (`_Plan`: three integers per
+extent, at most `PLAN_LIMIT` extents, 6 MiB) and replayed for the copy.
+Walking block status is not free: on a thinly used 1 TiB qcow2 it is
+QEMU's L2 tables, ~0.7 s, most of a full backup of 64 MiB of data
+(bench/README.md, "Sparse disks"), so it is done once.  A disk more
+fragmented than that is walked again instead: the export is a
+point-in-time image (a libvirt pull-mode backup job, or a read-only
+qemu-nbd of a shut-off disk), so the second walk gives the same extents,
+and memory stays bounded whatever the disk.
 
 The second walk lays the stream out as it goes, one request ahead of the
 reader: zero frames are written and every data request gets its frame
@@ -33,6 +38,7 @@ import dataclasses
 import functools
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -82,14 +88,45 @@ class DiskResult:
     sha256: str = ""  # the stream digest (`vmbk.stream.digest`), for the manifest
 
 
+#: Extents kept from the first walk (24 bytes each); a disk with more is walked twice.
+PLAN_LIMIT = 256 * 1024
+
+
 def _plan_extents(reader: Reader, level: str) -> Iterator[Extent]:
     """Extents to write, in disk order; ZERO ones become zero frames."""
     if level == "inc":
-        for e in reader.changed_extents():
-            if e.dirty:
-                yield e
+        yield from reader.dirty_extents()
     else:
         yield from reader.extents()
+
+
+class _Plan:
+    """The extents of one walk and their data bytes; replayed, or walked again past ``limit``."""
+
+    def __init__(self, walk: Callable[[], Iterator[Extent]], limit: int = PLAN_LIMIT) -> None:
+        self._walk = walk
+        self.data_size = 0
+        self._kept: array[int] | None = array("Q")  # offset, length, flags of each extent
+        for e in walk():
+            if not e.zero:
+                self.data_size += e.length
+            if self._kept is not None:
+                if len(self._kept) >= 3 * limit:
+                    self._kept = None  # too many: the copy walks again
+                else:
+                    self._kept += array("Q", (e.offset, e.length, e.flags))
+
+    @property
+    def kept(self) -> bool:
+        return self._kept is not None
+
+    def __iter__(self) -> Iterator[Extent]:
+        if self._kept is None:
+            yield from self._walk()
+            return
+        k = self._kept
+        for i in range(0, len(k), 3):
+            yield Extent(k[i], k[i + 1], k[i + 2])
 
 
 def _lay_out(
@@ -121,7 +158,8 @@ def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult
         kwargs["connections"] = job.connections  # type: ignore[assignment]
     with Reader(job.address, **kwargs) as reader:  # type: ignore[arg-type]
         size = reader.size
-        data_size = sum(e.length for e in _plan_extents(reader, job.level) if not e.zero)
+        plan = _Plan(functools.partial(_plan_extents, reader, job.level))
+        data_size = plan.data_size
         meta = StreamMeta(
             virtual_size=size,
             data_size=data_size,
@@ -135,7 +173,7 @@ def backup_disk(job: DiskBackup, progress: Progress | None = None) -> DiskResult
         )
         done = 0
         with write_stream_atomic(job.path, meta, mode=job.mode) as writer:
-            reads = _lay_out(writer, _plan_extents(reader, job.level), reader.request_size, job.cancel)
+            reads = _lay_out(writer, iter(plan), reader.request_size, job.cancel)
             # Uncompressed, every frame's place is known: each is written as it
             # comes.  A compressed one's place is known once the frames before
             # it are compressed: it waits (window: how many may) for them.

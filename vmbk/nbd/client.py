@@ -32,7 +32,10 @@ class Client(ExtentQueries):
 
     ``dirty_bitmap`` names a qemu dirty bitmap to negotiate as
     ``qemu:dirty-bitmap:NAME`` beside ``base:allocation``; if the server
-    does not offer it, HandshakeError.  ``timeout`` bounds every wait for
+    does not offer it, HandshakeError.  ``allocation=False`` leaves
+    ``base:allocation`` out: every BLOCK_STATUS reply carries every
+    negotiated context, and the server works out allocation for the whole
+    range asked (`ExtentQueries.dirty_extents` walks the bitmap alone).  ``timeout`` bounds every wait for
     the server (seconds without progress), ``connect_timeout`` the connect
     and handshake (default: ``timeout``).
     """
@@ -42,13 +45,14 @@ class Client(ExtentQueries):
         address: Address | str,
         *,
         dirty_bitmap: str | None = None,
+        allocation: bool = True,
         timeout: float | None = 60.0,
         connect_timeout: float | None = None,
         max_in_flight: int = 16,
     ) -> None:
         self.address = Address.parse(address) if isinstance(address, str) else address
         self._dirty_bitmap = wire.DIRTY_BITMAP_PREFIX + dirty_bitmap if dirty_bitmap else None
-        contexts = [wire.ALLOCATION] + ([self._dirty_bitmap] if self._dirty_bitmap else [])
+        contexts = ([wire.ALLOCATION] if allocation else []) + ([self._dirty_bitmap] if self._dirty_bitmap else [])
         ctimeout = connect_timeout if connect_timeout is not None else timeout
         self._closed = False
         sock = self.address.connect(ctimeout)

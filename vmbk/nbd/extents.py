@@ -151,3 +151,27 @@ def split(extents: Iterable[Extent | tuple[int, int]], size: int) -> Iterator[tu
             n = min(size, end - offset)
             yield offset, n
             offset += n
+
+
+def spans(extents: Iterable[Extent], gap: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, end) ranges covering ``extents``, neighbours closer than ``gap`` joined.
+
+        gap 4:   [0 a 2)   [5 b 6)            [20 c 22)
+        out:     (0,           6)             (20,   22)
+
+    More than ``most`` ranges: one range from the first start to the last
+    end instead.  For an incremental backup the extents are the dirty ones
+    of one window of the bitmap, the ranges where allocation is asked: a
+    few requests over what changed instead of one over all the window
+    (on a thinly used qcow2 the server reads an L2 table per GiB for it),
+    and never more than ``most`` per window however scattered the writes.
+    """
+    out: list[tuple[int, int]] = []
+    for e in extents:
+        if out and e.offset - out[-1][1] < gap:
+            out[-1] = (out[-1][0], e.end)
+        else:
+            out.append((e.offset, e.end))
+    if len(out) > most:
+        out = [(out[0][0], out[-1][1])]
+    yield from out

@@ -154,8 +154,12 @@ class Reader(ExtentQueries):
             want = max(1, connections) if first.can_multi_conn else 1
             extra_timeout = min(connect_timeout or timeout or EXTRA_CONNECT_TIMEOUT, EXTRA_CONNECT_TIMEOUT)
             while len(self._clients) < want:
+                # the second connection of an incremental negotiates the bitmap
+                # alone, for `dirty_extents` (it reads like the others)
+                only = dirty_bitmap if len(self._clients) == 1 else None
                 try:
-                    extra = Client(first.address, timeout=timeout, connect_timeout=extra_timeout)
+                    extra = Client(first.address, timeout=timeout, connect_timeout=extra_timeout,
+                                   dirty_bitmap=only, allocation=only is None)
                     self._clients.append(extra)
                 except NbdError as e:
                     log.warning("%s: using %d connections: %s", first.address, len(self._clients), e)
@@ -204,9 +208,20 @@ class Reader(ExtentQueries):
         if self._inline:
             self._check_usable()
             return self.client.block_status(offset, length)  # reads in flight are routed on the way
-        task = _Task(offset, length, None)
-        task.call = lambda c: c.block_status(offset, length)
-        self._submit(0, task)
+        return self._call(0, lambda c: c.block_status(offset, length))
+
+    def bitmap_status(self) -> Callable[[int, int], list[Extent]] | None:
+        """The second connection's block status, when it negotiated the dirty bitmap alone."""
+        if self._inline or self.client.dirty_bitmap is None or self._clients[1].contexts != (self.dirty_bitmap,):
+            return None
+        name = self.client.dirty_bitmap
+        return lambda offset, length: self._call(1, lambda c: c.block_status(offset, length)[name])
+
+    def _call(self, i: int, fn: Callable[[Client], Any]) -> Any:
+        """fn(client i) on the thread that owns connection i."""
+        task = _Task(0, 0, None)
+        task.call = fn
+        self._submit(i, task)
         task.done.wait()
         if task.error is not None:
             raise task.error
