@@ -163,6 +163,7 @@ def from_mapping(data: Mapping[str, Any], *, instance: str, source: Path | None)
         exclude=r.str_list("exclude"),
         fstrim=r.bool("fstrim", True),
         fstrim_exclude=r.str_list("fstrim_exclude"),
+        memory_pause_timeout=r.int("memory_pause_timeout", 60, lo=1),
         vms={name: _override(t, f"{where} [vm.{name!r}]") for name, t in r.table("vm").items()},
         replication=tuple(
             _replication(t, f"{where} [[replication]] #{i + 1}") for i, t in enumerate(r.table_list("replication"))
@@ -228,6 +229,7 @@ def _override(data: Any, where: str) -> VmOverride:
         compression=r.choice("compression", COMPRESSIONS, None),
         fstrim=r.opt_bool("fstrim"),
         exclude=r.bool("exclude", False),
+        memory=r.bool("memory", False),
     )
     r.done()
     return ov

@@ -56,6 +56,8 @@ class VmOverride:
     compression: str | None = None
     fstrim: bool | None = None
     exclude: bool = False
+    #: ``memory = true``: save the guest's RAM and device state with each backup of it while running.
+    memory: bool = False
 
 
 SYNC_MODES = ("mirror", "accumulate", "append-only")
@@ -287,6 +289,8 @@ class Config:
     exclude: tuple[str, ...] = ()
     fstrim: bool = True
     fstrim_exclude: tuple[str, ...] = ()
+    #: The longest guest pause a memory state save may cost (seconds): past it the backup goes on without it.
+    memory_pause_timeout: int = 60
     vms: Mapping[str, VmOverride] = dataclasses.field(default_factory=dict)
     replication: tuple[Replication, ...] = ()
     replication_options: ReplicationOptions = ReplicationOptions()
@@ -345,6 +349,11 @@ class Config:
         if not self.fstrim:
             return False
         return not any(fnmatch.fnmatchcase(vm, p) for p in self.fstrim_exclude)
+
+    def memory_for(self, vm: str) -> bool:
+        """Does a backup of ``vm`` save its memory state (``memory = true`` in its ``[vm.NAME]``)?"""
+        override = self.vms.get(vm)
+        return bool(override and override.memory)
 
     def compression_for(self, vm: str) -> str:
         override = self.vms.get(vm)

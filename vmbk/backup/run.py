@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from vmbk.backup import memory
 from vmbk.backup.history import History
 from vmbk.backup.vm import BackupOptions, backup_vm
 from vmbk.cancel import Cancel
@@ -76,8 +77,10 @@ class BackupRun:
     """
 
     def __init__(self, cfg: Config, root: Path, hosts: Sequence[Host], now: _dt.datetime, *, dry_run: bool,
-                 cancel: Cancel, progress: Board | None) -> None:
+                 cancel: Cancel, progress: Board | None, with_memory: bool = False) -> None:
         self.cfg = cfg
+        #: ``--with-memory``: every running VM's memory state, whatever its ``memory`` setting.
+        self.with_memory = with_memory
         self.root = root
         self.hosts = tuple(hosts)
         self.now = now
@@ -148,7 +151,9 @@ class BackupRun:
         lz4 = self.cfg.compression_for(vm) == "lz4"
         return BackupOptions(backup_path=root or self.root, compression=self.cfg.compression_level if lz4 else None,
                        fstrim=self.cfg.fstrim_for(vm), dry_run=self.dry_run, cancel=self.cancel,
-                       progress=self.progress, default_policy=self.cfg.policy, files=files)
+                       progress=self.progress, default_policy=self.cfg.policy, files=files,
+                       memory=self.with_memory or self.cfg.memory_for(vm),
+                       memory_timeout=float(self.cfg.memory_pause_timeout))
 
     def handle(self, rec: Record, session: str) -> Iterator[Record]:
         """The ``backup`` record of one ``plan`` record."""
@@ -169,6 +174,8 @@ class BackupRun:
             raise
         history.backup(session, planned, out, started_at)
         yield out
+        if (refused := memory.error_of(out)) is not None:  # the disks are backed up, the state is not
+            yield error_record(refused, stage=PROG, session=session, vm=planned.name)
 
     def _backup(self, planned: PlannedVm, session: str, host: Host) -> Record:
         root = self.root_of(host)

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from vmbk.backup.memory import StateSave
 from vmbk.errors import DependencyError, ToolError
 from vmbk.nbd import Address
 from vmbk.virt.backupjob import BACKUP_PREFIX, BackupJob, job_dir
@@ -42,16 +43,25 @@ QEMU_NBD_START_TIMEOUT = 30.0
 @contextlib.contextmanager
 def libvirt_export(
     dom: Any, *, disks: Sequence[str], skip: Sequence[str], checkpoint: str | None, parent: str | None,
-    checkpoint_disks: Sequence[str], agent: bool, files: HostFiles = LOCAL,
+    checkpoint_disks: Sequence[str], agent: bool, files: HostFiles = LOCAL, memory: StateSave | None = None,
 ) -> Iterator[tuple[dict[str, Address], str]]:
-    """Start a pull backup job; yield ({target: address}, consistency)."""
+    """Start a pull backup job; yield ({target: address}, consistency).
+
+    ``memory``: the guest's RAM and device state are saved while it is
+    paused, before ``backupBegin`` fixes the disks' view (`vmbk.backup.memory`:
+    libvirt cannot save a domain's memory while a backup job runs).
+    """
     with files.job_dir(BACKUP_PREFIX) as work:
         sock = Path(work) / "nbd.sock"
         job = BackupJob(dom, socket=sock, disks=disks, skip=skip, scratch_dir=Path(work),
                         checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks)
         with job:
-            with quiesced(dom, agent=agent) as consistency:
+            with quiesced(dom, agent=agent, memory=memory is not None) as consistency:
+                if memory is not None:
+                    memory.save(Path(work), consistency)
                 job.begin()
+            if memory is not None:
+                memory.resumed()
             with files.reach(str(sock)) as local:
                 yield {t: Address.unix(str(local), t) for t in disks}, consistency
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmbk.backup import bitlocker, sidefiles
+from vmbk.backup import bitlocker, memory, sidefiles
 from vmbk.backup.disk import DiskBackup, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
@@ -60,6 +60,10 @@ class BackupOptions:
     #: The VM's host's files (`vmbk.virt.hostfiles`): this machine's, or a
     #: ``qemu+ssh://`` host's over ssh (job directory, sockets, side files).
     files: HostFiles = LOCAL
+    #: Save the guest's RAM and device state with a running VM's disks (`vmbk.backup.memory`).
+    memory: bool = False
+    #: The longest pause the state save may cost (``memory_pause_timeout``): past it, no state.
+    memory_timeout: float = 60.0
 
 
 def _copy(job: DiskBackup, board: Board | None, label: str) -> DiskResult:
@@ -122,6 +126,10 @@ class Outcome:
     disks: list[DiskResult] = dataclasses.field(default_factory=list)
     files: list[Path] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: The record's ``memory`` (None: not asked for).
+    memory: dict[str, Any] | None = None
+    #: The state file and its digest, for the point's manifest.
+    state: tuple[Path, str] | None = None
 
 
 def _lookup(conn: Any, name: str) -> Any:
@@ -168,8 +176,30 @@ def _copy_online(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOpt
     agent = bool(vm.agent)
     if opts.fstrim and agent and vm.fstrim is not False:
         _fstrim(dom)
+    saver = None
+    if opts.memory:
+        saver = memory.StateSave(dom, target_dir, names.ident(plan.action, checkpoint), checkpoint=checkpoint,
+                                 timeout=opts.memory_timeout, remote=opts.files is not LOCAL)
+        out.memory = saver.record()
+    try:
+        _export_and_copy(dom, planned, target_dir, opts, out, saver if saver and saver.wanted else None,
+                         wanted, skip, checkpoint, parent, cp_disks, agent)
+    except BaseException:
+        if saver is not None:
+            saver.abandon()
+        raise
+    if saver is not None:
+        out.memory = saver.record()
+
+
+def _export_and_copy(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOptions, out: Outcome,
+                     saver: memory.StateSave | None, wanted: list[str], skip: list[str], checkpoint: str | None,
+                     parent: str | None, cp_disks: list[str], agent: bool) -> None:
+    plan, vm = planned.plan, planned.vm
+    modes = {d.target: d.mode for d in plan.disks}
     with libvirt_export(dom, disks=wanted, skip=skip, checkpoint=checkpoint, parent=parent,
-                        checkpoint_disks=cp_disks, agent=agent, files=opts.files) as (addresses, consistency):
+                        checkpoint_disks=cp_disks, agent=agent, files=opts.files,
+                        memory=saver) as (addresses, consistency):
         out.consistency = consistency
         if checkpoint:
             out.files.append(sidefiles.write_checkpoint_xml(
@@ -186,6 +216,11 @@ def _copy_online(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOpt
                           compression=opts.compression)
             jobs.append(functools.partial(_online_copy, job, opts.progress, f"{dom.name()}/{target}"))
         out.disks += _all_disks(jobs, opts.cancel)
+        if saver is not None:  # still in the job's directory: the spool is there
+            state = saver.finish(opts.cancel)
+            out.files += state
+            if state and saver.sha256:
+                out.state = (saver.path, saver.sha256)
 
 
 def _device(vm: VmFacts, target: str) -> str:
@@ -201,6 +236,8 @@ def _format(vm: VmFacts, target: str) -> str | None:
 def _copy_offline(planned: PlannedVm, target_dir: Path, opts: BackupOptions, out: Outcome) -> None:
     plan = planned.plan
     out.consistency = "offline"
+    if opts.memory:
+        out.memory = memory.not_running(plan.name)
     jobs: list[Callable[[Cancel], DiskResult]] = []
     for d in plan.disks:
         if d.mode == "skip":
@@ -271,7 +308,8 @@ def _commit(planned: PlannedVm, target_dir: Path, tag: str, checkpoint: str | No
     out.files.append(path)
     manifest_write.write_point(
         target_dir, vm=plan.name, uuid=planned.vm.uuid, level=plan.action, checkpoint=checkpoint, files=written,
-        streams={r.path: r.sha256 for r in out.disks if r.sha256}, cpt=(cpt[0].name, cpt[2]) if cpt else None,
+        streams={**{r.path: r.sha256 for r in out.disks if r.sha256}, **dict([out.state] if out.state else [])},
+        cpt=(cpt[0].name, cpt[2]) if cpt else None,
         checkpoints=cpt[1] if cpt else None, signer=signer)
     if cpt:
         write_file_atomic(cpt[0], cpt[2])
@@ -374,4 +412,4 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
               "seconds": round(r.seconds, 3)} for r in out.disks]
     return {**base, "outcome": "ok", "consistency": out.consistency, "disks": disks,
             "bytes": sum(r.stored_size for r in out.disks), "duration": round(time.monotonic() - started, 3),
-            "events": out.events}
+            "events": out.events, "memory": out.memory}

@@ -17,11 +17,26 @@ and NVRAM, TPM state and qemu-img facts are read over ssh.  With several
 hosts configured the tree is BACKUP_PATH/HOST/VM/ (one host keeps
 BACKUP_PATH/VM/); --vm HOST/NAME names a VM of one host.
 
+With --with-memory (or memory = true in a VM's [vm.NAME] section) the
+guest's RAM and device state are saved too, at the instant the disks'
+point in time is fixed: the VM is paused, libvirt writes its state, the
+backup job begins, the VM resumes; the pause (memory.pause_seconds in the
+record) is about the time to write the used RAM into the page cache, at
+most memory_pause_timeout seconds (60), past which the backup goes on
+without the state.  The state goes into the restore point, lz4-compressed,
+as vmstate.CHECKPOINT.lz4 (root only) beside vmstate.CHECKPOINT.json,
+its manifest (host, machine, CPUs, memory, devices, hashes), for
+vmbk-restore --resume.  A VM with a device whose state cannot be saved
+(host device passthrough, virtiofs, ivshmem peer, a host CPU that cannot
+migrate) gets its disks backed up as usual and an error record naming
+the device (exit 9 for the run).  A shut-off VM has no memory to save.
+
 Options:
   --vm NAMES               Back up these VMs (comma-separated or repeated).
   --jobs N                 VMs backed up at once; each VM's disks always go in parallel [default: 1].
   --now ISO8601            Plan as if it were this time (with VM names).
   --dry-run                Show what would be done; write nothing.
+  --with-memory            Also save each running VM's RAM and device state (as memory = true does).
   --connect URI            libvirt URI [default from the config's hosts or connect, LIBVIRT_DEFAULT_URI, qemu:///system].
   --config-instance NAME   Configuration instance (also VMBK_INSTANCE).
   --backup-path DIR        Backup root; wins over the configuration.
@@ -55,7 +70,7 @@ def body(args: dict[str, Any], ctx: cli.Context) -> int:
     cancel = Cancel()
     os.umask(UMASK)
     run = BackupRun(cfg, root, hosts_for(cfg, common.connect), now, dry_run=dry_run, cancel=cancel,
-                    progress=board_for(ctx.stderr))
+                    progress=board_for(ctx.stderr), with_memory=bool(args["--with-memory"]))
     source = (lambda session: run.plan(common.vms, session)) if common.vms else None
     try:
         return run_stage(ctx, common, {"plan"}, run.handle, source=source, finish=run.end, jobs=jobs, cancel=cancel,

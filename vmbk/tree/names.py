@@ -23,6 +23,9 @@ either tool are read by vmbk and the other way round::
                                        domain XML as vmbackup keeps it (vmrestore reads it)
         .tpm-backup-marker             vmbackup's "this chain has TPM state"
         vmbk.<ident>.manifest          vmbk's signed list of a point's files and hashes
+        vmstate.<checkpoint>.lz4       the guest's RAM and device state at the point (lz4 frames
+                                       of libvirt's save image; root only), ``--with-memory``
+        vmstate.<checkpoint>.json      its state manifest: what it needs to resume, its hashes
     <vm>/chain-manifest.json           vmbackup's manifest of restore points
     .deleting-<vm>/                    a VM directory being deleted
     _state/                            catalogue and locks, never a VM
@@ -427,3 +430,20 @@ def manifest_ident(name: str) -> str | None:
     if name.startswith("vmbk.") and name.endswith(MANIFEST_SUFFIX) and len(name) > 5 + len(MANIFEST_SUFFIX):
         return name[5:-len(MANIFEST_SUFFIX)]
     return None
+
+
+#: A point's saved memory and device state (`vmbk.tree.state`): the lz4 frames of
+#: libvirt's save image, and the state manifest beside it.
+STATE_PREFIX = "vmstate."
+STATE_SUFFIX = ".lz4"
+STATE_MANIFEST_SUFFIX = ".json"
+
+
+def state_name(ident_: str) -> str:
+    """A point's saved RAM and device state: ``vmstate.<ident>.lz4``."""
+    return f"{STATE_PREFIX}{ident_}{STATE_SUFFIX}"
+
+
+def state_manifest_name(ident_: str) -> str:
+    """What the saved state needs to resume, and its hashes: ``vmstate.<ident>.json``."""
+    return f"{STATE_PREFIX}{ident_}{STATE_MANIFEST_SUFFIX}"

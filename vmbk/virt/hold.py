@@ -238,6 +238,9 @@ def undo(dom: Any, marker: dict[str, Any], *, inflight: bool = False) -> str | N
     state, reason = dom.state()
     try:
         if marker["action"] == "paused":
+            if marker.get("memory_save"):
+                abort_state_save(dom)
+                state, reason = dom.state()
             if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
                 settle_backup_begin(dom)
                 dom.resume()
@@ -260,6 +263,34 @@ def undo(dom: Any, marker: dict[str, Any], *, inflight: bool = False) -> str | N
     except libvirt.libvirtError as e:
         raise LibvirtError(f"cannot undo the {marker['action']} state vmbk left on {name!r}: "
                            f"{e.get_error_message()}", vm=name) from None
+
+
+def abort_state_save(dom: Any, timeout: float = BEGIN_SETTLE) -> None:
+    """End a memory state save (`vmbk.virt.memstate.save`) the dead holder left running.
+
+    libvirt does not let a resume in while the save's job runs (it would
+    wait for it, for as long as QEMU writes the RAM, into a file nobody
+    reads any more): the save is aborted, which leaves the domain paused
+    as it was, and the caller resumes it.  Waits until the job is gone.
+    """
+    libvirt = libvirt_module()
+    snapshot = getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION_SNAPSHOT", 6)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stats = dom.jobStats(0)
+        except libvirt.libvirtError:
+            return
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE \
+                or stats.get("operation") != snapshot:
+            return
+        try:
+            dom.abortJob()
+            log.warning("%s: aborted the memory state save of a vmbk that died", dom.name())
+        except libvirt.libvirtError as e:
+            log.info("%s: abort of the memory state save: %s", dom.name(), e.get_error_message())
+        time.sleep(0.1)
+    log.warning("%s: the memory state save did not end within %g s", dom.name(), timeout)
 
 
 def _late_suspend(dom: Any, libvirt: Any) -> bool:
@@ -415,7 +446,8 @@ class Hold:
         self.guard: subprocess.Popen[bytes] | None = None
         self.marked = False
 
-    def mark(self, action: str) -> None:
+    def mark(self, action: str, *, memory: bool = False) -> None:
+        """``memory``: the hold is for a memory state save (undone by aborting a save in flight first)."""
         assert action in ACTIONS
         if self.guard is None:
             self.guard = _start_guard(self.path)
@@ -434,6 +466,8 @@ class Hold:
             "guard_start": _proc_start(self.guard.pid) if self.guard else None,
             "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
+        if memory:
+            data["memory_save"] = True
         if self.marked:
             _write_marker(self.path, data, replace=True)
             return

@@ -100,8 +100,14 @@ def _resume(dom: Any) -> bool:
 
 
 @contextlib.contextmanager
-def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = FREEZE_TIMEOUT) -> Iterator[str]:
-    """Freeze (or pause) the guest for the body; yield the level reached."""
+def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = FREEZE_TIMEOUT,
+             memory: bool = False) -> Iterator[str]:
+    """Freeze (or pause) the guest for the body; yield the level reached.
+
+    ``memory``: the body saves the guest's memory state (`vmbk.backup.memory`):
+    always a pause (a frozen guest would be saved frozen), and the marker
+    says so, so that a guard aborts a save left in flight before it resumes.
+    """
     libvirt = libvirt_module()
     with signals_deferred():
         level = "crash"
@@ -111,12 +117,12 @@ def quiesced(dom: Any, *, agent: bool, allow_pause: bool = True, timeout: int = 
             return
         hold = Hold(dom)
         try:
-            if agent:
+            if agent and not memory:
                 hold.mark("frozen")  # durable before the freeze is asked for
                 if _freeze(dom, timeout):
                     level = "frozen"
             if level == "crash" and allow_pause:
-                hold.mark("paused")
+                hold.mark("paused", memory=memory)
                 if _pause(dom):
                     level = "paused"
             if level != "crash":
