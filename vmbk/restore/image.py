@@ -212,7 +212,7 @@ def build(job: DiskRestore, *, verify: bool = False, stop: Callable[[], None] | 
 
     try:
         try:
-            write_qcow2(job.sources, job.partial, _writable_options(job), check=check)
+            write_qcow2(job.sources, job.partial, writable_options(job), check=check)
         except Exception:
             if checker is not None:  # a corrupt stream: say what its checksum says
                 checker.result()
@@ -229,7 +229,7 @@ def build(job: DiskRestore, *, verify: bool = False, stop: Callable[[], None] | 
     return Built(job.disk, time.monotonic() - started, job.data_bytes, unchecked)
 
 
-def _writable_options(job: DiskRestore) -> tuple[str, ...]:
+def writable_options(job: DiskRestore) -> tuple[str, ...]:
     """job.qcow_options without the ones the writer cannot make (warned about)."""
     keep = []
     for opt in job.qcow_options:

@@ -42,12 +42,13 @@ from vmbk.clock import now_iso
 from vmbk.errors import StorageError, UsageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
 from vmbk.records import Record, error_record
-from vmbk.restore import crosshost, define, domainxml, history, image, inplace, livedisks, pools, remap, report, tpm
+from vmbk.restore import (crosshost, define, domainxml, history, image, inplace, livedisks, pools, remap, remote,
+                          report, resume, tpm)
 from vmbk.restore.preflight import RestoreOptions, RestorePlan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt import hold
 from vmbk.virt.connection import LibvirtError, open_connection
-from vmbk.virt.hostfiles import files_for
+from vmbk.virt.hostfiles import LOCAL, HostFiles, RemoteFiles, files_for
 from vmbk.virt.remote import is_remote
 
 log = logging.getLogger("vmbk.restore")
@@ -60,26 +61,38 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
     if opts.dry_run:
         _dry_run(ref, opts, uri=uri, session=session, emit=emit)
         return
-    if is_remote(uri):
-        # the preflight (--dry-run) reads the far host; writing there is not built yet (README, "backup server")
-        raise UsageError(f"restoring onto {uri} writes its files on that host, which this vmbk does not do yet: "
-                         "--dry-run checks the host; restore on it (vmbk-restore there, the tree mounted or copied)")
+    if is_remote(uri) and opts.mode == "inplace":
+        raise UsageError(f"an in-place disk restore onto {uri} is not built: --restore-path DIR (on that host) "
+                         "restores the disks beside")
     started_at, t0 = now_iso(), time.monotonic()
     plan: RestorePlan | None = None
+    resuming: resume.Resuming | None = None
     try:
-        with vm_lock(ref):
+        with vm_lock(ref), _host_files(uri) as files:
             source = load(ref)
             with _connection(uri, required=opts.defines or opts.mode == "inplace", write=True) as conn:
                 healed = hold.heal_named(conn, source.vm)  # the pause/freeze a killed vmbk left
-                opts, verdict = _cross_host(source, opts, conn, uri)
+                opts, verdict = _cross_host(source, opts, conn, files)
                 if verdict is not None:
                     verdict.raise_if_problems(source.vm, _host_label(uri))
-                plan = _with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict)
-                replace = preflight(plan, conn, opts)
-                outcome = _execute(plan, conn, opts, replace, verdict)
+                plan = _on_host(_with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict),
+                                files, opts)
+                if opts.resume:
+                    resume.single_use(plan, opts)
+                replace = preflight(plan, conn, opts, files)
+                resuming = resume.prepare(plan, conn, _domain_xml(plan, opts, verdict)[0]) if opts.resume else None
+                if isinstance(files, RemoteFiles):  # another host: its files over ssh (vmbk.restore.remote)
+                    xml, warnings = _domain_xml(plan, opts, verdict)
+                    outcome = remote.execute(plan, conn, opts, replace, xml, warnings, files)
+                else:
+                    outcome = _execute(plan, conn, opts, replace, verdict)
                 outcome.warnings[:0] = healed
-                _after(plan, conn, outcome)
+                _after(plan, conn, outcome, files)
+                if resuming is not None:  # the disks of that point are in place: its state now (restore/resume)
+                    outcome.resumed = resuming.resume(conn)
     except BaseException as e:
+        if resuming is not None:
+            resuming.discard()
         history.record(ref, opts, plan, started_at, t0, e)
         raise
     history.record(ref, opts, plan, started_at, t0, outcome.tpm_error)
@@ -101,15 +114,24 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
     failed: list[VmbkError] = []
     # read-write when it can be had: a read-only connection hides the domain
     # capabilities the cross-host checks need, and the dry run must check what the restore will
-    with _connection(uri, required=opts.mode == "inplace", write=True) as conn:
-        opts, verdict = _cross_host(source, opts, conn, uri)
+    with _connection(uri, required=opts.mode == "inplace", write=True) as conn, _host_files(uri) as files:
+        opts, verdict = _cross_host(source, opts, conn, files)
         if verdict is not None and verdict.problems:
             failed += [remap.PreflightError(str(p), vm=source.vm) for p in verdict.problems]
         plan = _with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict)
         try:
-            preflight(plan, conn, opts)
+            plan = _on_host(plan, files, opts)
+            if opts.resume:
+                resume.single_use(plan, opts)
+            preflight(plan, conn, opts, files)
         except VmbkError as e:
             failed.append(e)
+        if opts.resume:
+            try:
+                _st, problems = resume.check(plan, conn, _domain_xml(plan, opts, verdict)[0])
+                failed += [resume.StateError(p, vm=source.vm) for p in problems]
+            except VmbkError as e:
+                failed.append(e)
     for job in plan.jobs:
         emit(report.disk_record(plan, job, session, "dry-run", None))
     emit(report.summary(plan, session, "dry-run", report.Outcome(), 0.0, blocked=[str(e) for e in failed]))
@@ -158,7 +180,7 @@ def _connection(uri: str | None, *, required: bool, write: bool) -> Iterator[Any
                 conn.close()
 
 
-def preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
+def preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions, files: HostFiles = LOCAL) -> bool:
     """All checks; True when a shut-off namesake must be undefined first.
 
     The VM's name first (a VM problem), then files of domains, then files
@@ -172,24 +194,36 @@ def preflight(plan: RestorePlan, conn: Any, opts: RestoreOptions) -> bool:
         replaceable = plan.name if opts.defines else plan.source.vm
         livedisks.check_targets(plan.targets, livedisks.files_in_use(conn), replaceable=replaceable,
                                 force=opts.force or plan.mode == "inplace")
-    check_existing(plan, force=opts.force)
-    check_space(plan)
+    if not isinstance(files, RemoteFiles):  # else _on_host checked the host's files
+        check_existing(plan, force=opts.force)
+        check_space(plan)
     return replace
 
 
+@contextlib.contextmanager
+def _host_files(uri: str | None) -> Iterator[HostFiles]:
+    """The files of the host the restore writes to: here, or over ssh (one control master per restore)."""
+    files = files_for(uri) if uri is not None and is_remote(uri) else LOCAL
+    try:
+        yield files
+    finally:
+        files.close()
+
+
+def _on_host(plan: RestorePlan, files: HostFiles, opts: RestoreOptions) -> RestorePlan:
+    """Another host's: its files and free space checked there (`vmbk.restore.remote`)."""
+    return remote.on_host(plan, files, force=opts.force) if isinstance(files, RemoteFiles) else plan
+
+
 def _cross_host(source: Any, opts: RestoreOptions, conn: Any,
-                uri: str | None) -> tuple[RestoreOptions, crosshost.Verdict | None]:
+                files: HostFiles) -> tuple[RestoreOptions, crosshost.Verdict | None]:
     """The target's preflight (`vmbk.restore.crosshost`); the options with the disks' places."""
     if conn is None or not opts.defines:
         if opts.restore_path is None and opts.mode in ("dr", "clone"):
             raise UsageError("--restore-path is required without a libvirt connection (the disks' places "
                              "are looked up on the host)")
         return opts, None
-    files = files_for(uri or "qemu:///system")
-    try:
-        verdict = crosshost.check(source, opts, conn, files)
-    finally:
-        files.close()
+    verdict = crosshost.check(source, opts, conn, files)
     if verdict is not None and verdict.placements:
         opts = dataclasses.replace(opts, placements=tuple(verdict.placements.items()))
     elif verdict is not None and opts.restore_path is None and not verdict.problems:
@@ -224,11 +258,7 @@ def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool,
             make_dirs(nvram_dst.parent)
             _stage(staged, nvram_dst, lambda p: shutil.copyfile(nvram_src, p))
         if opts.defines and plan.config is not None and plan.xml_target is not None:
-            xml, out.warnings = domainxml.restored_xml(
-                plan.config.xml, disks={j.disk: j.target for j in plan.jobs}, nvram=plan.nvram_target,
-                new_name=plan.name if plan.mode == "clone" else None)
-            if verdict is not None:  # onto this host's networks, firmware, machine types (crosshost)
-                xml = verdict.apply(xml, tpm=not opts.skip_tpm)
+            xml, out.warnings = _domain_xml(plan, opts, verdict)
             _stage(staged, plan.xml_target, lambda p: p.write_text(xml, encoding="utf-8"))
         out.saved = save_aside(plan.aside)
         if replace:
@@ -259,14 +289,27 @@ def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool,
     return out
 
 
-def _after(plan: RestorePlan, conn: Any, out: report.Outcome) -> None:
+def _domain_xml(plan: RestorePlan, opts: RestoreOptions, verdict: crosshost.Verdict | None) -> tuple[str, list[str]]:
+    """The XML to define and its warnings ("" when the restore defines nothing)."""
+    if not opts.defines or plan.config is None or plan.xml_target is None:
+        return "", []
+    xml, warnings = domainxml.restored_xml(
+        plan.config.xml, disks={j.disk: j.target for j in plan.jobs}, nvram=plan.nvram_target,
+        new_name=plan.name if plan.mode == "clone" else None)
+    if verdict is not None:  # onto the host's networks, firmware, machine types (crosshost)
+        xml = verdict.apply(xml, tpm=not opts.skip_tpm)
+    return xml, warnings
+
+
+def _after(plan: RestorePlan, conn: Any, out: report.Outcome, files: HostFiles = LOCAL) -> None:
     """Once the files are in place: TPM state, then the storage pool."""
     if plan.tpm_source is not None:
         uuid = (out.domain or {}).get("uuid") or (plan.config.uuid if plan.config else None)
         try:
             if not uuid:
                 raise VmError("the restored VM's UUID is unknown", vm=plan.source.vm)
-            out.tpm, out.tpm_saved = tpm.restore(plan.tpm_source, uuid)
+            out.tpm, out.tpm_saved = (remote.put_tpm(files, plan.tpm_source, uuid) if isinstance(files, RemoteFiles)
+                                      else tpm.restore(plan.tpm_source, uuid))
         except (OSError, ValueError, VmbkError) as e:
             why = getattr(e, "strerror", None) or str(e)
             out.tpm_error = StorageError(
