@@ -941,6 +941,9 @@ def start_session(lock_name: str, script: str) -> IO[str]:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(sys.argv[2:])
+    if {"--sparse-tib", "--fleet"} & set(sys.argv[1:]):  # issue #22's cases: bench/scale.py
+        import scale
+        return scale.main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=3.5, help="GiB of data in the test disk (default 3.5, "
                     "in a 6 GiB disk)")

@@ -204,10 +204,7 @@ class Reader(ExtentQueries):
         return self.client.dirty_bitmap
 
     def block_status(self, offset: int, length: int) -> dict[str, list[Extent]]:
-        """`Client.block_status` on the first connection, via its worker."""
-        if self._inline:
-            self._check_usable()
-            return self.client.block_status(offset, length)  # reads in flight are routed on the way
+        """`Client.block_status` on the first connection (via its worker while a read runs)."""
         return self._call(0, lambda c: c.block_status(offset, length))
 
     def bitmap_status(self) -> Callable[[int, int], list[Extent]] | None:
@@ -218,7 +215,17 @@ class Reader(ExtentQueries):
         return lambda offset, length: self._call(1, lambda c: c.block_status(offset, length)[name])
 
     def _call(self, i: int, fn: Callable[[Client], Any]) -> Any:
-        """fn(client i) on the thread that owns connection i."""
+        """fn(client i): here when no read runs (its worker is idle: nothing in flight), else
+        on the worker that owns the connection.
+
+        Here, when it can, because a hand-over to the worker and back is two
+        thread wake-ups per request: a backup's walk of a 1 TiB disk is 1024
+        of them, ~0.1 s of CPU on an idle machine, far more on a busy one.
+        Inline (one connection), reads in flight are routed on the way.
+        """
+        if self._inline or not self._reading:
+            self._check_usable()
+            return fn(self._clients[i])
         task = _Task(0, 0, None)
         task.call = fn
         self._submit(i, task)
