@@ -34,7 +34,7 @@ COLUMNS: dict[str, list[str]] = {
     "backup_vm": ["vm", "layout", "policy", "periods", "restore_points", "incomplete_points",
                   "archived_chains", "disks", "tags", "size", "last_backup", "health"],
     "chain": ["vm", "chain", "base", "restore_points", "complete", "disks", "size", "warnings"],
-    "restore_point": ["chain", "index", "date", "kind", "disks", "complete", "size", "problems"],
+    "restore_point": ["chain", "index", "date", "kind", "disks", "complete", "resumable", "size", "problems"],
     "verify": ["chain", "file", "structure", "checksum", "ok", "problems"],
     "dump": ["chain", "file", "virtual_size", "data_size", "data_frames", "zero_frames", "checkpoint", "date"],
     "restore_disk": ["vm", "disk", "restore_point", "target", "data_bytes", "outcome", "mb_per_s"],

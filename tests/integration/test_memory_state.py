@@ -76,3 +76,76 @@ def test_backup_with_memory_writes_the_state_and_its_manifest(test_guest, vm_wor
     assert counter(guest) >= before  # it runs on
     print(f"pause {mem['pause_seconds']} s, save {mem['save_seconds']} s, image {mem['image_size']} bytes, "
           f"stored {mem['size']} bytes")
+
+
+def _vm_running(conn, name: str) -> bool:
+    try:
+        return bool(conn.lookupByName(name).isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def test_dr_with_resume_continues_the_guest_from_the_backup_instant(test_guest, vm_workdir, libvirt_conn):
+    """Back up with memory, let the guest run on, DR with --resume: the same boot, the counter from then."""
+    from guest.agent import Guest
+
+    guest = test_guest()
+    name = guest.name
+    root = vm_workdir / "backups"
+    root.mkdir()
+    check = os.urandom(100_000) + f"point 0 of {name}\n".encode()
+    guest.write_file("/mnt/vda/check-0", check)
+    guest.sync()
+    while counter(guest) < 25:  # some seconds of counting: the value at the backup instant tells
+        time.sleep(0.5)
+    boot = boot_id(guest)
+    c0 = counter(guest)
+    code, recs = memory_backup(root, name)
+    c1 = counter(guest)
+    assert code == 0 and recs[0]["memory"]["saved"], recs
+    guest.write_file("/mnt/vda/after-backup", b"written after the backup\n")
+    guest.sync()
+    time.sleep(8)
+    live = counter(guest)
+    assert live > c1 + 20  # it ran on
+    guest.dom.destroy()
+
+    code, recs = list_points(root, name)
+    assert code == 0 and [p["resumable"] for p in recs if p["type"] == "restore_point"] == [True]
+
+    dest = vm_workdir / "dr"
+    t0 = time.monotonic()
+    code, recs = run_restore("--backup-path", str(root), "--vm", name, "--restore-path", str(dest), "--resume",
+                             "--force")
+    assert code == 0, [r.get("message") for r in recs]
+    summary = recs[-1]
+    assert summary["type"] == "restore" and summary["mode"] == "dr"
+    resumed = summary["resumed"]
+    assert resumed["running"] and resumed["image_size"] > 0
+    dom = libvirt_conn.lookupByName(name)
+    assert dom.isActive() and str(dest) in dom.XMLDesc(0)
+    back = Guest(dom)
+    back.wait_agent(timeout=60)
+    c2 = counter(back)
+    elapsed = time.monotonic() - t0
+    print(f"counter: {c0} before the backup, {c1} after it, {live} when destroyed, {c2} resumed "
+          f"({elapsed:.1f} s after the restore began); resume {resumed['resume_seconds']} s, "
+          f"unpack {resumed['unpack_seconds']} s")
+    assert boot_id(back) == boot  # not booted: resumed
+    assert c0 <= c2 < live, (c0, c1, live, c2)
+    assert c2 <= c1 + elapsed / 0.2 + 10  # from the backup instant, not from where it was destroyed
+    assert back.read_file("/mnt/vda/check-0") == check  # the disk checkfile of that point
+    with pytest.raises(Exception):
+        back.read_file("/mnt/vda/after-backup")
+
+    # single use: the state was resumed on these disks; the guest ran on them
+    dom.destroy()
+    code, recs = run_restore("--backup-path", str(root), "--vm", name, "--restore-path", str(dest), "--resume")
+    assert code == 5 and recs[-1]["type"] == "error" and recs[-1]["kind"] == "state", recs
+    assert "resumed on these disks" in recs[-1]["message"]
+    assert not libvirt_conn.lookupByName(name).isActive()
+    assert not list(dest.glob(".*vmstate*"))
+
+
+def list_points(root: Path, name: str) -> tuple[int, list[dict]]:
+    return run_restore("--backup-path", str(root), "--list-restore-points", name)

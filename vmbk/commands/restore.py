@@ -6,7 +6,7 @@ Usage:
   vmbk-restore --verify VM [--deep] [options]
   vmbk-restore --dump VM [options]
   vmbk-restore --vm VM [--restore-path DIR] [--disk DISKS] [--remap-network MAP]... [--remap-pool MAP]...
-               [--remap-dir MAP]... [options]
+               [--remap-dir MAP]... [--resume] [options]
   vmbk-restore --vm VM --serve [--socket PATH | --listen ADDR] [--disk DISKS] [options]
   vmbk-restore --vm VM --mount DIR [--disk DISKS] [options]
   vmbk-restore --vm VM --instant --restore-path DIR [options]
@@ -91,6 +91,25 @@ export goes away before the copy is done, the guest gets I/O errors, never
 wrong data.  The streams' .chksum are checked before anything is served
 (--no-verify skips it).
 
+Resuming where it was.  A restore point saved with vmbk-backup
+--with-memory holds the guest's RAM and device state (--list-restore-points
+says resumable).  With --resume, a disaster recovery or a clone checks the
+point's state manifest against the domain XML it will define and against
+this host (architecture, page size, QEMU no older than the one that saved
+it, machine type, domain type, CPU model and mode, memory, vCPUs, firmware,
+features, every guest-visible device at its address) and refuses with the
+list of every mismatch, exit 5 (kind state), having written and defined
+nothing; it checks the state's SHA-256 while unpacking it beside the disks,
+restores the disks of that point, defines the VM, and starts it from the
+state: the guest continues from the instant of the backup, with the same
+boot, processes and RAM.  A state is single use with respect to its disks:
+it resumes only onto the disks restored with it from that point, and a
+second --resume over disks a resumed guest ran on is refused (exit 5)
+unless --force restores them again.  The ticket saying so is
+FIRST-DISK.vmbk-resume, beside the disks.  A point without a state, or with
+a damaged one, is refused with --resume; without it, it restores as any
+point (the state files are ignored, by virtnbdrestore too).
+
 Records: backup_vm (--list); chain and restore_point (--list-restore-points);
 verify and dump; restore_disk and restore (a restore or --dry-run); serve,
 mount and instant.
@@ -138,6 +157,7 @@ Options:
   --skip-tpm                 Do not restore TPM state.
   --skip-config              Restore data only; define nothing.
   --no-pre-restore           No .pre-restore safety copies on disk restore.
+  --resume                   DR or clone: after the disks, resume the point's saved memory state.
   --include-incomplete       Allow an incomplete chain as the target.
   --serve                    Serve the point's disks read-only over NBD until stopped.
   --socket PATH              With --serve: listen on this unix socket (mode 0600).
@@ -227,7 +247,10 @@ class Args:
                                  "places to go back to; --disk restores in place)")
             if args.get("--no-pre-restore") and (raw_path is not None or not disk_restore):
                 raise UsageError("--no-pre-restore goes with an in-place --disk restore (no --restore-path)")
+            if args.get("--resume") and (disk_restore or args.get("--skip-config")):
+                raise UsageError("--resume goes with a disaster recovery or a clone: a VM to define and resume")
             options = RestoreOptions(
+                resume=bool(args.get("--resume")),
                 restore_path=Path(os.path.abspath(raw_path)) if raw_path is not None else None,
                 period=args.get("--period"),
                 restore_point=parse_restore_point(args.get("--restore-point")),

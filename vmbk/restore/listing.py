@@ -32,6 +32,7 @@ from vmbk.tree.points import RestorePoint, chain_complete, chain_warnings, resto
 from vmbk.restore.select import active_chains
 from vmbk.restore.source import Source, locate_name
 from vmbk.tree import Chain, names
+from vmbk.tree import state as tree_state
 from vmbk.tree.scan import roots, vm_dirs
 from vmbk.virt.domain import parse_domain_xml
 from vmbk.vmbackup.db import VmbackupDb
@@ -141,6 +142,7 @@ def chain_records(vm: str, chain: Chain, session: str | None = None) -> Iterator
 
 
 def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str | None) -> Record:
+    st = tree_state.point_state(p.chain.path, p.ident)  # a memory state (vmbk-backup --with-memory)
     return make(
         "restore_point", session, **where,
         index=p.index,
@@ -155,6 +157,10 @@ def point_record(vm: str, p: RestorePoint, where: dict[str, Any], session: str |
         signed_by=p.signed_by,
         size=p.own_size,
         path=str(p.chain.path),
+        resumable=bool(p.complete and st is not None and st.usable),
+        state=None if st is None else {
+            "file": st.file, "size": st.size, "image_size": st.manifest.image_size if st.manifest else None,
+            "problems": list(st.problems)},
     )
 
 

@@ -75,6 +75,8 @@ class RestoreOptions:
     #: DR/clone without ``--restore-path``: each disk back in its place on the
     #: target (after the remaps), as `vmbk.restore.crosshost` found it.
     placements: tuple[tuple[str, Path], ...] = ()
+    #: ``--resume``: after the disks, the point's saved memory state (`vmbk.restore.resume`).
+    resume: bool = False
 
     @property
     def mode(self) -> str:

@@ -38,6 +38,8 @@ class Outcome:
     tpm_saved: Path | None = None
     tpm_error: VmbkError | None = None
     pools: list[str] = dataclasses.field(default_factory=list)
+    #: ``--resume``: how the VM was resumed from its memory state (`vmbk.restore.resume`).
+    resumed: dict[str, Any] | None = None
 
 
 def disk_record(plan: RestorePlan, job: image.DiskRestore, session: str | None, outcome: str,
@@ -95,6 +97,7 @@ def summary(plan: RestorePlan, session: str | None, outcome: str, out: Outcome, 
         tpm=_tpm(plan, out, outcome),
         pools=out.pools,
         domain=out.domain,
+        resumed=out.resumed,
         needed_bytes=plan.needed_bytes,
         free_bytes=plan.free_bytes,
         data_bytes=data,

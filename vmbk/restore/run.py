@@ -43,7 +43,7 @@ from vmbk.errors import StorageError, UsageError, VmbkError, VmError
 from vmbk.lock import VmLock, lock_dir
 from vmbk.records import Record, error_record
 from vmbk.restore import (crosshost, define, domainxml, history, image, inplace, livedisks, pools, remap, remote,
-                          report, tpm)
+                          report, resume, tpm)
 from vmbk.restore.preflight import RestoreOptions, RestorePlan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt import hold
@@ -66,6 +66,7 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
                          "restores the disks beside")
     started_at, t0 = now_iso(), time.monotonic()
     plan: RestorePlan | None = None
+    resuming: resume.Resuming | None = None
     try:
         with vm_lock(ref), _host_files(uri) as files:
             source = load(ref)
@@ -76,7 +77,10 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
                     verdict.raise_if_problems(source.vm, _host_label(uri))
                 plan = _on_host(_with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict),
                                 files, opts)
+                if opts.resume:
+                    resume.single_use(plan, opts)
                 replace = preflight(plan, conn, opts, files)
+                resuming = resume.prepare(plan, conn, _domain_xml(plan, opts, verdict)[0]) if opts.resume else None
                 if isinstance(files, RemoteFiles):  # another host: its files over ssh (vmbk.restore.remote)
                     xml, warnings = _domain_xml(plan, opts, verdict)
                     outcome = remote.execute(plan, conn, opts, replace, xml, warnings, files)
@@ -84,7 +88,11 @@ def restore(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: s
                     outcome = _execute(plan, conn, opts, replace, verdict)
                 outcome.warnings[:0] = healed
                 _after(plan, conn, outcome, files)
+                if resuming is not None:  # the disks of that point are in place: its state now (restore/resume)
+                    outcome.resumed = resuming.resume(conn)
     except BaseException as e:
+        if resuming is not None:
+            resuming.discard()
         history.record(ref, opts, plan, started_at, t0, e)
         raise
     history.record(ref, opts, plan, started_at, t0, outcome.tpm_error)
@@ -113,9 +121,17 @@ def _dry_run(ref: SourceRef, opts: RestoreOptions, *, uri: str | None, session: 
         plan = _with_remaps(make_plan(source, opts, _current(conn, source.vm, opts)), verdict)
         try:
             plan = _on_host(plan, files, opts)
+            if opts.resume:
+                resume.single_use(plan, opts)
             preflight(plan, conn, opts, files)
         except VmbkError as e:
             failed.append(e)
+        if opts.resume:
+            try:
+                _st, problems = resume.check(plan, conn, _domain_xml(plan, opts, verdict)[0])
+                failed += [resume.StateError(p, vm=source.vm) for p in problems]
+            except VmbkError as e:
+                failed.append(e)
     for job in plan.jobs:
         emit(report.disk_record(plan, job, session, "dry-run", None))
     emit(report.summary(plan, session, "dry-run", report.Outcome(), 0.0, blocked=[str(e) for e in failed]))

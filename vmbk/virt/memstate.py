@@ -244,11 +244,18 @@ def _device_id(dev: ET.Element) -> str | None:
     return None
 
 
+def _implicit(line: str) -> bool:
+    """A device the machine type always has, which libvirt leaves out of a save image's
+    (migratable) XML but writes in a defined domain's: the PCI root, the PS/2 keyboard and mouse."""
+    return line.startswith(("controller pci index=0 model=pci-root", "controller pci index=0 model=pcie-root",
+                            "input keyboard bus=ps2", "input mouse bus=ps2"))
+
+
 def device_ids(devices: ET.Element | None) -> list[str]:
     """Every guest-visible device of a ``<devices>`` element, one line each, sorted."""
     if devices is None:
         return []
-    return sorted(d for d in (_device_id(el) for el in devices) if d is not None)
+    return sorted(d for d in (_device_id(el) for el in devices) if d is not None and not _implicit(d))
 
 
 def _firmware(root: ET.Element) -> str:
