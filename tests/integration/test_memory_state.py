@@ -149,3 +149,63 @@ def test_dr_with_resume_continues_the_guest_from_the_backup_instant(test_guest, 
 
 def list_points(root: Path, name: str) -> tuple[int, list[dict]]:
     return run_restore("--backup-path", str(root), "--list-restore-points", name)
+
+
+IVSHMEM = ("<shmem name='vmbk-test-ivshmem'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>")
+
+
+def test_a_device_that_cannot_be_saved_refuses_the_state_not_the_backup(test_guest, vm_workdir):
+    guest = test_guest(extra_devices=IVSHMEM)
+    root = vm_workdir / "backups"
+    root.mkdir()
+    code, recs = memory_backup(root, guest.name)
+    assert code == 9, recs  # the disks: done; the state: failed
+    backup, error = recs
+    assert backup["type"] == "backup" and backup["outcome"] == "ok" and backup["consistency"] == "frozen"
+    assert backup["memory"]["saved"] is False and backup["memory"]["pause_seconds"] is None
+    assert error["type"] == "error" and error["kind"] == "state" and error["code"] == 5
+    assert "shmem vmbk-test-ivshmem" in error["message"], error["message"]
+    chain = Path(backup["disks"][0]["path"]).parent
+    assert not list(chain.glob("vmstate.*"))
+    code, points = list_points(root, guest.name)
+    assert [(p["complete"], p["resumable"], p["state"]) for p in points if p["type"] == "restore_point"] == [
+        (True, False, None)]
+    dest = vm_workdir / "disks"
+    code, recs = run_restore("--backup-path", str(root), "--vm", guest.name, "--restore-path", str(dest),
+                             "--skip-config")
+    assert code == 0, recs
+    r = subprocess.run(["qemu-img", "check", "-q", str(dest / f"{guest.name}.qcow2")], check=False)
+    assert r.returncode == 0
+
+
+def test_kill_9_during_the_save_the_guard_resumes_the_vm(test_guest, vm_workdir, tmp_path):
+    from kill_helpers import RUN_DIR, domain_state, marker_of, spawn_backup, wait_no_job, wait_released
+
+    guest = test_guest(memory_mib=512)
+    guest.sh("dd if=/dev/urandom of=/run/fill bs=1048576 count=200 2>/dev/null", timeout=120)  # a save long enough to be killed in
+    root = vm_workdir / "backups"
+    root.mkdir()
+    aborted = 0
+    for i in range(3):
+        before = set(RUN_DIR.glob("backup-*/memory.spool"))
+        p = spawn_backup(root, guest.name, tmp_path / f"run{i}", "--with-memory")
+        deadline = time.monotonic() + 120
+        while p.poll() is None and not set(RUN_DIR.glob("backup-*/memory.spool")) - before:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert p.poll() is None, "the backup ended before the state save began"
+        p.kill()
+        p.wait()
+        seconds = wait_released(guest.dom, timeout=60)  # the guard: abort the save, resume
+        err = (tmp_path / f"run{i}.err").read_text()
+        aborted += "aborted the memory state save" in err
+        assert domain_state(guest.dom) == "running"
+        wait_no_job(guest.dom, timeout=30)
+        assert not marker_of(guest.dom).exists()
+        print(f"round {i}: running again {seconds:.2f} s after the kill")
+    code, recs = memory_backup(root, guest.name)
+    assert code == 0 and recs[0]["memory"]["saved"], recs
+    assert counter(guest) > 0
+    chain = Path(recs[0]["disks"][0]["path"]).parent
+    assert not list(chain.glob("*.partial"))
+    print(f"{aborted} of 3 kills aborted a save in flight")
