@@ -31,6 +31,7 @@ always arguments, never spliced into script text.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -58,6 +59,7 @@ COMMAND_TIMEOUT = 120.0
 #: ssh's exit status when the connection itself failed.
 SSH_FAILED = 255
 _SSH_TRANSPORTS = ("ssh", "libssh2", "libssh")
+AES_GCM = "aes256-gcm@openssh.com,aes128-gcm@openssh.com"
 
 
 class RemoteError(VmbkError):
@@ -97,7 +99,27 @@ class SshTarget:
             out += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
         if self.no_verify:
             out += ["-o", "StrictHostKeyChecking=no"]
+        if aes_gcm_first():
+            out += ["-o", f"Ciphers=^{AES_GCM}"]
         return out
+
+
+@functools.cache
+def aes_gcm_first() -> bool:
+    """Does this CPU have AES instructions (then AES-GCM is ssh's fastest cipher)?
+
+    OpenSSH offers chacha20-poly1305 first; with AES-NI, AES-GCM moves
+    1.4-1.6x the bytes per CPU second (measured here through a loopback
+    sshd: 266 MiB/s chacha20, 377 aes128-gcm, 422 aes256-gcm), and the
+    backup's data path is one ssh connection's cipher.  ``^`` puts them
+    first and keeps the rest of ssh's list (and a server without them).
+    """
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((ln for ln in f if ln.startswith(b"flags")), b"")
+    except OSError:
+        return False
+    return b"aes" in flags.split(b":", 1)[-1].split()
 
 
 def is_remote(uri: str | None) -> bool:

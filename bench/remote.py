@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Issue #17's speed target: a full backup through ``qemu+ssh`` against local, and against virtnbdbackup's remote.
+
+    .venv/bin/python bench/remote.py [--size-gib 3.5] [--runs 3] [--quick] [--no-page-reporting]
+
+On bench/run.py's image and domain (its helpers: image cache, domain,
+page reporting, the timing lock), every case a whole command making a
+full, uncompressed backup of the running domain, the checkpoints removed
+before each run so that each is a full:
+
+* ``vmbk-backup --vm DOM`` on ``qemu:///system`` (local: the export's unix socket);
+* ``vmbk-backup --connect qemu+ssh://root@127.0.0.1:PORT/system?keyfile=...``:
+  the "remote" host is this one, reached through an sshd this bench
+  starts on loopback (the export through an ssh-forwarded unix socket,
+  ``qemu-img info`` and the rest over the same control master);
+* ``virtnbdbackup -l full`` locally, and ``virtnbdbackup -U qemu+ssh://...``
+  (its remote mode: the NBD export over plain TCP on ``-I 127.0.0.1``,
+  its file copies through paramiko to port 22 of the host, which is why
+  the bench's sshd listens on 22 too when it is free).
+
+The loopback puts both ends on this machine's two cores: the ssh cipher
+is paid twice (both ends encrypt or decrypt), so the figures are a lower
+bound of what a real network with a second host gives.  TLS (libvirt's
+``backup_tls_x509_*``) is not measured here: see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as common  # noqa: E402  bench/run.py
+from run import Proc, measure, rotate  # noqa: E402
+
+V_LOCAL = "vmbk-backup full, local"
+V_SSH = "vmbk-backup full, qemu+ssh (forwarded socket)"
+N_LOCAL = "virtnbdbackup -l full, local"
+N_SSH = "virtnbdbackup -l full -U qemu+ssh (NBD over TCP)"
+CASES = (V_LOCAL, V_SSH, N_LOCAL, N_SSH)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class RemoteBench(common.Bench):
+    def __init__(self, opts: argparse.Namespace) -> None:
+        super().__init__(opts)
+        self.cases = {n: common.Case("remote", n) for n in CASES}
+        self.sshd = None
+        self.uri = ""
+
+    def start_sshd(self) -> None:
+        from fixtures.replication import make_sshd
+
+        assert self.work is not None
+        d = self.work / "sshd"
+        d.mkdir()
+        self.sshd = sshd = make_sshd(d)
+        if port_free(22):  # virtnbdbackup's paramiko goes to port 22 whatever the URI says
+            sshd.stop()
+            sshd.config.write_text(sshd.config.read_text() + "Port 22\n")
+            sshd.start()
+            self.facts.append(f"sshd on 127.0.0.1 ports {sshd.port} and 22")
+        else:
+            self.notes.append("port 22 is taken: virtnbdbackup's file copies (paramiko) cannot reach the bench's "
+                              "sshd (it warns and backs up the disk all the same)")
+        self.uri = f"qemu+ssh://root@127.0.0.1:{sshd.port}/system?keyfile={sshd.user_key}&no_verify=1&no_tty=1"
+        # virtnbdbackup's paramiko reads ~/.ssh/id_*: a HOME of its own with the bench's key
+        home = self.work / "vnb-home"
+        (home / ".ssh").mkdir(parents=True)
+        shutil.copyfile(sshd.user_key, home / ".ssh" / "id_ed25519")
+        os.chmod(home / ".ssh" / "id_ed25519", 0o600)
+        self.vnb_env = {**os.environ, "HOME": str(home)}
+        cipher = subprocess.run(["ssh", "-G", "-p", str(sshd.port), "127.0.0.1"], capture_output=True, text=True)
+        ciphers = [ln.split()[1] for ln in cipher.stdout.splitlines() if ln.startswith("ciphers ")]
+        self.facts.append(f"ssh client's cipher order: {ciphers[0] if ciphers else '?'}")
+
+    def vmbk(self, root: Path, *connect: str) -> Proc:
+        self.delete_checkpoints()
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        p = measure([str(common.VENV_BIN / "vmbk-backup"), *connect, "--vm", self.name, "--backup-path", str(root),
+                     "--json"], env=self.env, fsync_dir=root)
+        recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+        backups = [r for r in recs if r.get("type") == "backup"]
+        if len(backups) != 1 or backups[0].get("outcome") != "ok" or backups[0].get("action") != "full":
+            raise RuntimeError(f"no full backup: {p.stdout[-2000:]} {p.stderr[-2000:]}")
+        return p
+
+    def vnb(self, out: Path, *remote: str) -> Proc:
+        self.delete_checkpoints()
+        shutil.rmtree(out, ignore_errors=True)
+        argv = ["virtnbdbackup", "-d", self.name, "-l", "full", "-o", str(out), "-n", "-S", str(self.vnb_dir)]
+        if remote:
+            argv += list(remote)
+        else:
+            argv += ["-f", str(self.vnb_dir / "nbd.sock")]
+        p = measure(argv, env=self.vnb_env, fsync_dir=out)
+        if not list(out.glob("vda.full.data")):
+            raise RuntimeError(f"virtnbdbackup wrote no vda.full.data: {p.stderr[-3000:]}")
+        return p
+
+    def section(self) -> None:
+        assert self.out is not None and self.image is not None
+        data = self.image.data
+        self.start_sshd()
+        remote_vnb = ("-U", self.uri, "--ssh-user", "root", "-I", "127.0.0.1", "-P", "10809")
+        runs = {
+            V_LOCAL: lambda: self.vmbk(self.out / "local"),
+            V_SSH: lambda: self.vmbk(self.out / "ssh", "--connect", self.uri),
+            N_LOCAL: lambda: self.vnb(self.out / "vnb-local"),
+            N_SSH: lambda: self.vnb(self.out / "vnb-ssh", *remote_vnb),
+        }
+        for i in range(self.runs):
+            for name in rotate(list(CASES), i):
+                self.timed(name, runs[name], data)
+
+    def teardown(self) -> None:
+        if self.sshd is not None:
+            self.sshd.stop()
+        super().teardown()
+
+    def report(self) -> None:
+        print("\n" + "\n".join(self.facts + self.notes))
+        print(f"\n{'line':52} {'best s':>7} {'MB/s':>6} {'CPU s':>6}  runs")
+        for c in self.cases.values():
+            if c.runs:
+                runs = " ".join(f"{r.seconds:.2f}" for r in c.runs)
+                print(f"{c.name:52} {c.best.seconds:7.2f} {c.rate:6.0f} {c.best.cpu:6.2f}  {runs}")
+        b = {n: c.best.seconds for n, c in self.cases.items() if c.runs}
+        if V_SSH in b and N_SSH in b:
+            r = b[N_SSH] / b[V_SSH]
+            print(f"\nvmbk over qemu+ssh / virtnbdbackup -U qemu+ssh: {r:.2f}x  (target >= 3)  "
+                  f"{'PASS' if r >= 3 else 'FAIL'}")
+        if V_SSH in b and V_LOCAL in b:
+            print(f"cost of the ssh-forwarded transport: {b[V_SSH] / b[V_LOCAL]:.2f}x the local backup's time")
+        if N_SSH in b and N_LOCAL in b:
+            print(f"virtnbdbackup's remote mode: {b[N_SSH] / b[N_LOCAL]:.2f}x its local time")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=3.5)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir")
+    ap.add_argument("--no-page-reporting", action="store_true")
+    opts = ap.parse_args()
+    opts.cold = False
+    opts.keep_cache = True
+    opts.only = set()
+    _lock = common.start_session("lock", "bench/remote.py")  # noqa: F841 -- holding it keeps other benches out
+    bench = RemoteBench(opts)
+    bench.facts.append(common.machine_load("start"))
+    code = 0
+    with common.reporting_off(opts.no_page_reporting):
+        try:
+            bench.setup()
+            bench.section()
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:  # noqa: BLE001 -- the table of what was measured, then the error
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            bench.teardown()
+    bench.facts.append(common.machine_load("end"))
+    bench.report()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
