@@ -209,3 +209,68 @@ def test_kill_9_during_the_save_the_guard_resumes_the_vm(test_guest, vm_workdir,
     chain = Path(recs[0]["disks"][0]["path"]).parent
     assert not list(chain.glob("*.partial"))
     print(f"{aborted} of 3 kills aborted a save in flight")
+
+
+def test_a_state_that_does_not_fit_is_refused_and_nothing_is_defined(test_guest, vm_workdir, libvirt_conn,
+                                                                    cleanup_domains):
+    import json
+    import re
+
+    guest = test_guest()
+    root = vm_workdir / "backups"
+    root.mkdir()
+    code, recs = memory_backup(root, guest.name)
+    assert code == 0, recs
+    chain = Path(recs[0]["disks"][0]["path"]).parent
+    vmconfig = chain / names.vmconfig_name("virtnbdbackup.0")
+    original = vmconfig.read_text()
+    clone = f"{guest.name}-c"
+    cleanup_domains.append(clone)
+    dest = vm_workdir / "clone"
+
+    def refused(*extra: str) -> str:
+        code, recs = run_restore("--backup-path", str(root), "--vm", guest.name, "--restore-path", str(dest),
+                                 "--name", clone, "--resume", "--force", *extra)
+        assert code == 5 and recs[-1]["type"] == "error" and recs[-1]["kind"] == "state", recs
+        with pytest.raises(libvirt.libvirtError):
+            libvirt_conn.lookupByName(clone)
+        assert not dest.exists() or not list(dest.iterdir()), list(dest.iterdir())
+        return recs[-1]["message"]
+
+    # the XML to define: more memory, two vCPUs, a watchdog the saved machine did not have
+    edited = re.sub(r"<memory unit='KiB'>\d+</memory>", "<memory unit='KiB'>524288</memory>", original)
+    edited = re.sub(r"<currentMemory unit='KiB'>\d+</currentMemory>", "<currentMemory unit='KiB'>524288</currentMemory>",
+                    edited)
+    edited = re.sub(r"<vcpu([^>]*)>1</vcpu>", r"<vcpu\1>2</vcpu>", edited)
+    edited = edited.replace("</devices>", "<watchdog model='i6300esb' action='reset'/></devices>")
+    assert edited != original
+    vmconfig.write_text(edited)
+    message = refused()
+    print(message)
+    assert "memory (KiB): the saved state has 262144, the XML to define has 524288" in message
+    assert "vCPUs: the saved state has 1, the XML to define has 2" in message
+    assert "device only in the XML to define: watchdog i6300esb" in message
+    code, recs = run_restore("--backup-path", str(root), "--vm", guest.name, "--restore-path", str(dest),
+                             "--name", clone, "--resume", "--force", "--dry-run")
+    assert code == 5 and any("vCPUs" in b for b in recs[-2]["blocked"]), recs
+    vmconfig.write_text(original)
+
+    # a state saved on another architecture
+    manifest = chain / names.state_manifest_name("virtnbdbackup.0")
+    body = json.loads(manifest.read_bytes())
+    body["host"]["arch"] = "aarch64"
+    manifest.write_text(json.dumps(body))
+    message = refused()
+    assert "architecture: the state was saved on aarch64, this host is x86_64" in message
+
+    # a damaged state file: refused while unpacking, before the disks
+    body["host"]["arch"] = "x86_64"
+    manifest.write_text(json.dumps(body))
+    state = chain / names.state_name("virtnbdbackup.0")
+    with open(state, "r+b") as f:
+        f.seek(state.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    message = refused()
+    assert "damaged" in message or "does not match its state manifest" in message, message

@@ -171,7 +171,7 @@ def prepare(plan: RestorePlan, conn: Any, xml: str) -> Resuming:
     st, problems = check(plan, conn, xml)
     if problems:
         raise StateError(f"the memory state of restore point {plan.point.index} cannot resume as this VM on "
-                         f"this host ({len(problems)} mismatches): " + "; ".join(problems), vm=plan.source.vm)
+                         f"this host ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}): " + "; ".join(problems), vm=plan.source.vm)
     assert st.manifest is not None
     image = plan.jobs[0].target.parent / f".{plan.name}.vmstate.partial"
     t0 = time.monotonic()
