@@ -50,6 +50,7 @@ from vmbk.settings import (
     Email,
     Encryption,
     Host,
+    NbdTls,
     Replication,
     ReplicationOptions,
     Report,
@@ -285,6 +286,7 @@ def _host(data: Mapping[str, Any], where: str) -> Host:
     uri = r.req_str("uri")
     name = r.opt_str("name")
     key = r.opt_str("ssh_key")
+    tls = _nbd_tls(r.table("nbd_tls"), f"{where} nbd_tls") if r.data.get("nbd_tls") is not None else None
     r.done()
     try:
         default = host_name(uri)
@@ -296,7 +298,19 @@ def _host(data: Mapping[str, Any], where: str) -> Host:
                           "it names the host's directory of the tree")
     if key is not None and not os.path.isabs(key):
         raise ConfigError(f"{where}: 'ssh_key' must be an absolute path, not {key!r}")
-    return Host(name=name, uri=uri, ssh_key=key)
+    return Host(name=name, uri=uri, ssh_key=key, nbd_tls=tls)
+
+
+def _nbd_tls(data: Mapping[str, Any], where: str) -> NbdTls:
+    """``nbd_tls = { dir = ..., address = ..., port = ... }`` of a host."""
+    r = _Reader(data, where)
+    d = r.req_str("dir")
+    address = r.opt_str("address")
+    port = r.int("port", 10809, 1, 65535)
+    r.done()
+    if not os.path.isabs(d):
+        raise ConfigError(f"{where}: 'dir' must be an absolute path, not {d!r}")
+    return NbdTls(dir=d, address=address, port=port)
 
 
 def _encryption(data: Mapping[str, Any], where: str) -> Encryption:

@@ -260,6 +260,24 @@ class Drill:
 
 
 @dataclasses.dataclass(frozen=True)
+class NbdTls:
+    """A host's pull backups served as NBD over TCP with TLS (``nbd_tls = {...}`` of a host).
+
+    Instead of the default, an ssh-forwarded unix socket: libvirt's QEMU
+    listens on ``address``:``port`` (the next ports when that one is taken)
+    with the host's ``backup_tls_x509_cert_dir`` (qemu.conf; default
+    ``default_tls_x509_cert_dir``, /etc/pki/qemu), and vmbk connects with
+    ``dir``'s ``ca-cert.pem``, ``client-cert.pem`` and ``client-key.pem``
+    (QEMU's names), checking the server's certificate against ``address``.
+    """
+
+    dir: str
+    #: Where the host's QEMU listens and vmbk connects (default: the URI's host, localhost for a local one).
+    address: str | None = None
+    port: int = 10809
+
+
+@dataclasses.dataclass(frozen=True)
 class Host:
     """One hypervisor of ``hosts = [...]``: a backup server pulls from each.
 
@@ -272,6 +290,8 @@ class Host:
     name: str
     uri: str
     ssh_key: str | None = None
+    #: The backups' data path as NBD over TCP with TLS (None: an ssh-forwarded unix socket).
+    nbd_tls: NbdTls | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from access_helpers import MiB, allocated, chain_tree, first_record, leftovers, spawn, stop, write_raw
 from contract_doc import undocumented
+from tls_helpers import certificates
 
 from vmbk.errors import Exit
 from vmbk.nbd import ALLOCATION, Reader
@@ -163,7 +164,7 @@ def test_a_deleted_chain_keeps_serving_what_was_opened(trees, tmp_path):
 
 
 def test_tls_with_client_certificates(trees, tmp_path):
-    certs = _certificates(tmp_path)
+    certs = certificates(tmp_path)
     proc, rec = serve(trees, "plain", "--listen", "127.0.0.1:0", "--tls-cert", str(certs / "server-cert.pem"),
                       "--tls-key", str(certs / "server-key.pem"), "--tls-ca", str(certs / "ca-cert.pem"),
                       "--disk", "vda")
@@ -206,23 +207,3 @@ def test_refusals_before_anything_is_served(trees, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and json.loads(out.splitlines()[0])["verified"] is False
     assert leftovers() == ([], [], [])
-
-
-def _certificates(d: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, named as libnbd looks for them."""
-    certs = d / "certs"
-    certs.mkdir()
-
-    def ssl(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], check=True, capture_output=True, cwd=certs)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=vmbk test CA",
-        "-keyout", "ca-key.pem", "-out", "ca-cert.pem")
-    for who, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-                     ("client", "extendedKeyUsage=clientAuth")):
-        (certs / f"{who}.ext").write_text(ext + "\n")
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}-key.pem",
-            "-out", f"{who}.csr")
-        ssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-            "-days", "2", "-extfile", f"{who}.ext", "-out", f"{who}-cert.pem")
-    return certs

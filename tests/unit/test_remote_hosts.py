@@ -13,6 +13,8 @@ from vmbk.errors import ConfigError, StorageError, UsageError
 from vmbk.restore import remap
 from vmbk.tree import ops
 from vmbk.tree.scan import host_root, locate, roots, vm_dirs
+from vmbk.settings import NbdTls
+from vmbk.virt.backupjob import backup_xml
 from vmbk.virt.hold import marker_path
 from vmbk.virt.hostfiles import untar
 from vmbk.virt.remote import SshTarget, is_remote, ssh_target, with_keyfile
@@ -64,6 +66,18 @@ def test_hosts_config_names_and_validation():
     with pytest.raises(ConfigError):
         from_mapping({"connect": "qemu:///system", "hosts": [{"uri": "qemu+ssh://a/system"}]}, instance="t",
                      source=None)
+
+
+def test_nbd_tls_of_a_host():
+    cfg = from_mapping({"hosts": [{"uri": "qemu+ssh://root@kvm1/system",
+                                   "nbd_tls": {"dir": "/etc/vmbk/pki/kvm1", "address": "10.0.0.5"}}]},
+                       instance="t", source=None)
+    assert cfg.hosts[0].nbd_tls == NbdTls("/etc/vmbk/pki/kvm1", "10.0.0.5", 10809)
+    for bad in ({"dir": "pki"}, {"address": "x"}, {"dir": "/p", "port": 0}, {"dir": "/p", "verify": True}):
+        with pytest.raises(ConfigError):
+            from_mapping({"hosts": [{"uri": "qemu+ssh://a/system", "nbd_tls": bad}]}, instance="t", source=None)
+    xml = backup_xml(None, ["vda"], [], Path("/run/j"), None, tcp=("10.0.0.5", 10811))
+    assert '<server transport="tcp" tls="yes" name="10.0.0.5" port="10811" />' in xml
 
 
 def test_tree_host_level(tmp_path: Path):

@@ -32,7 +32,7 @@ from vmbk.backup.memory import StateSave
 from vmbk.errors import DependencyError, ToolError
 from vmbk.nbd import Address
 from vmbk.virt.backupjob import BACKUP_PREFIX, BackupJob, job_dir
-from vmbk.virt.hostfiles import LOCAL, HostFiles, RemoteFiles
+from vmbk.virt.hostfiles import LOCAL, HostFiles, RemoteFiles, tls_context
 from vmbk.virt.quiesce import quiesced
 
 log = logging.getLogger("vmbk.backup")
@@ -51,19 +51,41 @@ def libvirt_export(
     paused, before ``backupBegin`` fixes the disks' view (`vmbk.backup.memory`:
     libvirt cannot save a domain's memory while a backup job runs).
     """
-    with files.job_dir(BACKUP_PREFIX) as work:
+    tls = files.nbd_tls
+    with files.job_dir(BACKUP_PREFIX) as work, _claimed(Path(work), tls is not None and files.remote is None):
         sock = Path(work) / "nbd.sock"
-        job = BackupJob(dom, socket=sock, disks=disks, skip=skip, scratch_dir=Path(work),
-                        checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks)
+        tcp = (tls.address or files.address, tls.port) if tls is not None else None
+        job = BackupJob(dom, socket=None if tcp else sock, disks=disks, skip=skip, scratch_dir=Path(work),
+                        checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks, tcp=tcp)
         with job:
             with quiesced(dom, agent=agent, memory=memory is not None) as consistency:
                 if memory is not None:
-                    memory.save(Path(work), consistency)
+                    memory.save(consistency)
                 job.begin()
             if memory is not None:
                 memory.resumed()
+            if tls is not None and tcp is not None:  # NBD over TCP with TLS (the host's nbd_tls)
+                ctx = tls_context(tls)
+                yield {t: Address.tcp(tcp[0], job.port, t, tls=ctx) for t in disks}, consistency
+                return
             with files.reach(str(sock)) as local:
                 yield {t: Address.unix(str(local), t) for t in disks}, consistency
+
+
+@contextlib.contextmanager
+def _claimed(work: Path, claim: bool) -> Iterator[None]:
+    """Listen on the job directory's ``nbd.sock`` while the job runs (a TCP job has no socket there).
+
+    The sweep of job directories nobody listens on (`vmbk.virt.backupjob`)
+    then leaves a live NBD-over-TLS job alone, and takes a killed one's.
+    """
+    if not claim:
+        yield
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(work / "nbd.sock"))
+        s.listen(1)
+        yield
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -5,15 +5,18 @@ Follows https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md:
     nbd+unix:///EXPORT?socket=/run/sock     unix socket
     nbd://HOST[:PORT]/EXPORT                TCP (port 10809 by default)
 
-The export name is the URI path without its first "/".  ``nbds://`` (TLS)
-is recognised and refused with a clear message: the handshake has a place
-for NBD_OPT_STARTTLS but it is not implemented yet.
+The export name is the URI path without its first "/".  TLS: an Address
+made with ``tls=`` (an `ssl.SSLContext`: the CA, and the client's own
+certificate when the server asks for one) starts with NBD_OPT_STARTTLS
+(`vmbk.nbd.handshake`); ``nbds://`` URIs are refused with a clear
+message, since a URI cannot carry the certificates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 import urllib.parse
 
 from .errors import NbdError, NbdTimeout
@@ -31,6 +34,8 @@ class Address:
     host: str | None = None
     port: int = DEFAULT_PORT
     export: str = ""
+    #: TLS (NBD_OPT_STARTTLS) with this context; the server's name is checked against ``host``.
+    tls: ssl.SSLContext | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.socket is None) == (self.host is None):
@@ -41,8 +46,9 @@ class Address:
         return cls(socket=str(path), export=export)
 
     @classmethod
-    def tcp(cls, host: str, port: int = DEFAULT_PORT, export: str = "") -> Address:
-        return cls(host=host, port=port, export=export)
+    def tcp(cls, host: str, port: int = DEFAULT_PORT, export: str = "", *,
+            tls: ssl.SSLContext | None = None) -> Address:
+        return cls(host=host, port=port, export=export, tls=tls)
 
     @classmethod
     def parse(cls, url: str) -> Address:
@@ -50,7 +56,7 @@ class Address:
         u = urllib.parse.urlsplit(url)
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
         if u.scheme in ("nbds", "nbds+unix"):
-            raise NbdError(f"NBD over TLS is not supported: {url}")
+            raise NbdError(f"NBD over TLS needs certificates a URI cannot name (Address.tcp(..., tls=)): {url}")
         if u.scheme == "nbd+unix":
             query = urllib.parse.parse_qs(u.query)
             if u.netloc or "socket" not in query:
@@ -72,7 +78,7 @@ class Address:
         if self.socket is not None:
             return f"nbd+unix://{path}?socket={urllib.parse.quote(self.socket)}"
         host = f"[{self.host}]" if ":" in (self.host or "") else self.host
-        return f"nbd://{host}:{self.port}{path}"
+        return f"{'nbds' if self.tls is not None else 'nbd'}://{host}:{self.port}{path}"
 
     def connect(self, timeout: float | None) -> _Socket:
         """A connected stream socket; TCP gets TCP_NODELAY.

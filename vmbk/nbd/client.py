@@ -58,7 +58,8 @@ class Client(ExtentQueries):
         sock = self.address.connect(ctimeout)
         try:
             self._t = Transport(sock, ctimeout, str(self.address))
-            self._info = negotiate(self._t, self.address.export, contexts)
+            self._info = negotiate(self._t, self.address.export, contexts, tls=self.address.tls,
+                                   server_name=self.address.host)
             self._t.set_timeout(timeout)
         except BaseException:
             sock.close()

@@ -2,7 +2,9 @@
 
 Order of options, and why:
 
-1. (NBD_OPT_STARTTLS would go first: everything after it must be private.)
+1. NBD_OPT_STARTTLS when the caller gives a TLS context: everything after
+   it must be private, and a server that refuses it is never sent the
+   export's name (HandshakeError);
 2. NBD_OPT_STRUCTURED_REPLY: needed for sparse reads (holes are not sent)
    and for BLOCK_STATUS; without it we still work, reading everything.
 3. NBD_OPT_SET_META_CONTEXT: base:allocation and the dirty bitmap(s).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 from collections.abc import Sequence
 
 from . import wire
@@ -46,7 +49,8 @@ class ExportInfo:
     contexts: dict[str, int]
 
 
-def negotiate(t: Transport, export: str, contexts: Sequence[str]) -> ExportInfo:
+def negotiate(t: Transport, export: str, contexts: Sequence[str], *, tls: ssl.SSLContext | None = None,
+              server_name: str | None = None) -> ExportInfo:
     """Run the handshake on ``t``; the server is in transmission phase after.
 
     Raises HandshakeError (after NBD_OPT_ABORT) when the server refuses the
@@ -62,6 +66,8 @@ def negotiate(t: Transport, export: str, contexts: Sequence[str]) -> ExportInfo:
     cflags = wire.FLAG_FIXED_NEWSTYLE | (hflags & wire.FLAG_NO_ZEROES)
     t.send(wire.CLIENT_FLAGS.pack(cflags))
     try:
+        if tls is not None:
+            _starttls(t, tls, server_name)
         structured = _structured_reply(t)
         granted: dict[str, int] = {}
         if structured and contexts:
@@ -78,6 +84,15 @@ def abort(t: Transport) -> None:
         _send_option(t, wire.OPT_ABORT)
     except ProtocolError:
         pass
+
+
+def _starttls(t: Transport, context: ssl.SSLContext, server_name: str | None) -> None:
+    _send_option(t, wire.OPT_STARTTLS)
+    rtype, data = _recv_reply(t, wire.OPT_STARTTLS)
+    if rtype != wire.REP_ACK:
+        raise HandshakeError(f"{t.name}: server refused TLS ({_error_text(rtype, data)})",
+                             option=wire.OPT_STARTTLS, reply=rtype, server_message=_message(data))
+    t.start_tls(context, server_side=False, server_hostname=server_name if context.check_hostname else None)
 
 
 def _structured_reply(t: Transport) -> bool:

@@ -46,10 +46,10 @@ class Transport:
         sock.settimeout(None)
         self.set_timeout(timeout)
 
-    def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> None:
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None) -> None:
         """Wrap the socket in TLS and run the TLS handshake (ProtocolError when it fails)."""
         try:
-            self.sock = context.wrap_socket(self.sock, server_side=server_side)
+            self.sock = context.wrap_socket(self.sock, server_side=server_side, server_hostname=server_hostname)
         except OSError as e:
             raise self._error(e, "negotiating TLS") from None
         self.tls = True

@@ -56,12 +56,16 @@ def checkpoint_xml(name: str, parent: str | None, disks: Sequence[str]) -> str:
     return ET.tostring(top, encoding="unicode")
 
 
-def backup_xml(socket: Path, disks: Sequence[str], skip: Sequence[str], scratch_dir: Path,
-               incremental: str | None) -> str:
+def backup_xml(socket: Path | None, disks: Sequence[str], skip: Sequence[str], scratch_dir: Path,
+               incremental: str | None, tcp: tuple[str, int] | None = None) -> str:
+    """The pull backup's XML: its NBD server on ``socket``, or ``tcp`` (name, port) with TLS."""
     top = ET.Element("domainbackup", {"mode": "pull"})
     if incremental:
         ET.SubElement(top, "incremental").text = incremental
-    ET.SubElement(top, "server", {"transport": "unix", "socket": str(socket)})
+    if tcp is not None:
+        ET.SubElement(top, "server", {"transport": "tcp", "tls": "yes", "name": tcp[0], "port": str(tcp[1])})
+    else:
+        ET.SubElement(top, "server", {"transport": "unix", "socket": str(socket)})
     dis = ET.SubElement(top, "disks")
     for target in disks:
         d = ET.SubElement(dis, "disk", {"name": target, "backup": "yes", "type": "file"})
@@ -71,6 +75,8 @@ def backup_xml(socket: Path, disks: Sequence[str], skip: Sequence[str], scratch_
     return ET.tostring(top, encoding="unicode")
 
 
+#: Ports tried from a host's ``nbd_tls`` port on (one per backup job running there at once).
+PORT_TRIES = 32
 #: A job directory older than this whose socket nobody listens on is left
 #: over by a run that was killed (SIGKILL skips the cleanup).
 STALE_AFTER = 600.0
@@ -133,22 +139,35 @@ def job_dir(prefix: str = "job-") -> Iterator[Path]:
 class BackupJob:
     """A running pull-mode backup job of one domain; aborted on exit."""
 
-    def __init__(self, dom: Any, *, socket: Path, disks: Sequence[str], skip: Sequence[str] = (),
+    def __init__(self, dom: Any, *, socket: Path | None, disks: Sequence[str], skip: Sequence[str] = (),
                  scratch_dir: Path, checkpoint: str | None, parent: str | None,
-                 checkpoint_disks: Sequence[str] = ()) -> None:
+                 checkpoint_disks: Sequence[str] = (), tcp: tuple[str, int] | None = None) -> None:
         self.dom = dom
         self.socket = socket
-        self.backup_xml = backup_xml(socket, disks, skip, scratch_dir, parent if checkpoint else None)
+        #: NBD over TCP with TLS (name, first port): `begin` takes the first port QEMU can listen on.
+        self.tcp = tcp
+        self.port = tcp[1] if tcp is not None else 0
+        self._xml = (disks, skip, scratch_dir, parent if checkpoint else None)
+        self.backup_xml = backup_xml(socket, *self._xml, tcp=tcp)
         self.checkpoint_xml = checkpoint_xml(checkpoint, parent, checkpoint_disks) if checkpoint else None
         self.checkpoint = checkpoint
         self.active = False
 
     def begin(self) -> None:
         libvirt = libvirt_module()
-        try:
-            self.dom.backupBegin(self.backup_xml, self.checkpoint_xml, 0)
-        except libvirt.libvirtError as e:
-            raise LibvirtError(f"backupBegin failed: {e.get_error_message()}", vm=self.dom.name()) from None
+        tries = PORT_TRIES if self.tcp is not None else 1
+        for i in range(tries):
+            if self.tcp is not None:
+                self.port = self.tcp[1] + i
+                self.backup_xml = backup_xml(None, *self._xml, tcp=(self.tcp[0], self.port))
+            try:
+                self.dom.backupBegin(self.backup_xml, self.checkpoint_xml, 0)
+                break
+            except libvirt.libvirtError as e:
+                # another job (vmbk's of another VM, virtnbdbackup's) listens there: the next port
+                if i + 1 < tries and "in use" in (e.get_error_message() or ""):
+                    continue
+                raise LibvirtError(f"backupBegin failed: {e.get_error_message()}", vm=self.dom.name()) from None
         self.active = True
 
     def end(self, wait: float = 30.0) -> None:
@@ -209,8 +228,13 @@ def clear_stale_job(dom: Any, *, wait: float = 30.0, files: Any = None) -> str |
     except libvirt.libvirtError:
         raise VmError(f"VM {dom.name()!r} has a job running that is not a backup (virsh domjobinfo "
                       f"{dom.name()}): try again when it is done", vm=dom.name()) from None
-    server = ET.fromstring(xml).find("server")
-    sock = Path(server.get("socket", "")) if server is not None else None
+    root = ET.fromstring(xml)
+    server = root.find("server")
+    sock = Path(server.get("socket", "")) if server is not None and server.get("socket") else None
+    scratch = root.find("disks/disk/scratch")
+    if sock is None and scratch is not None and scratch.get("file"):
+        # NBD over TCP (TLS): the job is ours when its scratch files are in one of vmbk's job directories
+        sock = Path(scratch.get("file", "")).parent / "nbd.sock"
     run_dir = Path(files.run_dir) if files is not None else RUN_DIR
     remote = files is not None and files.remote is not None
     ours = sock is not None and sock.parent.name.startswith(BACKUP_PREFIX) and (

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import posixpath
+import ssl
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,8 @@ from typing import Any
 
 import orjson
 
-from vmbk.errors import ToolError
+from vmbk.errors import ConfigError, ToolError
+from vmbk.settings import NbdTls
 from vmbk.virt import backupjob, qemuimg
 from vmbk.virt.remote import REMOTE_RUN_DIR, Remote, RemoteError, ssh_target
 
@@ -66,6 +68,11 @@ class LocalFiles:
 
     remote: Remote | None = None
     label = "localhost"
+    address = "localhost"
+
+    def __init__(self, nbd_tls: NbdTls | None = None) -> None:
+        #: The pull backups' data path: NBD over TCP with TLS (None: the job's unix socket).
+        self.nbd_tls = nbd_tls
 
     @property
     def run_dir(self) -> str:
@@ -116,10 +123,14 @@ class LocalFiles:
 class RemoteFiles:
     """The host is reached over ssh (`Remote`)."""
 
-    def __init__(self, remote: Remote, *, run_dir: str = REMOTE_RUN_DIR) -> None:
+    def __init__(self, remote: Remote, *, run_dir: str = REMOTE_RUN_DIR, nbd_tls: NbdTls | None = None) -> None:
         self.remote = remote
         self._run_dir = run_dir
         self.label = remote.target.label
+        #: The host's name or address as the URI gives it (where an NBD over TLS export is reached).
+        self.address = remote.target.host
+        #: The pull backups' data path: NBD over TCP with TLS (None: a forward of the job's unix socket).
+        self.nbd_tls = nbd_tls
 
     @property
     def run_dir(self) -> str:
@@ -197,10 +208,29 @@ HostFiles = LocalFiles | RemoteFiles
 LOCAL = LocalFiles()
 
 
-def files_for(uri: str) -> HostFiles:
+def files_for(uri: str, *, nbd_tls: NbdTls | None = None) -> HostFiles:
     """The files of the host ``uri`` reaches (a new control master for a remote one)."""
     target = ssh_target(uri)
-    return LOCAL if target is None else RemoteFiles(Remote(target))
+    if target is None:
+        return LOCAL if nbd_tls is None else LocalFiles(nbd_tls)
+    return RemoteFiles(Remote(target), nbd_tls=nbd_tls)
+
+
+def tls_context(tls: NbdTls) -> ssl.SSLContext:
+    """The client's TLS context for a host's NBD over TLS: its CA, and vmbk's certificate when there is one.
+
+    QEMU's names in ``tls.dir``: ``ca-cert.pem`` (required), ``client-cert.pem``
+    and ``client-key.pem`` (libvirt's ``backup_tls_x509_verify``, on by
+    default, makes QEMU refuse a client without one).
+    """
+    d = Path(tls.dir)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca-cert.pem"))
+        if (d / "client-cert.pem").exists():
+            ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"nbd_tls dir {d}: {e}") from None
+    return ctx
 
 
 def untar(data: bytes) -> dict[str, bytes]:
