@@ -61,7 +61,15 @@ remaps --remap-dir OLD=NEW and --remap-pool OLD=NEW.  A firmware file the host
 lacks is replaced by libvirt's firmware auto-selection, a machine type by
 its alias (q35, pc), an emulator path by the host's own.  The remaps are
 in the restore record and the catalogue.  With --connect
-qemu+ssh://USER@HOST/system, --dry-run checks that host.
+qemu+ssh://USER@HOST/system the restore (disaster recovery, clone, or disks
+with --restore-path) is made on that host from the backups here: the
+preflight and the free space are checked there, each image is streamed
+over ssh into FILE.partial as it is written (its qcow2 header last), checked
+there with qemu-img check, and all are renamed together before the VM is
+defined; NVRAM, the domain XML and TPM state go there too.  If ssh drops,
+nothing is defined and the .partial files are removed once the host
+answers.  A --disk restore in place is refused for another host.  In a tree
+with several hosts (BACKUP_PATH/HOST/VM/) --vm HOST/NAME names the VM.
 
 Instant access, without writing the point out first.  With --serve each
 disk of the point is exported read-only over NBD under its target name
