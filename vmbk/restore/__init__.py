@@ -22,6 +22,10 @@ data").  One module per concern:
 ``livedisks`` which files defined domains use (collision checks);
 ``report``   the records of a restore; ``history`` its catalogue row;
 ``run``      the orchestration of one restore: lock, check, write, commit, define.
+``remote``   onto another host (``--connect qemu+ssh://``): the preflight of its
+           files, each image streamed over ssh as it is written, commit and
+           TPM state there;
+``crosshost`` ``hostcheck`` ``remap``  the target host's preflight and the remaps.
 
 Instant access, without writing the point out (issue #15):
 
