@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import libvirt
 import pytest
-from fixtures.remote import RemoteHost, lock_out
+from fixtures.remote import lock_out
 from kill_helpers import Lifecycle, domain_state, kill_on_event
 from backup_helpers import run_restore
 from replicate_helpers import qemu_write, reference, restore_point, same_disk
@@ -40,12 +39,6 @@ def _ok(code: int, recs: list[dict], err: str) -> dict:
     (rec,) = [r for r in recs if r["type"] == "backup"]
     assert rec["outcome"] == "ok", rec
     return rec
-
-
-def _ssh_masters(remote: RemoteHost) -> list[int]:
-    """PIDs of the user's ssh control masters (vmbk's own ssh; libvirt's ssh is not a master)."""
-    r = subprocess.run(["pgrep", "-u", str(remote.uid), "-f", "ControlMaster=yes"], capture_output=True, text=True)
-    return [int(p) for p in r.stdout.split()]
 
 
 def _restore(chain: Path, point: int, into: Path, disk: str) -> Path:
@@ -99,7 +92,7 @@ def test_full_inc_and_copy_over_ssh_restore_byte_exact(remote_host, nos_domain, 
     assert not [p for p in Path("/var/tmp/vmbk").glob("copy-*") if (p / "nbd.sock").exists()
                 and nd.name in " ".join(os.listdir(p))], "qemu-nbd left on the far side"
     time.sleep(0.5)
-    assert _ssh_masters(remote_host) == [], "a control master outlived vmbk"
+    assert remote_host.masters() == [], "a control master outlived vmbk"
 
 
 def test_ssh_dropped_mid_backup_fails_cleanly_and_the_next_run_heals(remote_host, nos_domain, vm_workdir):
@@ -116,7 +109,7 @@ def test_ssh_dropped_mid_backup_fails_cleanly_and_the_next_run_heals(remote_host
         assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    masters = _ssh_masters(remote_host)
+    masters = remote_host.masters()
     assert masters, "no control master to kill"
     for pid in masters:
         os.kill(pid, signal.SIGKILL)  # the forwarding process: every NBD connection drops

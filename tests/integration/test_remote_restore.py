@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -52,12 +51,6 @@ def _gone(conn: libvirt.virConnect, name: str) -> bool:
     except libvirt.libvirtError:
         return True
     return False
-
-
-def _masters(remote_host: RemoteHost) -> list[int]:
-    r = subprocess.run(["pgrep", "-u", str(remote_host.uid), "-f", "ControlMaster=yes"], capture_output=True,
-                       text=True)
-    return [int(p) for p in r.stdout.split()]
 
 
 def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, libvirt_conn, cleanup_domains):
@@ -109,7 +102,7 @@ def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, l
     assert same_disk(target, ref0)
     assert (disk.parent / f"{clone}.xml").is_file()
     libvirt_conn.lookupByName(clone).create()  # the clone's definition runs on its restored disk
-    assert _masters(remote_host) == [], "a control master outlived vmbk"
+    assert remote_host.masters() == [], "a control master outlived vmbk"
 
 
 def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_domain, libvirt_conn):
@@ -130,7 +123,7 @@ def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_
         assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    masters = _masters(remote_host)
+    masters = remote_host.masters()
     assert masters, "no control master to kill"
     for pid in masters:
         os.kill(pid, signal.SIGKILL)  # the image's stream drops
@@ -147,4 +140,4 @@ def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_
     assert not partial.exists(), "the .partial was left"
     assert not list(disk.parent.glob("*.partial")) and not (disk.parent / f"{nd.name}.xml").exists()
     time.sleep(0.5)
-    assert _masters(remote_host) == []
+    assert remote_host.masters() == []

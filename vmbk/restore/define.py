@@ -71,11 +71,15 @@ def undefine(conn: Any, name: str, *, keep_state: bool) -> None:
         raise LibvirtError(f"cannot undefine {name!r}: {e.get_error_message()}", vm=name) from None
 
 
-def define(conn: Any, xml: str, name: str) -> dict[str, Any]:
-    """Define the restored VM; its name and UUID as libvirt has them."""
+def define(conn: Any, xml: str, name: str, *, kept: str | None = None) -> dict[str, Any]:
+    """Define the restored VM; its name and UUID as libvirt has them.
+
+    ``kept``: where the restored files stay when the definition fails (the message says it).
+    """
     libvirt = libvirt_module()
     try:
         dom = conn.defineXML(xml)
         return {"name": dom.name(), "uuid": dom.UUIDString()}
     except libvirt.libvirtError as e:
-        raise LibvirtError(f"cannot define {name!r}: {e.get_error_message()}", vm=name) from None
+        where = f"; the restored files are kept {kept} once the cause is fixed" if kept else ""
+        raise LibvirtError(f"cannot define {name!r}: {e.get_error_message()}{where}", vm=name) from None

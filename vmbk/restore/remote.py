@@ -71,7 +71,6 @@ from vmbk.restore.checker import SourceCheck
 from vmbk.restore.preflight import HEADROOM, RestoreOptions, RestorePlan
 from vmbk.restore.report import Outcome
 from vmbk.stream.chainread import ChainImage
-from vmbk.virt.connection import LibvirtError
 from vmbk.virt.hostfiles import RemoteFiles
 from vmbk.virt.remote import RemoteError
 
@@ -298,11 +297,8 @@ def execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool, x
             raise
     commit(files, partials)
     if opts.defines:
-        try:
-            out.domain = define.define(conn, xml, plan.name)
-        except LibvirtError as e:
-            raise LibvirtError(f"{e}; the restored files are kept on {files.label} in {plan.restore_path} "
-                               f"(virsh define {plan.xml_target} there once the cause is fixed)", vm=e.vm) from None
+        out.domain = define.define(conn, xml, plan.name, kept=f"on {files.label} in {plan.restore_path} "
+                                                              f"(virsh define {plan.xml_target} there)")
     return out
 
 

@@ -47,7 +47,7 @@ from vmbk.restore import (crosshost, define, domainxml, history, image, inplace,
 from vmbk.restore.preflight import RestoreOptions, RestorePlan, check_existing, check_space, make_plan
 from vmbk.restore.source import SourceRef, load
 from vmbk.virt import hold
-from vmbk.virt.connection import LibvirtError, open_connection
+from vmbk.virt.connection import open_connection
 from vmbk.virt.hostfiles import LOCAL, HostFiles, RemoteFiles, files_for
 from vmbk.virt.remote import is_remote
 
@@ -281,11 +281,8 @@ def _execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool,
     except OSError as e:
         raise StorageError(f"renaming the restored files in {plan.restore_path}: {e.strerror or e}") from None
     if opts.defines:
-        try:
-            out.domain = define.define(conn, xml, plan.name)
-        except LibvirtError as e:
-            raise LibvirtError(f"{e}; the restored files are kept in {plan.restore_path} "
-                               f"(virsh define {plan.xml_target} once the cause is fixed)", vm=e.vm) from None
+        out.domain = define.define(conn, xml, plan.name,
+                                   kept=f"in {plan.restore_path} (virsh define {plan.xml_target})")
     return out
 
 
