@@ -918,6 +918,31 @@ def reporting_off(enabled: bool) -> Iterator[str | None]:
             PAGE_REPORTING.write_text(f"{reporting}\n")
 
 
+def run_bench(bench: Bench, body: Callable[[], None], no_page_reporting: bool) -> int:
+    """setup, ``body``, teardown (also after an error or Ctrl-C), then the report; the exit code.
+
+    For the benches built on this one's image and domain (bench/remote.py).
+    """
+    bench.facts.append(machine_load("start"))
+    code = 0
+    with reporting_off(no_page_reporting):
+        try:
+            bench.setup()
+            body()
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:  # noqa: BLE001 -- the table of what was measured, then the error
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            bench.teardown()
+    bench.facts.append(machine_load("end"))
+    bench.report()
+    return code
+
+
 def start_session(lock_name: str, script: str) -> IO[str]:
     """Root check, SIGTERM/SIGHUP as KeyboardInterrupt (so cleanup runs), and
     the bench's lock file, held (and returned) for the life of the process."""
