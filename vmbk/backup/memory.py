@@ -30,6 +30,19 @@ leaves the VM paused):
    ``.cpt`` does not list (never resumable: `vmbk.tree.points`).
 
 Memory use is one 4 MiB buffer and lz4's frame state, whatever the RAM.
+
+Full backups only (`INCREMENTAL`): when the save completes, QEMU 7.2
+inactivates the disks (as for a migration: the destination would take
+them over), which writes the persistent dirty bitmaps into the images and
+unloads them until the VM runs again; ``backupBegin`` of an incremental
+then finds its parent checkpoint's bitmap "missing or broken".  A full
+creates its checkpoint's bitmap there, which survives the reactivation
+(tested: the next incremental, without memory, works).  The alternative,
+libvirt's managed save and a start from it (QEMU restarts, disks active),
+was tried and dropped: the restarted guest's agent channel reports itself
+connected while the backup job holds the domain, libvirt's single event
+worker then waits 30 s for the job and gives up, and the agent stays
+disconnected for good (and every domain's events wait meanwhile).
 """
 
 from __future__ import annotations
@@ -59,6 +72,9 @@ log = logging.getLogger("vmbk.backup")
 
 CHUNK = 4 << 20
 SPOOL = "memory.spool"
+#: Why an incremental point gets no state (docs/architecture.md, "Memory and device state").
+INCREMENTAL = ("the state is saved with full backups only: saving it makes QEMU 7.2 write out and unload the "
+               "disks' dirty bitmaps until the VM runs again, and libvirt then refuses the incremental backup job")
 #: How long `finish` waits for the follower to drain the spool after the save.
 DRAIN_TIMEOUT = 3600.0
 
@@ -145,7 +161,7 @@ class StateSave:
     """One VM's memory state in one backup: refused, saved, or failed (and why)."""
 
     def __init__(self, dom: Any, target_dir: Path, ident: str, *, checkpoint: str | None, timeout: float,
-                 remote: bool = False) -> None:
+                 remote: bool = False, level: str = "full") -> None:
         self.dom = dom
         self.vm = dom.name()
         self.target_dir = target_dir
@@ -164,6 +180,13 @@ class StateSave:
         self.pause_seconds: float | None = None
         self.save_seconds: float | None = None
         self.written: list[Path] = []
+        #: Why no state is saved when that is no failure (an incremental backup).
+        self.reason: str | None = None
+        if level == "inc":
+            self.refused = True
+            self.reason = INCREMENTAL
+            log.info("%s: no memory state with an incremental backup: %s", self.vm, INCREMENTAL)
+            return
         if remote:
             self._refuse("saving the memory state of a VM on a remote host is not supported: disks only")
             return
@@ -303,6 +326,7 @@ class StateSave:
             "pause_seconds": round(self.pause_seconds, 3) if self.pause_seconds is not None else None,
             "save_seconds": round(self.save_seconds, 3) if self.save_seconds is not None else None,
             "error": self.error,
+            "reason": self.reason,
         }
 
 

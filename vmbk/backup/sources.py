@@ -60,7 +60,7 @@ def libvirt_export(
         with job:
             with quiesced(dom, agent=agent, memory=memory is not None) as consistency:
                 if memory is not None:
-                    memory.save(consistency)
+                    memory.save(Path(work), consistency)
                 job.begin()
             if memory is not None:
                 memory.resumed()

@@ -179,7 +179,7 @@ def _copy_online(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOpt
     saver = None
     if opts.memory:
         saver = memory.StateSave(dom, target_dir, names.ident(plan.action, checkpoint), checkpoint=checkpoint,
-                                 timeout=opts.memory_timeout, remote=opts.files is not LOCAL)
+                                 timeout=opts.memory_timeout, remote=opts.files is not LOCAL, level=plan.action)
         out.memory = saver.record()
     try:
         _export_and_copy(dom, planned, target_dir, opts, out, saver if saver and saver.wanted else None,
