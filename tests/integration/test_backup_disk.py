@@ -90,3 +90,24 @@ def test_failure_leaves_no_file(tmp_path, image, qemu_nbd):
         # no such bitmap on the export: the incremental cannot start
         backup_disk(DiskBackup("vda", server.address, "inc", out, dirty_bitmap="missing"))
     assert list(tmp_path.glob("vda.*")) == []
+
+
+def test_a_disk_more_fragmented_than_the_plan_keeps_is_walked_again(tmp_path, image, qemu_nbd, monkeypatch):
+    """Past PLAN_LIMIT extents the first walk is not kept: the copy walks again, same stream."""
+    from vmbk.backup import disk
+
+    server = qemu_nbd(image, read_only=True, shared=4)
+    kept, walked = tmp_path / "kept.data", tmp_path / "walked.data"
+    backup_disk(DiskBackup("vda", server.address, "full", kept))
+    monkeypatch.setattr(disk, "PLAN_LIMIT", 2)
+    walks = []
+    real = disk._plan_extents
+    monkeypatch.setattr(disk, "_plan_extents", lambda *a: walks.append(1) or real(*a))
+    backup_disk(DiskBackup("vda", server.address, "full", walked))
+    assert len(walks) == 2
+    a, b = scan(kept), scan(walked)
+    assert [(f.kind, f.offset, f.length) for f in a.frames] == [(f.kind, f.offset, f.length) for f in b.frames]
+    assert a.meta.data_size == b.meta.data_size == 5 * MiB
+    raw = tmp_path / "walked.raw"
+    reconstruct_raw([walked], raw)
+    assert same(raw, image)

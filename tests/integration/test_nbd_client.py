@@ -841,3 +841,20 @@ def test_reader_dirty_extents_walk_the_bitmap_alone(tmp_path, qemu_nbd) -> None:
             Extent(MiB, 64 * KiB, DIRTY), Extent(40 * MiB, 128 * KiB, DIRTY | Z), Extent(60 * MiB, 64 * KiB, DIRTY)]
     with Reader(srv.address, dirty_bitmap="b0", connections=1) as r:
         assert r.bitmap_status() is None and list(r.dirty_extents()) == want
+
+
+def test_reader_without_a_bitmap_alone_connection_keeps_its_connections(tmp_path, qemu_nbd, monkeypatch) -> None:
+    """A server that refuses the bitmap alone on the second connection: a plain one there, the combined walk."""
+    image = qcow2(tmp_path, 16 * MiB, "write -P 0x11 0 1M", bitmap="b0", after=("write -P 0x22 4M 64k",))
+    srv = qemu_nbd(image, read_only=True, bitmap="b0", shared=4)
+    real = Client.__init__
+
+    def refusing(self, *args, allocation: bool = True, **kw) -> None:
+        if not allocation:
+            raise HandshakeError("refused (test)")
+        real(self, *args, allocation=allocation, **kw)
+
+    monkeypatch.setattr(Client, "__init__", refusing)
+    with Reader(srv.address, dirty_bitmap="b0") as r:
+        assert r.connections == 4 and r.bitmap_status() is None
+        assert list(r.dirty_extents()) == [Extent(4 * MiB, 64 * KiB, DIRTY)]

@@ -103,7 +103,8 @@ def _plan_extents(reader: Reader, level: str) -> Iterator[Extent]:
 class _Plan:
     """The extents of one walk and their data bytes; replayed, or walked again past ``limit``."""
 
-    def __init__(self, walk: Callable[[], Iterator[Extent]], limit: int = PLAN_LIMIT) -> None:
+    def __init__(self, walk: Callable[[], Iterator[Extent]], limit: int | None = None) -> None:
+        limit = PLAN_LIMIT if limit is None else limit
         self._walk = walk
         self.data_size = 0
         self._kept: array[int] | None = array("Q")  # offset, length, flags of each extent

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from .address import Address
 from .client import Client
-from .errors import NbdError, ProtocolError
+from .errors import HandshakeError, NbdError, ProtocolError
 from .extents import Extent, split
 from .status import ExtentQueries
 
@@ -153,14 +153,22 @@ class Reader(ExtentQueries):
         try:
             want = max(1, connections) if first.can_multi_conn else 1
             extra_timeout = min(connect_timeout or timeout or EXTRA_CONNECT_TIMEOUT, EXTRA_CONNECT_TIMEOUT)
+            # the second connection of an incremental negotiates the bitmap
+            # alone, for `dirty_extents` (it reads like the others); a server
+            # that will not (HandshakeError) gets a plain one there
+            only = dirty_bitmap
             while len(self._clients) < want:
-                # the second connection of an incremental negotiates the bitmap
-                # alone, for `dirty_extents` (it reads like the others)
-                only = dirty_bitmap if len(self._clients) == 1 else None
+                alone = only if len(self._clients) == 1 else None
                 try:
                     extra = Client(first.address, timeout=timeout, connect_timeout=extra_timeout,
-                                   dirty_bitmap=only, allocation=only is None)
+                                   dirty_bitmap=alone, allocation=alone is None)
                     self._clients.append(extra)
+                except HandshakeError as e:
+                    if alone is None:
+                        log.warning("%s: using %d connections: %s", first.address, len(self._clients), e)
+                        break
+                    log.debug("%s: no connection with the dirty bitmap alone: %s", first.address, e)
+                    only = None
                 except NbdError as e:
                     log.warning("%s: using %d connections: %s", first.address, len(self._clients), e)
                     break
