@@ -201,18 +201,7 @@ class Bench:
         common.remove_stale(self.conn, DOMAIN_PREFIX, WORK_PREFIX)
 
     def teardown(self) -> None:
-        from guest.domain import remove_domain
-        if self.dom is not None:
-            try:
-                remove_domain(self.dom)
-            except Exception as e:  # noqa: BLE001
-                print(f"cleanup: domain: {e}", file=sys.stderr)
-        for p in (self.work, self.out):
-            if p is not None:
-                shutil.rmtree(p, ignore_errors=True)
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
+        common.remove_all([self.dom] if self.dom is not None else [], [self.work, self.out], self.conn)
 
     # -- the domain
 

@@ -848,6 +848,22 @@ def remove_stale(conn: Any, domain_prefix: str, work_prefix: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def remove_all(doms: list[Any], paths: list[Path | None], conn: Any) -> None:
+    """A bench's cleanup: its domains (metadata included), its directories, its libvirt connection."""
+    from guest.domain import remove_domain
+    for dom in doms:
+        try:
+            remove_domain(dom)
+        except Exception as e:  # noqa: BLE001
+            print(f"cleanup: domain: {e}", file=sys.stderr)
+    for p in paths:
+        if p is not None:
+            shutil.rmtree(p, ignore_errors=True)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 def open_libvirt() -> Any:
     import libvirt
     try:

@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as common  # bench/run.py: measure, helpers
-from restore import timing_lock
+import restore  # bench/restore.py: Case, the timing lock
 from run import GiB, KiB, MiB, Proc, measure, rotate
 
 ROOT = common.ROOT
@@ -133,15 +133,8 @@ def fleet_image() -> Path:
 
 
 @dataclasses.dataclass
-class Case:
-    name: str
-    runs: list[Proc] = dataclasses.field(default_factory=list)
+class Case(restore.Case):
     engine: list[float] = dataclasses.field(default_factory=list)  # seconds of the disk copy (records)
-    checked: str = ""
-
-    @property
-    def best(self) -> Proc:
-        return min(self.runs, key=lambda r: r.seconds)
 
 
 class Bench:
@@ -197,20 +190,9 @@ class Bench:
         print(f"{len(self.doms)} domain(s) running; outputs in {self.out}", flush=True)
 
     def teardown(self) -> None:
-        from guest.domain import remove_domain
         if self.nbd is not None:
-            common.stop_group(self.nbd)  # type: ignore[arg-type]
-        for dom in self.doms:
-            try:
-                remove_domain(dom)
-            except Exception as e:  # noqa: BLE001
-                print(f"cleanup: domain: {e}", file=sys.stderr)
-        for p in (self.work, self.out):
-            if p is not None:
-                shutil.rmtree(p, ignore_errors=True)
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
+            common.stop_group(self.nbd)
+        common.remove_all(self.doms, [self.work, self.out], self.conn)
 
     # -- helpers
 
@@ -224,7 +206,7 @@ class Bench:
 
     def timed(self, name: str, fn: Callable[[], Proc]) -> Proc:
         c = self.cases.setdefault(name, Case(name))
-        with timing_lock():
+        with restore.timing_lock():
             q0, m0 = self.qemu_cpu(), common.machine_cpu()
             p = fn()
             p.qemu = self.qemu_cpu() - q0
@@ -301,7 +283,7 @@ class Bench:
             p.seconds = res["seconds"]
             return p
 
-        def restore(root: Path) -> Proc:
+        def restore_point(root: Path) -> Proc:
             assert self.out is not None
             vm_dir = root / dom.name()
             dest = self.out / "restored"
@@ -332,7 +314,7 @@ class Bench:
             self.timed(S_FULL, lambda: self.vmbk_backup(root, "full"))
             guest_change()
             self.timed(S_INC, lambda: self.vmbk_backup(root, "inc"))
-            self.timed(S_REST, lambda: restore(root))
+            self.timed(S_REST, lambda: restore_point(root))
             self.cases[S_REST].checked = self.checked
             shutil.rmtree(root)
 
