@@ -110,6 +110,8 @@ class RemoteBench(common.Bench):
         certs = certificates(self.work / "pki")
         self.pki_parent_made = not PKI.parent.exists()
         PKI.mkdir(parents=True, mode=0o755)
+        for d in (PKI.parent, PKI) if self.pki_parent_made else (PKI,):
+            d.chmod(0o755)  # whatever the umask: QEMU's user reads it
         self.pki_made = True
         for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"):
             shutil.copy(certs / name, PKI / name)

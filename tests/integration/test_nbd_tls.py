@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -145,8 +146,11 @@ def libvirt_pki(certs: Path):
     shutil.rmtree(PKI, ignore_errors=True)
     made_parent = not PKI.parent.exists()
     PKI.mkdir(parents=True, mode=0o755)
-    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+    for d in (PKI.parent, PKI) if made_parent else (PKI,):
+        d.chmod(0o755)  # whatever the umask (an in-process vmbk sets 027): QEMU's user reads it
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"):
         shutil.copy(certs / name, PKI / name)
+        (PKI / name).chmod(0o644)
     (PKI / "server-key.pem").chmod(0o640)
     subprocess.run(["chgrp", "libvirt-qemu", str(PKI / "server-key.pem")], check=False, capture_output=True)
     OURS.write_text("made by tests/integration/test_nbd_tls.py; removed after\n")
@@ -193,3 +197,29 @@ def test_libvirt_pull_backup_over_tls_restores_byte_exact(nos_domain, libvirt_pk
     assert "nbds://127.0.0.1:" in recs[0]["message"], recs[0]  # QEMU hangs up on a client without certificate
     assert nd.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert [c.getName() for c in nd.dom.listAllCheckpoints(0)] == before
+
+
+@pytest.mark.libvirt
+def test_remote_host_over_tls_as_the_unprivileged_user(remote_host, nos_domain, libvirt_pki, vm_workdir):
+    """qemu+ssh for libvirt and the host's files, NBD over TLS for the data: as the user who cannot read the disks."""
+    from fixtures.remote import lock_out
+
+    nd = nos_domain(1, size="64M", writes=[(0x71, 0, 3 * MiB), (0x72, 50 * MiB, MiB)])
+    lock_out(nd.disks)
+    work = remote_host.workdir("tls")
+    client = work / "pki"
+    client.mkdir()
+    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copy(libvirt_pki / name, client / name)
+    for p in (client, *client.iterdir()):
+        os.chown(p, remote_host.uid, remote_host.gid)
+    remote_host.config(work, f'hosts = [{{ name = "kvm", uri = "{remote_host.uri}", nbd_tls = {{ dir = "{client}", '
+                             f'address = "127.0.0.1", port = {_port()} }} }}]\n')
+    code, recs, err = remote_host.run(work, "vmbk-backup", "--json", "--backup-path", str(work / "backup"),
+                                      "--vm", nd.name)
+    assert code == 0, ([r.get("message") for r in recs], err[-3000:])
+    (rec,) = [r for r in recs if r["type"] == "backup"]
+    assert rec["host"] == "kvm" and rec["action"] == "full"
+    ref = reference(nd.disks[0], vm_workdir / "ref.raw")
+    assert same_disk(restore_point(Path(rec["target_dir"]), 0, vm_workdir / "restored"), ref)
+    assert remote_host.masters() == []
