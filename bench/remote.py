@@ -199,13 +199,7 @@ class RemoteBench(common.Bench):
         super().teardown()
 
     def report(self) -> None:
-        print("\n" + "\n".join(self.facts + self.notes))
-        print(f"\n{'line':52} {'best s':>7} {'MB/s':>6} {'CPU s':>6}  runs")
-        for c in self.cases.values():
-            if c.runs:
-                runs = " ".join(f"{r.seconds:.2f}" for r in c.runs)
-                print(f"{c.name:52} {c.best.seconds:7.2f} {c.rate:6.0f} {c.best.cpu:6.2f}  {runs}")
-        b = {n: c.best.seconds for n, c in self.cases.items() if c.runs}
+        b = common.print_cases(self, 52)
         if V_SSH in b and N_SSH in b:
             r = b[N_SSH] / b[V_SSH]
             print(f"\nvmbk over qemu+ssh / virtnbdbackup -U qemu+ssh: {r:.2f}x  (target >= 3)  "

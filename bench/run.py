@@ -468,6 +468,9 @@ class Bench:
             retry()
         return proc
 
+    def floor_targets(self) -> None:
+        _floor_targets(self.cases)
+
     def qemu_cpu(self) -> float:
         if self.qemu_pid is None:
             return 0.0
@@ -812,12 +815,31 @@ class Bench:
             cpu = min(x.cpu + x.qemu for x in vb.runs) / max(1e-3, min(x.cpu + x.qemu for x in va.runs))
             print(f"  {'PASS' if r >= want else 'FAIL'}  {mine:42} >= {want:g}x {theirs:40} time {r:5.2f}x"
                   f"  CPU {cpu:5.2f}x")
+        self.floor_targets()
         for label, names, limit in RSS_TARGETS:
             measured = [self.cases[n] for n in names if self.cases[n].runs]
             if measured:
                 peak = max(m.rss for m in measured)
                 print(f"  {'PASS' if peak < limit * MiB else 'FAIL'}  peak RSS of {label:30} < {limit} MiB"
                       f"{'':35} {peak / MiB:5.0f} MiB")
+
+
+def _floor_targets(cases: dict[str, Case]) -> None:
+    """Issue #22's: the full <= 1.25x the machine's floor, lz4 <= 1.5x uncompressed; with what the CPU says."""
+    full, z, dd, null = (cases[n] for n in (F_VMBK, F_VMBKZ, F_DD, R_COPY))
+    cores = len(os.sched_getaffinity(0))
+    if full.runs and dd.runs and null.runs:
+        floor = max(dd.best.seconds, null.best.seconds)
+        r = full.best.seconds / floor
+        b = full.best
+        print(f"  {'PASS' if r <= 1.25 else 'FAIL'}  {F_VMBK:42} <= 1.25x the floor (max of {R_COPY.split(' (')[0]} and "
+              f"dd: {floor:.2f} s)  {r:5.2f}x")
+        print(f"        its best run: client {b.cpu:.2f} s + QEMU {b.qemu:.2f} s of CPU = at least "
+              f"{(b.cpu + b.qemu) / cores:.2f} s on {cores} CPUs (the floor counts neither side's CPU)")
+    if full.runs and z.runs:
+        r = z.best.seconds / full.best.seconds
+        print(f"  {'PASS' if r <= 1.5 else 'FAIL'}  {F_VMBKZ:42} <= 1.5x {F_VMBK}  {r:5.2f}x  (CPU "
+              f"{min(x.cpu for x in z.runs) / max(1e-3, min(x.cpu for x in full.runs)):.2f}x)")
 
 
 def rotate(items: list[Any], n: int) -> list[Any]:
@@ -932,6 +954,17 @@ def reporting_off(enabled: bool) -> Iterator[str | None]:
     finally:
         if reporting is not None and enabled:
             PAGE_REPORTING.write_text(f"{reporting}\n")
+
+
+def print_cases(bench: Bench, width: int) -> dict[str, float]:
+    """The facts, notes and a line per case (best, MB/s, CPU, every run); the best seconds by case."""
+    print("\n" + "\n".join(bench.facts + bench.notes))
+    print(f"\n{'line':{width}} {'best s':>7} {'MB/s':>6} {'CPU s':>6}  runs")
+    for c in bench.cases.values():
+        if c.runs:
+            runs = " ".join(f"{r.seconds:.2f}" for r in c.runs)
+            print(f"{c.name:{width}} {c.best.seconds:7.2f} {c.rate:6.0f} {c.best.cpu:6.2f}  {runs}")
+    return {n: c.best.seconds for n, c in bench.cases.items() if c.runs}
 
 
 def run_bench(bench: Bench, body: Callable[[], None], no_page_reporting: bool) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -104,15 +103,7 @@ def test_ssh_dropped_mid_backup_fails_cleanly_and_the_next_run_heals(remote_host
     remote_host.config(work, 'compression = "lz4"\ncompression_level = 16\n')
     p = remote_host.popen(work, "vmbk-backup", "--json", "--connect", remote_host.uri, "--backup-path", str(tree),
                           "--vm", nd.name)
-    deadline = time.monotonic() + 120
-    while not list(tree.rglob("*.data.partial")):
-        assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    masters = remote_host.masters()
-    assert masters, "no control master to kill"
-    for pid in masters:
-        os.kill(pid, signal.SIGKILL)  # the forwarding process: every NBD connection drops
+    remote_host.drop_ssh_when(p, lambda: bool(list(tree.rglob("*.data.partial"))))  # every NBD connection drops
     out, err = p.communicate(timeout=180)
     assert p.returncode != 0, err.decode()[-2000:]
     recs = [json.loads(line) for line in out.splitlines()]

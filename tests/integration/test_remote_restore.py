@@ -14,8 +14,6 @@ failure, nothing defined, no image left that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -118,15 +116,7 @@ def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_
 
     p = remote_host.popen(work, "vmbk-restore", "--json", "--connect", remote_host.uri,
                           "--backup-path", str(work / "backup"), "--vm", nd.name)
-    deadline = time.monotonic() + 120
-    while not (partial.exists() and partial.stat().st_size > 0):
-        assert p.poll() is None, p.stderr.read().decode() if p.stderr else p.returncode
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    masters = remote_host.masters()
-    assert masters, "no control master to kill"
-    for pid in masters:
-        os.kill(pid, signal.SIGKILL)  # the image's stream drops
+    remote_host.drop_ssh_when(p, lambda: partial.exists() and partial.stat().st_size > 0)  # mid-image
     out, err = p.communicate(timeout=180)
     assert p.returncode != 0, err.decode()[-2000:]
     assert b"Traceback" not in err, err.decode()[-3000:]
