@@ -412,6 +412,11 @@ class Bench:
         if c.get(F_LOOP) and c[F_LOOP].runs:
             r = c[F_LOOP].best.seconds / j4
             print(f"  {'PASS' if r >= 12 else 'FAIL'}  {F_JOBS[4]} >= 12x {F_LOOP}: {r:5.2f}x")
+        b = c[F_JOBS[4]].best
+        cores = len(os.sched_getaffinity(0))
+        print(f"  why: --jobs 4's best run used {b.cpu:.1f} s of vmbk's CPU, {b.qemu:.1f} s of the QEMUs' and "
+              f"{b.others:.1f} s of the rest of the machine (libvirtd among them) in {b.seconds:.1f} s on {cores} "
+              f"CPUs: {(b.cpu + b.qemu + b.others) / (b.seconds * cores):.0%} of them")
         print("  peak RSS of vmbk-backup: " + ", ".join(f"--jobs {j} {max(p.rss for p in c[n].runs) / MiB:.0f} MiB"
                                                       for j, n in F_JOBS.items() if c.get(n) and c[n].runs))
 
