@@ -176,7 +176,9 @@ def prepare(plan: RestorePlan, conn: Any, xml: str) -> Resuming:
     image = plan.jobs[0].target.parent / f".{plan.name}.vmstate.partial"
     t0 = time.monotonic()
     try:
-        _make_dirs(image.parent)
+        from vmbk.restore.run import make_dirs  # the restore's own (QEMU must reach the images); run imports us
+
+        make_dirs(image.parent)
         _unpack(plan.point.chain.path / st.file, st.manifest, image, xml if plan.mode == "clone" else None)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -186,18 +188,6 @@ def prepare(plan: RestorePlan, conn: Any, xml: str) -> Resuming:
                                vm=plan.source.vm) from None
         raise
     return Resuming(plan, st, image, xml, time.monotonic() - t0)
-
-
-def _make_dirs(path: Path) -> None:
-    """The disks' directory, traversable (0755) as the restore makes it (QEMU must reach the images)."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o755)
-            os.chmod(d, 0o755)
 
 
 def _unpack(src: Path, manifest: tree_state.StateManifest, dst: Path, clone_xml: str | None) -> None:
