@@ -333,3 +333,36 @@ def test_the_state_goes_with_its_point_virtnbdrestore_replica_archive(test_guest
     assert len(list(archived.glob("vmstate.*"))) == 2
     assert [(p["chain"].endswith("chain-2026-01-01"), p["resumable"]) for p in points(root, guest.name)] == [
         (True, True), (True, False)]
+
+
+def test_a_clone_resumes_beside_the_running_original(test_guest, vm_workdir, libvirt_conn, cleanup_domains):
+    """--resume --name: a new name, UUID and MAC (libvirt holds the restore's XML against the image's: the
+    image gets the clone's identity), the original runs on, the clone continues from the backup instant."""
+    from guest.agent import Guest
+
+    nic = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>"
+    guest = test_guest(extra_devices=nic)
+    root = vm_workdir / "backups"
+    root.mkdir()
+    while counter(guest) < 25:
+        time.sleep(0.5)
+    boot = boot_id(guest)
+    c0 = counter(guest)
+    code, recs = memory_backup(root, guest.name)
+    assert code == 0 and recs[0]["memory"]["saved"], recs
+    clone = f"{guest.name}-c"
+    cleanup_domains.append(clone)
+    time.sleep(5)
+    code, recs = run_restore("--backup-path", str(root), "--vm", guest.name, "--restore-path",
+                             str(vm_workdir / "clone"), "--name", clone, "--resume")
+    assert code == 0, [r.get("message") for r in recs]
+    dom = libvirt_conn.lookupByName(clone)
+    assert dom.isActive() and dom.UUIDString() != guest.dom.UUIDString()
+    xml = dom.XMLDesc(0)
+    assert "52:54:00:12:34:56" not in xml and str(vm_workdir / "clone") in xml
+    c = Guest(dom)
+    c.wait_agent(timeout=60)
+    resumed, original = counter(c), counter(guest)
+    print(f"counter: {c0} at the backup, clone resumed at {resumed}, original at {original}")
+    assert boot_id(c) == boot and c0 <= resumed < original
+    assert guest.dom.isActive()

@@ -153,3 +153,16 @@ def test_a_points_state_as_the_tree_shows_it(tmp_path):
     assert "describes checkpoint" in tree_state.point_state(tmp_path, "virtnbdbackup.3").problems[0]
     (tmp_path / names.state_manifest_name("virtnbdbackup.3")).write_text("{}")
     assert "not a vmbk state manifest" in tree_state.point_state(tmp_path, "virtnbdbackup.3").problems[0]
+
+
+def test_memory_settings():
+    from vmbk.config import from_mapping
+    from vmbk.errors import ConfigError
+
+    cfg = from_mapping({"memory_pause_timeout": 30, "vm": {"web": {"memory": True}}}, instance="t", source=None)
+    assert cfg.memory_pause_timeout == 30 and cfg.memory_for("web") and not cfg.memory_for("db")
+    assert from_mapping({}, instance="t", source=None).memory_pause_timeout == 60
+    with pytest.raises(ConfigError):
+        from_mapping({"memory_pause_timeout": 0}, instance="t", source=None)
+    with pytest.raises(ConfigError):
+        from_mapping({"vm": {"web": {"memory": "yes"}}}, instance="t", source=None)

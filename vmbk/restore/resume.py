@@ -53,6 +53,7 @@ from vmbk.errors import StorageError
 from vmbk.restore.preflight import RestoreOptions, RestorePlan
 from vmbk.tree import state as tree_state
 from vmbk.virt import memstate
+from vmbk.virt.connection import libvirt_module
 from vmbk.virt.memstate import StateError
 
 log = logging.getLogger("vmbk.restore")
@@ -131,6 +132,26 @@ class Resuming:
     xml: str
     seconds: float = 0.0
 
+    def _defined_xml(self, conn: Any) -> str:
+        """The defined VM's XML, and for a clone its identity put into the image's head.
+
+        libvirt gave the clone its UUID when it was defined; the image's XML
+        must say the same name, UUID and MACs (libvirt holds the XML it
+        restores with against it), within the image's room for it.
+        """
+        libvirt = libvirt_module()
+        xml = str(conn.lookupByName(self.plan.name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE |
+                                                            libvirt.VIR_DOMAIN_XML_SECURE))
+        if self.plan.mode == "clone":
+            fd = os.open(self.image, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                first = os.pread(fd, memstate.HEADER.size, 0)
+                head = memstate.read_head(os.pread(fd, memstate.head_size(first), 0))
+                os.pwrite(fd, memstate.image_head(head, memstate.same_identity(head.xml, xml)), 0)
+            finally:
+                os.close(fd)
+        return xml
+
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.image.unlink()
@@ -146,7 +167,8 @@ class Resuming:
         _write_json(ticket, body)
         t0 = time.monotonic()
         try:
-            dom = memstate.restore(conn, self.image, self.xml)
+            xml = self._defined_xml(conn)
+            dom = memstate.restore(conn, self.image, xml)
         finally:
             self.discard()
         seconds = time.monotonic() - t0
@@ -179,7 +201,7 @@ def prepare(plan: RestorePlan, conn: Any, xml: str) -> Resuming:
         from vmbk.restore.run import make_dirs  # the restore's own (QEMU must reach the images); run imports us
 
         make_dirs(image.parent)
-        _unpack(plan.point.chain.path / st.file, st.manifest, image, xml if plan.mode == "clone" else None)
+        _unpack(plan.point.chain.path / st.file, st.manifest, image)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             image.unlink()
@@ -190,7 +212,7 @@ def prepare(plan: RestorePlan, conn: Any, xml: str) -> Resuming:
     return Resuming(plan, st, image, xml, time.monotonic() - t0)
 
 
-def _unpack(src: Path, manifest: tree_state.StateManifest, dst: Path, clone_xml: str | None) -> None:
+def _unpack(src: Path, manifest: tree_state.StateManifest, dst: Path) -> None:
     """Decompress the state into ``dst``, checking it against its manifest; its head made final."""
     sha = hashlib.sha256()
     stored = written = 0
@@ -216,7 +238,6 @@ def _unpack(src: Path, manifest: tree_state.StateManifest, dst: Path, clone_xml:
             raise StateError(f"{src.name} is cut short ({written} of {manifest.image_size} bytes)")
         first = os.pread(fd, memstate.HEADER.size, 0)
         head = memstate.read_head(os.pread(fd, memstate.head_size(first), 0))
-        new_xml = memstate.same_identity(head.xml, clone_xml) if clone_xml else None
-        os.pwrite(fd, memstate.image_head(head, new_xml), 0)
+        os.pwrite(fd, memstate.image_head(head), 0)  # libvirt's final magic: vmbk read the image before it
     finally:
         os.close(fd)
