@@ -381,7 +381,7 @@ def test_clone_copies_the_nvram_of_the_point(tree, tmp_path, monkeypatch):
     (chain.path / "x_VARS.fd.virtnbdbackup.2").write_bytes(b"vars at 2")
     (chain.path / "x_VARS.fd.virtnbdbackup.1").write_bytes(b"vars at 1")
     defined: list[str] = []
-    monkeypatch.setattr(define, "define", lambda conn, xml, name: defined.append(xml) or {"name": name})
+    monkeypatch.setattr(define, "define", lambda conn, xml, name, **kw: defined.append(xml) or {"name": name})
     code, recs = restore(root, HOSTILE, tmp_path / "c", "--name", "c2")
     assert code == 0, recs
     assert (tmp_path / "c" / "c2_VARS.fd").read_bytes() == b"vars at 2"
