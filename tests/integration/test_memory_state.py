@@ -366,3 +366,53 @@ def test_a_clone_resumes_beside_the_running_original(test_guest, vm_workdir, lib
     print(f"counter: {c0} at the backup, clone resumed at {resumed}, original at {original}")
     assert boot_id(c) == boot and c0 <= resumed < original
     assert guest.dom.isActive()
+
+
+def test_a_save_past_its_timeout_is_aborted_and_the_domain_stays_as_it_was(test_guest, vm_workdir):
+    """The bound (memory_pause_timeout): libvirt's job aborted, nothing saved, the domain paused as
+    before (the caller resumes it), no job left; the backup then goes on without the state."""
+    from vmbk.virt import memstate
+
+    guest = test_guest(memory_mib=512)
+    guest.sh("dd if=/dev/urandom of=/run/fill bs=1048576 count=200 2>/dev/null", timeout=120)
+    work = vm_workdir / "job"
+    work.mkdir()
+    guest.dom.suspend()
+    try:
+        with pytest.raises(memstate.StateError, match="longer than memory_pause_timeout"):
+            memstate.save(guest.dom, work / "memory.spool", timeout=0.05)
+        state, reason = guest.dom.state()
+        assert state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER
+        assert guest.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    finally:
+        guest.dom.resume()
+    assert counter(guest) > 0
+
+
+def test_guard_killed_too_the_next_backup_ends_the_save_and_resumes(test_guest, vm_workdir, tmp_path):
+    """vmbk and its guard both killed while libvirt writes the state: the next vmbk-backup of the VM
+    (before anything else, under its lock) ends what is left of the save, resumes the VM and says so."""
+    from kill_helpers import RUN_DIR, domain_state, marker_of, no_job, spawn_backup
+    from test_backup_hold import GuardStopper
+
+    guest = test_guest(memory_mib=512)
+    guest.sh("dd if=/dev/urandom of=/run/fill bs=1048576 count=200 2>/dev/null", timeout=120)
+    root = vm_workdir / "backups"
+    root.mkdir()
+    before = set(RUN_DIR.glob("backup-*/memory.spool"))
+    guard = GuardStopper(guest.dom)
+    p = spawn_backup(root, guest.name, tmp_path / "killed", "--with-memory")
+    while p.poll() is None and not set(RUN_DIR.glob("backup-*/memory.spool")) - before:
+        time.sleep(0.0005)
+    guard()
+    p.kill()
+    p.wait()
+    guard.kill()
+    time.sleep(1)
+    assert domain_state(guest.dom).startswith("paused"), "killed outside the window"
+    code, recs = memory_backup(root, guest.name)
+    assert code == 0, recs
+    healed = [e for e in recs[0]["events"] if e["event"] == "resumed"]
+    assert len(healed) == 1 and "did not finish" in healed[0]["reason"], recs[0]["events"]
+    assert recs[0]["memory"]["saved"]
+    assert domain_state(guest.dom) == "running" and no_job(guest.dom) and not marker_of(guest.dom).exists()
