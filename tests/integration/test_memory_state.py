@@ -14,19 +14,16 @@ resumes the VM), virtnbdrestore restoring the disks of such a point.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import libvirt
-import orjson
 import pytest
-from backup_helpers import ROOT, run_backup, run_restore
+from backup_helpers import run_backup, run_restore
+from contract_doc import undocumented
 
 from vmbk.tree import names
 from vmbk.tree import state as tree_state
@@ -105,6 +102,7 @@ def test_dr_with_resume_continues_the_guest_from_the_backup_instant(test_guest, 
     guest.wait_agent(timeout=60)
     c1 = counter(guest)
     assert code == 0 and recs[0]["memory"]["saved"], recs
+    seen = list(recs)
     guest.write_file("/mnt/vda/after-backup", b"written after the backup\n")
     guest.sync()
     time.sleep(8)
@@ -114,12 +112,15 @@ def test_dr_with_resume_continues_the_guest_from_the_backup_instant(test_guest, 
 
     code, recs = list_points(root, name)
     assert code == 0 and [p["resumable"] for p in recs if p["type"] == "restore_point"] == [True]
+    seen += recs
 
     dest = vm_workdir / "dr"
     t0 = time.monotonic()
     code, recs = run_restore("--backup-path", str(root), "--vm", name, "--restore-path", str(dest), "--resume",
                              "--force")
     assert code == 0, [r.get("message") for r in recs]
+    seen += recs
+    assert undocumented(seen) == {}  # every field in vmbk-json(7)
     summary = recs[-1]
     assert summary["type"] == "restore" and summary["mode"] == "dr"
     resumed = summary["resumed"]
@@ -162,6 +163,7 @@ def test_a_device_that_cannot_be_saved_refuses_the_state_not_the_backup(test_gue
     root.mkdir()
     code, recs = memory_backup(root, guest.name)
     assert code == 9, recs  # the disks: done; the state: failed
+    assert undocumented(recs) == {}
     backup, error = recs
     assert backup["type"] == "backup" and backup["outcome"] == "ok" and backup["consistency"] == "frozen"
     assert backup["memory"]["saved"] is False and backup["memory"]["pause_seconds"] is None
