@@ -29,6 +29,11 @@ libvirt facts that shaped this (libvirt 9.0, QEMU 7.2):
   (``cannot migrate domain: non-migratable device: .../usb-mtp``), with
   the domain still paused; `unsaveable` names the kinds vmbk refuses
   before it pauses anything (host devices and the like);
+* when the save completes QEMU inactivates the disks, as a migration's
+  source does: the persistent dirty bitmaps are written into the images
+  and unloaded until the domain runs again, so ``backupBegin`` of an
+  incremental then fails ("missing or broken bitmap"): states go with
+  full backups (`vmbk.backup.memory.INCREMENTAL`);
 * ``virDomainAbortJob`` ends the snapshot's memory phase ("operation
   aborted: job 'snapshot' canceled by client"), the domain still paused:
   that is how the pause is bounded (`save`'s ``timeout``).
