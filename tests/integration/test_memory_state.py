@@ -280,6 +280,9 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_is_defined(test_guest,
         f.write(bytes([byte[0] ^ 0xFF]))
     message = refused()
     assert "damaged" in message or "does not match its state manifest" in message, message
+    code, recs = run_restore("--backup-path", str(root), "--verify", guest.name)  # --verify finds it too
+    point = [r for r in recs if r.get("point") == 0]
+    assert code == 4 and point and any(state.name in p for p in point[0]["problems"]), recs
 
 
 def test_the_state_goes_with_its_point_virtnbdrestore_replica_archive(test_guest, vm_workdir, tmp_path):

@@ -55,8 +55,8 @@ from vmbk.manifest.check import LEGACY as ADLER32_ONLY
 from vmbk.manifest.check import UNSURE
 from vmbk.records import Record, make
 from vmbk.stream import StreamMap, StreamReader, merge_chain, read_checksum_file, scan, verify_checksum
-from vmbk.stream.digest import file_digest
-from vmbk.tree import Chain, VmTree
+from vmbk.stream.digest import file_digest, plain_digest
+from vmbk.tree import Chain, VmTree, names
 from vmbk.tree.points import RestorePoint, chain_warnings, restore_points
 
 log = logging.getLogger("vmbk.restore")
@@ -89,6 +89,8 @@ def verify_chains(vm: str, chains: Iterable[Chain], session: str | None = None, 
         digests: dict[str, str | None] = {}
         for f in chain.data:
             yield _file_record(vm, chain, f.name, f.disk, f.level, f.size, session, digests, deep)
+        for state in sorted(chain.path.glob(f"{names.STATE_PREFIX}*{names.STATE_SUFFIX}")):
+            digests[state.name] = plain_digest(state)[0]  # a memory state: its manifest's SHA-256 is checked
         points = restore_points(chain, stream_digests=digests)
         for p in points:
             yield _point_record(vm, p, session, deep)
