@@ -35,7 +35,7 @@ def test_demo_backs_up_restores_a_clone_and_verifies_it(libvirt_conn, vm_workdir
         assert "all complete" in r.stderr  # the local replica lists every point complete
         assert "vmbk-drill: outcome ok, level check; the throwaway VM and its files are gone" in r.stderr
         assert '"last_drill":{"at":' in r.stdout  # vmbk-status shows it
-        assert f'"type":"status","v":1' in r.stdout and '"state":"ok"' in r.stdout  # vmbk-status at the end
+        assert '"type":"status","v":1' in r.stdout and '"state":"ok"' in r.stdout  # vmbk-status at the end
         report = vm_workdir / "demo" / "report.html"
         assert f"report: the HTML report of the last run is {report}" in r.stdout
         assert "1 backed up - OK" in report.read_text()

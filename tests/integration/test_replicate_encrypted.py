@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from backup_helpers import backup_ok, run_restore, tree_files
