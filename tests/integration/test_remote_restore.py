@@ -77,7 +77,7 @@ def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, l
     assert code == 0, (recs, err[-3000:])
     summary = recs[-1]
     assert summary["type"] == "restore" and summary["mode"] == "dr" and summary["outcome"] == "ok", summary
-    assert summary["domain"]["uuid"] == uuid and summary["free_bytes"] > 0
+    assert summary["domain"]["uuid"] == uuid and summary["free_bytes"] > 0 and summary["host"] == "127.0.0.1"
     assert summary["tpm"]["restored"] is True
     assert Path(summary["files"][0]) == disk
     assert disk.stat().st_uid == 0, "the image was not written over ssh"

@@ -120,6 +120,8 @@ class RestorePlan:
     needed: dict[Path, int] = dataclasses.field(default_factory=dict)
     #: What `vmbk.restore.crosshost` remapped (kind, from, to): in the record and the catalogue.
     remaps: tuple[dict[str, str], ...] = ()
+    #: The host the files are written on and the VM defined (``--connect qemu+ssh://``); None: this one.
+    host: str | None = None
 
     @property
     def targets(self) -> list[Path]:

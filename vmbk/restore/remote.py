@@ -281,7 +281,7 @@ def on_host(plan: RestorePlan, files: RemoteFiles, *, force: bool) -> RestorePla
     check_existing(plan, files, force=force)
     free = free_space(plan, files)
     check_space(plan, free, files.label)
-    return dataclasses.replace(plan, free_bytes=free[str(plan.restore_path)][1])
+    return dataclasses.replace(plan, free_bytes=free[str(plan.restore_path)][1], host=files.remote.target.host)
 
 
 def execute(plan: RestorePlan, conn: Any, opts: RestoreOptions, replace: bool, xml: str, warnings: list[str],
