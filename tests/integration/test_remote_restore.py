@@ -100,6 +100,15 @@ def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, l
     assert same_disk(target, ref0)
     assert (disk.parent / f"{clone}.xml").is_file()
     libvirt_conn.lookupByName(clone).create()  # the clone's definition runs on its restored disk
+
+    # the disks alone, into a directory of the host that does not exist yet
+    there = disk.parent / "data-only"
+    code, recs, err = remote_host.run(work, "vmbk-restore", "--json", "--connect", remote_host.uri,
+                                      "--backup-path", str(work / "backup"), "--vm", nd.name, "--skip-config",
+                                      "--restore-path", str(there))
+    assert code == 0 and recs[-1]["mode"] == "data", (recs, err[-3000:])
+    (target,) = [Path(r["target"]) for r in recs if r["type"] == "restore_disk"]
+    assert target.parent == there and target.stat().st_uid == 0 and same_disk(target, ref1)
     assert remote_host.masters() == [], "a control master outlived vmbk"
 
 
