@@ -232,8 +232,8 @@ def undo(dom: Any, marker: dict[str, Any], *, inflight: bool = False) -> str | N
     """
     libvirt = libvirt_module()
     name = marker.get("name") or "?"
-    if marker.get("memory_save") and marker["action"] == "paused":
-        return _undo_state_save(dom, name, libvirt)
+    if marker.get("memory_save") and marker["action"] == "paused" and dom.isActive():
+        _end_save_job(dom, libvirt)  # a memory state save in flight: no resume gets in beside it
     if not dom.isActive() or dom.ID() != marker.get("domain_id"):
         log.info("%s: restarted or shut off since vmbk %s it: nothing to undo", name, marker["action"])
         return None
@@ -264,30 +264,14 @@ def undo(dom: Any, marker: dict[str, Any], *, inflight: bool = False) -> str | N
                            f"{e.get_error_message()}", vm=name) from None
 
 
-def _undo_state_save(dom: Any, name: str, libvirt: Any) -> str | None:
-    """Undo a hold for a memory state save (`vmbk.backup.memory`): end the save, resume the domain.
-
-    libvirt lets no resume in beside a running save (it would wait for it,
-    for as long as QEMU writes the RAM into a file nobody reads any more):
-    the save is aborted, which leaves the domain paused as it was; then it
-    is resumed once a ``backupBegin`` in flight is done.
-    """
-    _end_save_job(dom, libvirt)
-    if not dom.isActive():
-        return None
-    state, reason = dom.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
-        settle_backup_begin(dom)
-        dom.resume()
-        return "resumed"
-    if state == libvirt.VIR_DOMAIN_PAUSED:
-        log.warning("%s: paused now for another reason (libvirt reason %d) than vmbk's pause: left paused",
-                    name, reason)
-    return None
-
-
 def _end_save_job(dom: Any, libvirt: Any, timeout: float = BEGIN_SETTLE) -> None:
-    """Abort a memory state save (a snapshot job) the dead holder left running; wait until it is gone."""
+    """Abort a memory state save (`vmbk.backup.memory`) the dead holder left running; wait until it is gone.
+
+    libvirt lets no resume in beside the save's job (it would wait for it,
+    for as long as QEMU writes the RAM into a file nobody reads any more):
+    the save is aborted, which leaves the domain paused as it was, for the
+    caller to resume.
+    """
     snapshot = getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION_SNAPSHOT", 6)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
