@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +46,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import libvirt  # noqa: E402
 import run as common  # noqa: E402  bench/run.py
+from drill import WORK, timing_lock  # noqa: E402  bench/drill.py: the shared timing lock, the work root
 from guest.agent import Guest  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain  # noqa: E402
 
-TIMING_LOCK = Path("/var/tmp/vmbk-bench-timing.lock")
-WORK = Path("/var/tmp/vmbk-bench")
 PREFIX = "vmbk-mbench-"
-
-
-@contextlib.contextmanager
-def timing_lock() -> Iterator[None]:
-    with open(TIMING_LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 def backup(vm: str, root: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
