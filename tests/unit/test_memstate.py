@@ -166,3 +166,16 @@ def test_memory_settings():
         from_mapping({"memory_pause_timeout": 0}, instance="t", source=None)
     with pytest.raises(ConfigError):
         from_mapping({"vm": {"web": {"memory": "yes"}}}, instance="t", source=None)
+
+
+@pytest.mark.parametrize("extra", [["--disk", "vda"], ["--skip-config"]])
+def test_resume_goes_with_a_vm_to_define(tmp_path, extra):
+    import io
+
+    from vmbk.commands.restore import main
+    from vmbk.errors import Exit
+
+    err = io.StringIO()
+    code = main(["--json", "--backup-path", str(tmp_path), "--vm", "web", "--restore-path", str(tmp_path / "r"),
+                 "--resume", *extra], io.StringIO(""), err)
+    assert code == Exit.USAGE
