@@ -52,6 +52,7 @@ def _gone(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, libvirt_conn, cleanup_domains):
+    before = set(remote_host.masters())
     nd = nos_domain(1, size="64M", writes=[(0x31, 0, 4 * MiB), (0x32, 40 * MiB, 2 * MiB)], extra_devices=TPM)
     uuid = nd.dom.UUIDString()
     disk = nd.disks[0]
@@ -109,7 +110,7 @@ def test_dr_and_clone_onto_the_remote_host_byte_exact(remote_host, nos_domain, l
     assert code == 0 and recs[-1]["mode"] == "data", (recs, err[-3000:])
     (target,) = [Path(r["target"]) for r in recs if r["type"] == "restore_disk"]
     assert target.parent == there and target.stat().st_uid == 0 and same_disk(target, ref1)
-    assert remote_host.masters() == [], "a control master outlived vmbk"
+    assert set(remote_host.masters()) <= before, "a control master outlived vmbk"
 
 
 def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_domain, libvirt_conn):
@@ -139,4 +140,4 @@ def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_
     assert not partial.exists(), "the .partial was left"
     assert not list(disk.parent.glob("*.partial")) and not (disk.parent / f"{nd.name}.xml").exists()
     time.sleep(0.5)
-    assert remote_host.masters() == []
+    assert remote_host.masters() == []  # the killed ones, and the one the cleanup made
