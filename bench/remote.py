@@ -218,13 +218,7 @@ class RemoteBench(common.Bench):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gib", type=float, default=3.5)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out-dir")
-    ap.add_argument("--no-page-reporting", action="store_true")
-    opts = ap.parse_args()
+    opts = common.bench_parser(__doc__).parse_args()
     opts.cold = False
     opts.keep_cache = True
     opts.only = set()

@@ -954,6 +954,17 @@ def reporting_off(enabled: bool) -> Iterator[str | None]:
             PAGE_REPORTING.write_text(f"{reporting}\n")
 
 
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of a bench on this one's image and domain (bench/trust.py, bench/remote.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=3.5)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir")
+    ap.add_argument("--no-page-reporting", action="store_true")
+    return ap
+
+
 def print_cases(bench: Bench, width: int) -> dict[str, float]:
     """The facts, notes and a line per case (best, MB/s, CPU, every run); the best seconds by case."""
     print("\n" + "\n".join(bench.facts + bench.notes))

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,12 +167,7 @@ class Trust(common.Bench):
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(sys.argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gib", type=float, default=3.5)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out-dir")
-    ap.add_argument("--no-page-reporting", action="store_true")
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--only", default="backup,verify,encrypt", help="sections: backup,verify,encrypt")
     opts = ap.parse_args()
     opts.cold = False
@@ -181,26 +175,13 @@ def main() -> int:
     opts.keep_cache = True
     _lock = common.start_session("lock", "bench/trust.py")  # noqa: F841 -- holding it keeps other benches out
     bench = Trust(opts)
-    bench.facts.append(common.machine_load("start"))
-    code = 0
-    with common.reporting_off(opts.no_page_reporting):
-        try:
-            bench.setup()
-            assert bench.work is not None
-            bench.env["VMBK_KEY_DIR"] = str(bench.work / "keys")  # the bench's own signing key
-            bench.section()
-        except KeyboardInterrupt:
-            code = 130
-        except Exception:  # noqa: BLE001 -- the table of what was measured, then the error
-            import traceback
-            traceback.print_exc()
-            code = 1
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            bench.teardown()
-    bench.facts.append(common.machine_load("end"))
-    bench.report()
-    return code
+
+    def body() -> None:
+        assert bench.work is not None
+        bench.env["VMBK_KEY_DIR"] = str(bench.work / "keys")  # the bench's own signing key
+        bench.section()
+
+    return common.run_bench(bench, body, opts.no_page_reporting)
 
 
 if __name__ == "__main__":
