@@ -87,3 +87,17 @@ def run_restore(*argv: str) -> tuple[int, list[dict[str, Any]]]:
 def tree_files(d: Path) -> dict[str, bytes]:
     """Every file below ``d`` (relative name -> content)."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def released(image: Path, timeout: float = 30) -> Path:
+    """``image`` once no process holds its write lock.
+
+    virtnbdrestore returns before its qemu-nbd has exited: a ``qemu-img``
+    opened at once can meet "Failed to get shared 'write' lock".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["qemu-img", "info", str(image)], capture_output=True, text=True)
+        if r.returncode == 0 or "lock" not in r.stderr or time.monotonic() > deadline:
+            return image
+        time.sleep(0.1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from backup_helpers import run_backup
+from backup_helpers import released, run_backup
 
 from vmbk.stream import reconstruct_raw, scan, verify_checksum
 
@@ -53,7 +53,7 @@ def virtnbdrestore(chain_dir: Path, until: str, out: Path) -> Path:
                     "-L", str(out / "restore.log"), "-f", str(out / "nbd.sock")], check=True, capture_output=True)
     (image,) = [p for p in out.iterdir() if p.suffix == ".qcow2"]
     raw = out / "image.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(released(image)), str(raw)], check=True)
     return raw
 
 

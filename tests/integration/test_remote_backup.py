@@ -83,6 +83,9 @@ def test_full_inc_and_copy_over_ssh_restore_byte_exact(remote_host, nos_domain, 
     # shut off: an offline copy through qemu-nbd on the far side
     nd.dom.destroy()
     lock_out(nd.disks)
+    later = time.time() + 2  # changed since the inc: a shut-off VM is copied (QEMU's last write may predate the inc)
+    for disk in nd.disks:
+        os.utime(disk, (later, later))
     rec = _ok(*remote_host.run(work, "vmbk-backup", "--json", "--connect", remote_host.uri,
                                "--backup-path", str(tree), "--vm", nd.name))
     assert rec["action"] == "copy" and rec["consistency"] == "offline"

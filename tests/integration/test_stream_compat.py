@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backup_helpers import released
 
 from vmbk.stream import (
     StreamMeta,
@@ -341,6 +342,7 @@ def test_vmbk_chain_restores_with_virtnbdrestore(
     )
     restored = out / "restored.qcow2"
     assert restored.exists(), r.stderr[-3000:]
+    released(restored)
     log = (workdir / f"restore-{tag}.log").read_text()
     assert log.count("End of stream") == 3, log[-3000:]
     if zero_frames:
