@@ -341,6 +341,11 @@ class Catalogue:
             )
         for version in range(current + 1, len(MIGRATIONS) + 1):
             with self.transaction():
+                # The stages of a pipe open a fresh catalogue at the same moment: another
+                # process may have applied this one since `current` was read (not idempotent:
+                # ALTER TABLE ADD COLUMN).  BEGIN IMMEDIATE holds the write lock: look again.
+                if self.version >= version:
+                    continue
                 for statement in _statements(MIGRATIONS[version - 1]):
                     self.db.execute(statement)
                 self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now_iso()))

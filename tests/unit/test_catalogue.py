@@ -2,6 +2,7 @@
 
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 
@@ -28,6 +29,31 @@ def test_reopen_does_not_migrate_again(tmp_path):
     Catalogue.open(tmp_path).close()
     with Catalogue.open(tmp_path) as cat:
         assert len(cat.query("SELECT * FROM schema_migrations")) == len(catalogue.MIGRATIONS)
+
+
+def test_a_migration_another_process_applied_meanwhile_is_not_applied_again(tmp_path, monkeypatch):
+    # the stages of a pipe open a fresh catalogue together: each read the version before
+    # the other took the write lock (an ALTER TABLE applied twice: "duplicate column name")
+    Catalogue.open(tmp_path).close()
+    stale = [0]  # what the first look says; the others see the truth
+    real = Catalogue.version.fget
+    monkeypatch.setattr(Catalogue, "version", property(lambda self: stale.pop() if stale else real(self)))
+    with Catalogue.open(tmp_path) as cat:
+        assert [r["version"] for r in cat.query("SELECT version FROM schema_migrations")] == \
+            list(range(1, len(catalogue.MIGRATIONS) + 1))
+
+
+def test_a_pipe_of_stages_opens_a_fresh_catalogue_at_once(tmp_path):
+    code = "import sys; from pathlib import Path; from vmbk.catalogue import Catalogue; " \
+           "Catalogue.open(Path(sys.argv[1])).close()"
+    for round_ in range(3):
+        root = tmp_path / str(round_)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stderr=subprocess.PIPE)
+                 for _ in range(6)]
+        errors = [p.communicate()[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errors
+        with Catalogue.open(root) as cat:
+            assert cat.version == len(catalogue.MIGRATIONS)
 
 
 def test_new_migration_is_applied_once_in_order(tmp_path, monkeypatch):
