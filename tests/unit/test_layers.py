@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[2] / "vmbk"
 LAYERS: dict[str, int] = {
     # base: no vmbk imports but each other
     "vmbk": 0, "errors": 0, "clock": 0, "fsutil": 0, "heap": 0, "cancel": 0, "settings": 0,
-    "records": 0, "lock": 0, "progress": 0, "human": 0,
+    "records": 0, "lock": 0, "progress": 0, "human": 0, "procs": 0,
     # formats and facts: what the tree, the streams, libvirt and the catalogue hold; pure decisions
     "nbd": 1, "stream": 1, "tree": 1, "policy": 1, "catalogue": 1, "virt": 1, "config": 1, "vmbackup": 1, "disklabel": 1, "runmarker": 1,
     "manifest": 1,

@@ -31,6 +31,7 @@ from typing import Any
 from vmbk.backup.memory import StateSave
 from vmbk.errors import DependencyError, ToolError
 from vmbk.nbd import Address
+from vmbk.procs import reap
 from vmbk.virt.backupjob import BACKUP_PREFIX, BackupJob, job_dir
 from vmbk.virt.hostfiles import LOCAL, HostFiles, RemoteFiles, tls_context
 from vmbk.virt.quiesce import quiesced
@@ -144,11 +145,7 @@ def _remote_qemu_nbd(files: RemoteFiles, image: str, fmt: str, bitmap: str | Non
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(proc, 30)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -198,10 +195,6 @@ def qemu_nbd_export(image: str, fmt: str, *, bitmap: str | None = None, shared: 
             yield Address.unix(str(sock), "")
         finally:
             proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap(proc, 10)
             if proc.stderr:
                 proc.stderr.close()

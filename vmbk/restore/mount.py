@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbk.errors import StorageError, ToolError, UsageError, VmbkError
+from vmbk.procs import reap
 from vmbk.records import Record, make
 from vmbk import disklabel
 from vmbk.restore import blockdev, marker
@@ -137,11 +138,7 @@ def _session(opened: Opened, opts: ServeOptions, target: Path, rundir: Path, exi
                     teardown(target, rundir, created_dir=False)  # while the server still answers FUSE
     finally:
         for proc in fuses:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc, 10)
 
 
 def _mount_disk(disk: str, file: Path, img: ChainImage, target: Path) -> list[Fs]:

@@ -81,6 +81,7 @@ from typing import Any
 import vmbk
 from vmbk.errors import VmError
 from vmbk.fsutil import fsync_dir
+from vmbk.procs import reap
 from vmbk.virt import backupjob
 from vmbk.virt.connection import LibvirtError, libvirt_module
 from vmbk.virt.remote import is_remote
@@ -536,8 +537,4 @@ def _dismiss(proc: subprocess.Popen[bytes]) -> None:
             proc.stdin.flush()
         with contextlib.suppress(OSError):
             proc.stdin.close()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    reap(proc, 10)
