@@ -116,6 +116,15 @@ def by_hand(conn: Any, vm: str, root: Path, work: Path, env: dict[str, str]) -> 
             "total": restore_s + start + boot + check}
 
 
+def work_dir(prefix: str) -> Path:
+    """A fresh directory under WORK that QEMU (libvirt-qemu) can traverse, whatever the umask."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o755)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK))
+    os.chmod(work, 0o755)
+    return work
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -124,10 +133,7 @@ def main() -> int:
     args = ap.parse_args()
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open("qemu:///system")
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o755)
-    work = Path(tempfile.mkdtemp(prefix="dwork-", dir=WORK))
-    os.chmod(work, 0o755)
+    work = work_dir("dwork-")
     vm = f"{PREFIX}{uuid.uuid4().hex[:6]}"
     dom = None
     try:

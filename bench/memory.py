@@ -35,7 +35,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import libvirt  # noqa: E402
 import run as common  # noqa: E402  bench/run.py
-from drill import WORK, timing_lock  # noqa: E402  bench/drill.py: the shared timing lock, the work root
+from drill import timing_lock, work_dir  # noqa: E402  bench/drill.py: the shared timing lock, the work root
 from guest.agent import Guest  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from guest.domain import guest_domain_xml, make_qcow2, remove_domain, start_domain  # noqa: E402
@@ -136,10 +135,7 @@ def main() -> int:
     args = ap.parse_args()
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open("qemu:///system")
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o755)
-    work = Path(tempfile.mkdtemp(prefix="mwork-", dir=WORK))
-    os.chmod(work, 0o755)
+    work = work_dir("mwork-")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         with common.reporting_off(args.no_page_reporting):
