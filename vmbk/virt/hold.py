@@ -89,7 +89,7 @@ from vmbk.virt.remote import is_remote
 log = logging.getLogger("vmbk.virt")
 
 MARKER_PREFIX = "held-"
-#: How long vmbk waits for its guard to come up (Python start + libvirt import).
+#: How long vmbk waits for its guard to come up (a Python start: a busy host can take seconds).
 GUARD_START_TIMEOUT = 20.0
 #: How long the guard, after vmbk died, keeps trying to undo the hold.
 GUARD_RETRY_FOR = 60.0
