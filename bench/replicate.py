@@ -47,6 +47,8 @@ from fixtures.replication import make_sshd  # noqa: E402
 from replicate_helpers import configure  # noqa: E402
 from run import GiB, MiB, measure, sync_tree  # noqa: E402
 
+from vmbk.virt.remote import AES_GCM  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = common.BENCH_DIR
 VMS = ("bench-a", "bench-b")
@@ -114,7 +116,11 @@ class Bench:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
         self.work = Path(tempfile.mkdtemp(prefix="replicate-work-", dir=BENCH))
-        self.sshd = make_sshd(Path(tempfile.mkdtemp(prefix="sshd-", dir=self.work)))
+        # SHLVL=1 in every session: bash then skips ~/.bashrc, which Debian's bash
+        # otherwise reads for each ssh command (root's here runs `pyenv init`:
+        # 0.08 s a session, 13 sessions a run); --root-bashrc keeps it.
+        extra = () if opts.root_bashrc else ("SetEnv SHLVL=1",)
+        self.sshd = make_sshd(Path(tempfile.mkdtemp(prefix="sshd-", dir=self.work)), extra)
         self.times: dict[str, list[float]] = {}
         self.rclone_conf = self.work / "rclone.conf"
         self.rclone_conf.write_text(f"[local]\ntype = local\n\n[sftp]\ntype = sftp\nhost = 127.0.0.1\n"
@@ -150,18 +156,22 @@ class Bench:
         return self.timed(label, [sys.executable, str(ROOT / "bin" / "vmbk-replicate"), "--json",
                                   "--backup-path", str(src), "--all"], out, env, record=record)
 
-    def cases(self) -> list[tuple[str, str, Callable[[Path, Path], list[str]]]]:
-        """(vmbk label, tool label, the tool's command to copy a tree into a directory)."""
+    def cases(self) -> list[tuple[str, list[tuple[str, Callable[[Path, Path], list[str]]]]]]:
+        """(vmbk label, [(tool label, the tool's command to copy a tree into a directory)])."""
         conf = ["rclone", "--config", str(self.rclone_conf), "copy"]
-        out: list[tuple[str, str, Callable[[Path, Path], list[str]]]] = [
-            ("vmbk-replicate, local", "rsync -a (local)", lambda s, d: ["rsync", "-a", f"{s}/", f"{d}/"]),
-            ("vmbk-replicate, ssh", "rsync -a -e ssh (loopback)",
-             lambda s, d: ["rsync", "-a", "-e", self.ssh, f"{s}/", f"root@127.0.0.1:{d}/"]),
-            ("vmbk-replicate, rclone local:", "rclone copy (local:)", lambda s, d: [*conf, f"{s}/", f"local:{d}"]),
+        out: list[tuple[str, list[tuple[str, Callable[[Path, Path], list[str]]]]]] = [
+            ("vmbk-replicate, local", [("rsync -a (local)", lambda s, d: ["rsync", "-a", f"{s}/", f"{d}/"])]),
+            ("vmbk-replicate, ssh", [
+                ("rsync -a -e ssh (loopback)",
+                 lambda s, d: ["rsync", "-a", "-e", self.ssh, f"{s}/", f"root@127.0.0.1:{d}/"]),
+                ("rsync -a -e ssh, vmbk's cipher",
+                 lambda s, d: ["rsync", "-a", "-e", f"{self.ssh} -o Ciphers=^{AES_GCM}", f"{s}/",
+                               f"root@127.0.0.1:{d}/"])]),
+            ("vmbk-replicate, rclone local:", [("rclone copy (local:)", lambda s, d: [*conf, f"{s}/", f"local:{d}"])]),
         ]
         if self.opts.rclone_sftp:
-            out.append(("vmbk-replicate, rclone sftp:", "rclone copy (sftp:, loopback)",
-                        lambda s, d: [*conf, f"{s}/", f"sftp:{d}"]))
+            out.append(("vmbk-replicate, rclone sftp:",
+                        [("rclone copy (sftp:, loopback)", lambda s, d: [*conf, f"{s}/", f"sftp:{d}"])]))
         return out
 
     def destination(self, label: str, d: Path) -> dict[str, object]:
@@ -176,9 +186,10 @@ class Bench:
     def first(self, src: Path) -> None:
         print(f"\nfirst replication of {tree_size(src) / GiB:.2f} GiB into a fresh directory", flush=True)
         for run in range(self.opts.runs):
-            for vm_label, tool_label, tool in common.rotate(self.cases(), run):
-                d = self.fresh("tool")
-                self.timed(tool_label, tool(src, d), d)
+            for vm_label, tools in common.rotate(self.cases(), run):
+                for tool_label, tool in tools:
+                    d = self.fresh("tool")
+                    self.timed(tool_label, tool(src, d), d)
                 d = self.fresh("vmbk")
                 self.vmbk(vm_label, src, self.destination(vm_label, d), d)
 
@@ -186,7 +197,8 @@ class Bench:
         """Both replicas up to date (not timed), one more incremental at the source, then timed."""
         print(f"\nsecond replication: one incremental of {self.opts.inc_mib} MiB more", flush=True)
         for run in range(self.opts.runs):
-            for vm_label, tool_label, tool in common.rotate(self.cases(), run):
+            for vm_label, tools in common.rotate(self.cases(), run):
+                tool_label, tool = tools[0]
                 grown = self.work / "grown"
                 shutil.rmtree(grown, ignore_errors=True)
                 shutil.copytree(src, grown, copy_function=os.link)  # the cached tree stays as it is
@@ -206,15 +218,16 @@ class Bench:
 
     def report(self, size: int) -> None:
         print("\n| line | best s | MB/s | tool / vmbk |\n| --- | ---: | ---: | ---: |")
-        pairs = {}
-        for vm_label, tool_label, _ in self.cases():
-            pairs[vm_label] = tool_label
-            pairs[f"{vm_label}, +1 inc"] = f"{tool_label}, +1 inc"
+        vmbk_of = {}  # a tool line -> the vmbk line it is compared with
+        for vm_label, tools in self.cases():
+            for tool_label, _ in tools:
+                vmbk_of[tool_label] = vm_label
+            vmbk_of[f"{tools[0][0]}, +1 inc"] = f"{vm_label}, +1 inc"
         for label, runs in self.times.items():
             best = min(runs)
             mbs = "" if "+1 inc" in label else f"{size / 1e6 / best:.0f}"
-            tool = pairs.get(label)
-            ratio = f"{min(self.times[tool]) / best:.2f}x" if tool in self.times else ""
+            vmbk = vmbk_of.get(label)
+            ratio = f"{best / min(self.times[vmbk]):.2f}x" if vmbk in self.times else ""
             print(f"| {label} | {best:.2f} | {mbs} | {ratio} |")
 
 
@@ -230,6 +243,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 run of a 1 GiB tree")
     ap.add_argument("--rclone-sftp", action="store_true", help="also rclone over sftp (slow: ssh ciphers in Go)")
     ap.add_argument("--no-page-reporting", action="store_true")
+    ap.add_argument("--root-bashrc", action="store_true",
+                    help="let the far side's sessions read root's ~/.bashrc (not skipped with SHLVL=1)")
     opts = ap.parse_args()
     if opts.quick:
         opts.size_gib, opts.runs = 1.0, 1

@@ -17,6 +17,12 @@ verify): one master connection (``ControlMaster``, its socket in a private
 directory) carries them all, so only the first pays the key exchange --
 measured: 0.3-0.5 s each on a busy 2-core machine.  Without the master (it
 could not start) ssh connects directly, as before.
+
+With AES instructions in the CPU, AES-GCM goes first in ssh's cipher list
+(the rest of the list stays, for a server without it): a copy is one ssh
+connection's cipher, and on a 2-core host with AES-NI the 3 GiB of
+bench/replicate.py took 6.1-6.5 s through rsync over aes128-gcm against
+8.7-10.2 s over OpenSSH's default chacha20-poly1305.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from vmbk.replicate.transport import (
     run_tool,
 )
 from vmbk.settings import Replication
+from vmbk.virt.remote import AES_GCM, aes_gcm_first
 
 #: Exit statuses of the far-side scripts.
 _MISSING, _READONLY = 3, 4
@@ -61,6 +68,8 @@ def ssh_command(dest: Replication, control: Path | None = None) -> list[str]:
         argv += ["-o", f'UserKnownHostsFile="{dest.known_hosts}"']
     if control is not None:
         argv += ["-o", "ControlMaster=no", "-o", f"ControlPath={control}"]
+    if aes_gcm_first():
+        argv += ["-o", f"Ciphers=^{AES_GCM}"]
     return argv
 
 
