@@ -35,6 +35,7 @@ from vmbk.settings import (
     DRILL_NETWORKS,
     EMAIL_TRANSPORTS,
     HOST_KEY_CHECKING,
+    MEMORY_FULL,
     ON_FAILURE,
     POLICIES,
     REPLICATION_ORDERS,
@@ -230,10 +231,20 @@ def _override(data: Any, where: str) -> VmOverride:
         compression=r.choice("compression", COMPRESSIONS, None),
         fstrim=r.opt_bool("fstrim"),
         exclude=r.bool("exclude", False),
-        memory=r.bool("memory", False),
+        memory=_memory(r),
     )
     r.done()
     return ov
+
+
+def _memory(r: _Reader) -> bool | str:
+    """A VM's ``memory``: true (the state with each full), false, or "full" (every online backup a full)."""
+    v = r._get("memory")
+    if v is None:
+        return False
+    if not (isinstance(v, bool) or v == MEMORY_FULL):
+        raise r._bad("memory", f'true, false or "{MEMORY_FULL}"')
+    return v
 
 
 def _replication(data: Mapping[str, Any], where: str) -> Replication:

@@ -17,6 +17,8 @@ from vmbk.errors import ConfigError
 POLICIES = ("daily", "weekly", "monthly", "accumulate", "never")
 COMPRESSIONS = ("none", "lz4")
 TRANSPORTS = ("local", "ssh", "rclone")
+#: A VM's ``memory = "full"``: every backup of it while running is a full, each carrying the memory state.
+MEMORY_FULL = "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,9 @@ class VmOverride:
     compression: str | None = None
     fstrim: bool | None = None
     exclude: bool = False
-    #: ``memory = true``: save the guest's RAM and device state with each backup of it while running.
-    memory: bool = False
+    #: ``memory = true``: save the guest's RAM and device state with each full backup of it while running;
+    #: ``"full"``: every backup of it while running is a full, so that every restore point carries the state.
+    memory: bool | str = False
 
 
 SYNC_MODES = ("mirror", "accumulate", "append-only")
@@ -371,9 +374,13 @@ class Config:
         return not any(fnmatch.fnmatchcase(vm, p) for p in self.fstrim_exclude)
 
     def memory_for(self, vm: str) -> bool:
-        """Does a backup of ``vm`` save its memory state (``memory = true`` in its ``[vm.NAME]``)?"""
+        """Does a backup of ``vm`` save its memory state (``memory = true`` or ``"full"`` in its ``[vm.NAME]``)?"""
+        return bool(self.memory_mode(vm))
+
+    def memory_mode(self, vm: str) -> bool | str:
+        """``memory`` of ``vm``'s ``[vm.NAME]``: False, True, or ``"full"`` (every online backup a full)."""
         override = self.vms.get(vm)
-        return bool(override and override.memory)
+        return override.memory if override else False
 
     def compression_for(self, vm: str) -> str:
         override = self.vms.get(vm)
