@@ -17,6 +17,8 @@ before each run so that each is a full:
   TLS (libvirt's ``backup_tls_x509_*``; the bench's CA in /etc/pki/qemu,
   libvirt's default directory, read when a job starts: no restart; only
   when that directory does not exist, and removed after);
+* the same with the host's ``nbd_tcp``: NBD over plain TCP, unencrypted,
+  as virtnbdbackup's remote mode (like with like);
 * ``virtnbdbackup -l full`` locally, and ``virtnbdbackup -U qemu+ssh://...``
   (its remote mode: the NBD export over plain TCP on ``-I 127.0.0.1``,
   its file copies through paramiko to port 22 of the host, which is why
@@ -48,10 +50,11 @@ from run import Proc, measure, rotate  # noqa: E402
 V_LOCAL = "vmbk-backup full, local"
 V_SSH = "vmbk-backup full, qemu+ssh (forwarded socket)"
 V_TLS = "vmbk-backup full, qemu+ssh (NBD over TLS)"
+V_TCP = "vmbk-backup full, qemu+ssh (NBD over plain TCP)"
 N_LOCAL = "virtnbdbackup -l full, local"
 N_SSH = "virtnbdbackup -l full -U qemu+ssh (NBD over TCP)"
 N_TLS = "virtnbdbackup -l full -U qemu+ssh --tls"
-CASES = (V_LOCAL, V_SSH, V_TLS, N_LOCAL, N_SSH, N_TLS)
+CASES = (V_LOCAL, V_SSH, V_TCP, V_TLS, N_LOCAL, N_SSH, N_TLS)
 PKI = Path("/etc/pki/qemu")
 
 
@@ -165,10 +168,16 @@ class RemoteBench(common.Bench):
         assert self.out is not None and self.image is not None
         data = self.image.data
         self.start_sshd()
+        self.tcp_cfg = self.work / "tcp-config"
+        self.tcp_cfg.mkdir()
+        (self.tcp_cfg / "default.toml").write_text(
+            f'hosts = [{{ name = "bench", uri = "{self.uri}", nbd_tcp = {{ address = "127.0.0.1", port = 10950 }} }}]\n')
         remote_vnb = ("-U", self.uri, "--ssh-user", "root", "-I", "127.0.0.1", "-P", "10809")
         runs = {
             V_LOCAL: lambda: self.vmbk(self.out / "local"),
             V_SSH: lambda: self.vmbk(self.out / "ssh", "--connect", self.uri),
+            V_TCP: lambda: self.vmbk(self.out / "tcp", "--connect", self.uri,
+                                     env={**self.env, "VMBK_CONFIG_DIR": str(self.tcp_cfg)}),
             V_TLS: lambda: self.vmbk(self.out / "tls", "--connect", self.uri,
                                      env={**self.env, "VMBK_CONFIG_DIR": str(self.tls_cfg)}),
             N_LOCAL: lambda: self.vnb(self.out / "vnb-local"),
@@ -204,13 +213,17 @@ class RemoteBench(common.Bench):
             r = b[N_SSH] / b[V_SSH]
             print(f"\nvmbk over qemu+ssh / virtnbdbackup -U qemu+ssh: {r:.2f}x  (target >= 3)  "
                   f"{'PASS' if r >= 3 else 'FAIL'}")
+        if V_TCP in b and N_SSH in b:
+            r = b[N_SSH] / b[V_TCP]
+            print(f"vmbk over plain NBD/TCP / virtnbdbackup -U qemu+ssh (both plain TCP): {r:.2f}x  (target >= 3)  "
+                  f"{'PASS' if r >= 3 else 'FAIL'}")
         if V_TLS in b and N_SSH in b:
             r = b[N_SSH] / b[V_TLS]
             print(f"vmbk over NBD+TLS / virtnbdbackup -U qemu+ssh: {r:.2f}x  (target >= 3)  "
                   f"{'PASS' if r >= 3 else 'FAIL'}")
         if V_TLS in b and N_TLS in b:
             print(f"vmbk over NBD+TLS / virtnbdbackup --tls: {b[N_TLS] / b[V_TLS]:.2f}x")
-        for name in (V_SSH, V_TLS):
+        for name in (V_SSH, V_TCP, V_TLS):
             if name in b and V_LOCAL in b:
                 print(f"cost of {name.split('(')[1].rstrip(')')}: {b[name] / b[V_LOCAL]:.2f}x the local backup's time")
         if N_SSH in b and N_LOCAL in b:

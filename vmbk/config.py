@@ -51,7 +51,7 @@ from vmbk.settings import (
     Email,
     Encryption,
     Host,
-    NbdTls,
+    NbdTcp,
     Replication,
     ReplicationOptions,
     Report,
@@ -297,7 +297,11 @@ def _host(data: Mapping[str, Any], where: str) -> Host:
     uri = r.req_str("uri")
     name = r.opt_str("name")
     key = r.opt_str("ssh_key")
-    tls = _nbd_tls(r.table("nbd_tls"), f"{where} nbd_tls") if r.data.get("nbd_tls") is not None else None
+    if r.data.get("nbd_tls") is not None and r.data.get("nbd_tcp") is not None:
+        raise ConfigError(f"{where}: 'nbd_tls' and 'nbd_tcp' are two data paths: give one")
+    tcp = (_nbd_tcp(r.table("nbd_tls"), f"{where} nbd_tls", tls=True) if r.data.get("nbd_tls") is not None
+           else _nbd_tcp(r.table("nbd_tcp"), f"{where} nbd_tcp", tls=False) if r.data.get("nbd_tcp") is not None
+           else None)
     r.done()
     try:
         default = host_name(uri)
@@ -309,19 +313,19 @@ def _host(data: Mapping[str, Any], where: str) -> Host:
                           "it names the host's directory of the tree")
     if key is not None and not os.path.isabs(key):
         raise ConfigError(f"{where}: 'ssh_key' must be an absolute path, not {key!r}")
-    return Host(name=name, uri=uri, ssh_key=key, nbd_tls=tls)
+    return Host(name=name, uri=uri, ssh_key=key, nbd_tcp=tcp)
 
 
-def _nbd_tls(data: Mapping[str, Any], where: str) -> NbdTls:
-    """``nbd_tls = { dir = ..., address = ..., port = ... }`` of a host."""
+def _nbd_tcp(data: Mapping[str, Any], where: str, *, tls: bool) -> NbdTcp:
+    """``nbd_tls = { dir = ..., address = ..., port = ... }`` or ``nbd_tcp = { address = ..., port = ... }``."""
     r = _Reader(data, where)
-    d = r.req_str("dir")
+    d = r.req_str("dir") if tls else None
     address = r.opt_str("address")
     port = r.int("port", 10809, 1, 65535)
     r.done()
-    if not os.path.isabs(d):
+    if d is not None and not os.path.isabs(d):
         raise ConfigError(f"{where}: 'dir' must be an absolute path, not {d!r}")
-    return NbdTls(dir=d, address=address, port=port)
+    return NbdTcp(dir=d, address=address, port=port)
 
 
 def _encryption(data: Mapping[str, Any], where: str) -> Encryption:

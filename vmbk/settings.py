@@ -263,21 +263,30 @@ class Drill:
 
 
 @dataclasses.dataclass(frozen=True)
-class NbdTls:
-    """A host's pull backups served as NBD over TCP with TLS (``nbd_tls = {...}`` of a host).
+class NbdTcp:
+    """A host's pull backups served as NBD over TCP instead of the default,
+    an ssh-forwarded unix socket: libvirt's QEMU listens on
+    ``address``:``port`` (the next ports when that one is taken).
 
-    Instead of the default, an ssh-forwarded unix socket: libvirt's QEMU
-    listens on ``address``:``port`` (the next ports when that one is taken)
-    with the host's ``backup_tls_x509_cert_dir`` (qemu.conf; default
+    With TLS (``nbd_tls = { dir, address, port }`` of a host): QEMU uses the
+    host's ``backup_tls_x509_cert_dir`` (qemu.conf; default
     ``default_tls_x509_cert_dir``, /etc/pki/qemu), and vmbk connects with
     ``dir``'s ``ca-cert.pem``, ``client-cert.pem`` and ``client-key.pem``
     (QEMU's names), checking the server's certificate against ``address``.
+    Plain (``nbd_tcp = { address, port }``, ``dir`` None): unencrypted and
+    unauthenticated, as virtnbdbackup's remote mode: whoever reaches the
+    port while a job runs reads the disk; for a trusted backup network.
     """
 
-    dir: str
+    #: The client's TLS credentials; None: plain TCP.
+    dir: str | None
     #: Where the host's QEMU listens and vmbk connects (default: the URI's host, localhost for a local one).
     address: str | None = None
     port: int = 10809
+
+    @property
+    def tls(self) -> bool:
+        return self.dir is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,8 +302,8 @@ class Host:
     name: str
     uri: str
     ssh_key: str | None = None
-    #: The backups' data path as NBD over TCP with TLS (None: an ssh-forwarded unix socket).
-    nbd_tls: NbdTls | None = None
+    #: The backups' data path as NBD over TCP, with TLS or plain (None: an ssh-forwarded unix socket).
+    nbd_tcp: NbdTcp | None = None
 
 
 @dataclasses.dataclass(frozen=True)

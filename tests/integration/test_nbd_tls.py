@@ -36,7 +36,7 @@ from tls_helpers import certificates
 
 from vmbk.errors import VmbkError
 from vmbk.nbd import Address, Client, Reader
-from vmbk.settings import NbdTls
+from vmbk.settings import NbdTcp
 from vmbk.virt.hostfiles import tls_context
 
 MiB = 1 << 20
@@ -81,7 +81,7 @@ def tls_nbd(tmp_path: Path, certs: Path):
 
 def test_reader_over_tls_reads_every_byte(tls_nbd, certs):
     port, raw = tls_nbd
-    address = Address.tcp("127.0.0.1", port, tls=tls_context(NbdTls(str(certs))))
+    address = Address.tcp("127.0.0.1", port, tls=tls_context(NbdTcp(str(certs))))
     data = raw.read_bytes()
     with Client(address) as c:
         assert c.size == len(data)
@@ -101,11 +101,11 @@ def test_refusals_are_clean_errors(tls_nbd, certs, tmp_path):
     anonymous.mkdir()
     shutil.copy(certs / "ca-cert.pem", anonymous / "ca-cert.pem")
     with pytest.raises(VmbkError):  # QEMU's verify-peer: no client certificate, no export
-        with Client(Address.tcp("127.0.0.1", port, tls=tls_context(NbdTls(str(anonymous))))) as c:
+        with Client(Address.tcp("127.0.0.1", port, tls=tls_context(NbdTcp(str(anonymous))))) as c:
             c.read(0, 4096)
     other = certificates(tmp_path / "other")
     with pytest.raises(VmbkError, match="(?i)certificate"):  # a server our CA did not sign
-        Client(Address.tcp("127.0.0.1", port, tls=tls_context(NbdTls(str(other)))))
+        Client(Address.tcp("127.0.0.1", port, tls=tls_context(NbdTcp(str(other)))))
     plain_port = _port()  # TLS asked of a server that has none: refused before the export is named
     plain = subprocess.Popen(["qemu-nbd", "--bind=127.0.0.1", f"--port={plain_port}", "--persistent", "--read-only",
                               "-f", "raw", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -119,7 +119,7 @@ def test_refusals_are_clean_errors(tls_nbd, certs, tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
         with pytest.raises(VmbkError, match="TLS"):
-            Client(Address.tcp("127.0.0.1", plain_port, tls=tls_context(NbdTls(str(certs)))))
+            Client(Address.tcp("127.0.0.1", plain_port, tls=tls_context(NbdTcp(str(certs)))))
     finally:
         plain.kill()
         plain.wait()

@@ -13,7 +13,7 @@ from vmbk.errors import ConfigError, StorageError, UsageError
 from vmbk.restore import remap
 from vmbk.tree import ops
 from vmbk.tree.scan import host_root, locate, roots, vm_dirs
-from vmbk.settings import NbdTls
+from vmbk.settings import NbdTcp
 from vmbk.virt.backupjob import backup_xml
 from vmbk.virt.hold import marker_path
 from vmbk.virt.hostfiles import untar
@@ -72,12 +72,26 @@ def test_nbd_tls_of_a_host():
     cfg = from_mapping({"hosts": [{"uri": "qemu+ssh://root@kvm1/system",
                                    "nbd_tls": {"dir": "/etc/vmbk/pki/kvm1", "address": "10.0.0.5"}}]},
                        instance="t", source=None)
-    assert cfg.hosts[0].nbd_tls == NbdTls("/etc/vmbk/pki/kvm1", "10.0.0.5", 10809)
+    assert cfg.hosts[0].nbd_tcp == NbdTcp("/etc/vmbk/pki/kvm1", "10.0.0.5", 10809)
     for bad in ({"dir": "pki"}, {"address": "x"}, {"dir": "/p", "port": 0}, {"dir": "/p", "verify": True}):
         with pytest.raises(ConfigError):
             from_mapping({"hosts": [{"uri": "qemu+ssh://a/system", "nbd_tls": bad}]}, instance="t", source=None)
     xml = backup_xml(None, ["vda"], [], Path("/run/j"), None, tcp=("10.0.0.5", 10811))
     assert '<server transport="tcp" tls="yes" name="10.0.0.5" port="10811" />' in xml
+
+
+def test_nbd_tcp_of_a_host_is_plain():
+    cfg = from_mapping({"hosts": [{"uri": "qemu+ssh://root@kvm1/system",
+                                   "nbd_tcp": {"address": "10.0.0.5", "port": 10900}}]}, instance="t", source=None)
+    assert cfg.hosts[0].nbd_tcp == NbdTcp(None, "10.0.0.5", 10900) and not cfg.hosts[0].nbd_tcp.tls
+    for bad in ({"dir": "/p"}, {"port": 70000}, {"address": 5}):
+        with pytest.raises(ConfigError):
+            from_mapping({"hosts": [{"uri": "qemu+ssh://a/system", "nbd_tcp": bad}]}, instance="t", source=None)
+    with pytest.raises(ConfigError, match="give one"):
+        from_mapping({"hosts": [{"uri": "qemu+ssh://a/system", "nbd_tcp": {}, "nbd_tls": {"dir": "/p"}}]},
+                     instance="t", source=None)
+    xml = backup_xml(None, ["vda"], [], Path("/run/j"), None, tcp=("10.0.0.5", 10900), tls=False)
+    assert '<server transport="tcp" tls="no" name="10.0.0.5" port="10900" />' in xml
 
 
 def test_tree_host_level(tmp_path: Path):

@@ -126,7 +126,7 @@ class BackupRun:
                 raise LibvirtError(self._failed[host.name])
             if host.name not in self._links:
                 try:
-                    self._links[host.name] = Link(with_keyfile(host.uri, host.ssh_key), nbd_tls=host.nbd_tls)
+                    self._links[host.name] = Link(with_keyfile(host.uri, host.ssh_key), nbd_tcp=host.nbd_tcp)
                 except LibvirtError as e:
                     self._failed[host.name] = f"host {host.name} cannot be reached: {e}"
                     raise LibvirtError(self._failed[host.name]) from None

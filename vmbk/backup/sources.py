@@ -52,12 +52,13 @@ def libvirt_export(
     paused, before ``backupBegin`` fixes the disks' view (`vmbk.backup.memory`:
     libvirt cannot save a domain's memory while a backup job runs).
     """
-    tls = files.nbd_tls
-    with files.job_dir(BACKUP_PREFIX) as work, _claimed(Path(work), tls is not None and files.remote is None):
+    net = files.nbd_tcp
+    with files.job_dir(BACKUP_PREFIX) as work, _claimed(Path(work), net is not None and files.remote is None):
         sock = Path(work) / "nbd.sock"
-        tcp = (tls.address or files.address, tls.port) if tls is not None else None
+        tcp = (net.address or files.address, net.port) if net is not None else None
         job = BackupJob(dom, socket=None if tcp else sock, disks=disks, skip=skip, scratch_dir=Path(work),
-                        checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks, tcp=tcp)
+                        checkpoint=checkpoint, parent=parent, checkpoint_disks=checkpoint_disks, tcp=tcp,
+                        tls=net is not None and net.tls)
         with job:
             with quiesced(dom, agent=agent, memory=memory is not None) as consistency:
                 if memory is not None:
@@ -65,8 +66,8 @@ def libvirt_export(
                 job.begin()
             if memory is not None:
                 memory.resumed()
-            if tls is not None and tcp is not None:  # NBD over TCP with TLS (the host's nbd_tls)
-                ctx = tls_context(tls)
+            if net is not None and tcp is not None:  # NBD over TCP: the host's nbd_tls (TLS) or nbd_tcp (plain)
+                ctx = tls_context(net) if net.tls else None
                 yield {t: Address.tcp(tcp[0], job.port, t, tls=ctx) for t in disks}, consistency
                 return
             with files.reach(str(sock)) as local:

@@ -57,13 +57,14 @@ def checkpoint_xml(name: str, parent: str | None, disks: Sequence[str]) -> str:
 
 
 def backup_xml(socket: Path | None, disks: Sequence[str], skip: Sequence[str], scratch_dir: Path,
-               incremental: str | None, tcp: tuple[str, int] | None = None) -> str:
-    """The pull backup's XML: its NBD server on ``socket``, or ``tcp`` (name, port) with TLS."""
+               incremental: str | None, tcp: tuple[str, int] | None = None, tls: bool = True) -> str:
+    """The pull backup's XML: its NBD server on ``socket``, or ``tcp`` (name, port), with TLS or plain."""
     top = ET.Element("domainbackup", {"mode": "pull"})
     if incremental:
         ET.SubElement(top, "incremental").text = incremental
     if tcp is not None:
-        ET.SubElement(top, "server", {"transport": "tcp", "tls": "yes", "name": tcp[0], "port": str(tcp[1])})
+        ET.SubElement(top, "server", {"transport": "tcp", "tls": "yes" if tls else "no", "name": tcp[0],
+                                      "port": str(tcp[1])})
     else:
         ET.SubElement(top, "server", {"transport": "unix", "socket": str(socket)})
     dis = ET.SubElement(top, "disks")
@@ -75,7 +76,7 @@ def backup_xml(socket: Path | None, disks: Sequence[str], skip: Sequence[str], s
     return ET.tostring(top, encoding="unicode")
 
 
-#: Ports tried from a host's ``nbd_tls`` port on (one per backup job running there at once).
+#: Ports tried from a host's ``nbd_tls``/``nbd_tcp`` port on (one per backup job running there at once).
 PORT_TRIES = 32
 #: A job directory older than this whose socket nobody listens on is left
 #: over by a run that was killed (SIGKILL skips the cleanup).
@@ -141,14 +142,16 @@ class BackupJob:
 
     def __init__(self, dom: Any, *, socket: Path | None, disks: Sequence[str], skip: Sequence[str] = (),
                  scratch_dir: Path, checkpoint: str | None, parent: str | None,
-                 checkpoint_disks: Sequence[str] = (), tcp: tuple[str, int] | None = None) -> None:
+                 checkpoint_disks: Sequence[str] = (), tcp: tuple[str, int] | None = None,
+                 tls: bool = True) -> None:
         self.dom = dom
         self.socket = socket
-        #: NBD over TCP with TLS (name, first port): `begin` takes the first port QEMU can listen on.
+        #: NBD over TCP (name, first port): `begin` takes the first port QEMU can listen on.
         self.tcp = tcp
+        self.tls = tls
         self.port = tcp[1] if tcp is not None else 0
         self._xml = (disks, skip, scratch_dir, parent if checkpoint else None)
-        self.backup_xml = backup_xml(socket, *self._xml, tcp=tcp)
+        self.backup_xml = backup_xml(socket, *self._xml, tcp=tcp, tls=tls)
         self.checkpoint_xml = checkpoint_xml(checkpoint, parent, checkpoint_disks) if checkpoint else None
         self.checkpoint = checkpoint
         self.active = False
@@ -159,7 +162,7 @@ class BackupJob:
         for i in range(tries):
             if self.tcp is not None:
                 self.port = self.tcp[1] + i
-                self.backup_xml = backup_xml(None, *self._xml, tcp=(self.tcp[0], self.port))
+                self.backup_xml = backup_xml(None, *self._xml, tcp=(self.tcp[0], self.port), tls=self.tls)
             try:
                 self.dom.backupBegin(self.backup_xml, self.checkpoint_xml, 0)
                 break

@@ -91,9 +91,9 @@ class Link:
     later calls try once, so a run over many VMs does not wait for each).
     """
 
-    def __init__(self, uri: str, *, wait: float | None = None, nbd_tls: Any = None) -> None:
+    def __init__(self, uri: str, *, wait: float | None = None, nbd_tcp: Any = None) -> None:
         self.uri = uri
-        self.nbd_tls = nbd_tls  # vmbk.settings.NbdTls: the backups' data path (hostfiles)
+        self.nbd_tcp = nbd_tcp  # vmbk.settings.NbdTcp: the backups' data path (hostfiles)
         self.wait = RECONNECT_WAIT if wait is None else wait
         self.conn: Any = open_connection(uri)
         self.reconnects = 0
@@ -106,7 +106,7 @@ class Link:
         if self._files is None:
             from vmbk.virt.hostfiles import files_for
 
-            self._files = files_for(self.uri, nbd_tls=self.nbd_tls)
+            self._files = files_for(self.uri, nbd_tcp=self.nbd_tcp)
         return self._files
 
     def alive(self) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from vmbk.errors import ConfigError, ToolError
-from vmbk.settings import NbdTls
+from vmbk.settings import NbdTcp
 from vmbk.virt import backupjob, qemuimg
 from vmbk.virt.remote import REMOTE_RUN_DIR, Remote, RemoteError, ssh_target
 
@@ -70,9 +70,9 @@ class LocalFiles:
     label = "localhost"
     address = "localhost"
 
-    def __init__(self, nbd_tls: NbdTls | None = None) -> None:
+    def __init__(self, nbd_tcp: NbdTcp | None = None) -> None:
         #: The pull backups' data path: NBD over TCP with TLS (None: the job's unix socket).
-        self.nbd_tls = nbd_tls
+        self.nbd_tcp = nbd_tcp
 
     @property
     def run_dir(self) -> str:
@@ -123,14 +123,14 @@ class LocalFiles:
 class RemoteFiles:
     """The host is reached over ssh (`Remote`)."""
 
-    def __init__(self, remote: Remote, *, run_dir: str = REMOTE_RUN_DIR, nbd_tls: NbdTls | None = None) -> None:
+    def __init__(self, remote: Remote, *, run_dir: str = REMOTE_RUN_DIR, nbd_tcp: NbdTcp | None = None) -> None:
         self.remote = remote
         self._run_dir = run_dir
         self.label = remote.target.label
         #: The host's name or address as the URI gives it (where an NBD over TLS export is reached).
         self.address = remote.target.host
         #: The pull backups' data path: NBD over TCP with TLS (None: a forward of the job's unix socket).
-        self.nbd_tls = nbd_tls
+        self.nbd_tcp = nbd_tcp
 
     @property
     def run_dir(self) -> str:
@@ -208,21 +208,22 @@ HostFiles = LocalFiles | RemoteFiles
 LOCAL = LocalFiles()
 
 
-def files_for(uri: str, *, nbd_tls: NbdTls | None = None) -> HostFiles:
+def files_for(uri: str, *, nbd_tcp: NbdTcp | None = None) -> HostFiles:
     """The files of the host ``uri`` reaches (a new control master for a remote one)."""
     target = ssh_target(uri)
     if target is None:
-        return LOCAL if nbd_tls is None else LocalFiles(nbd_tls)
-    return RemoteFiles(Remote(target), nbd_tls=nbd_tls)
+        return LOCAL if nbd_tcp is None else LocalFiles(nbd_tcp)
+    return RemoteFiles(Remote(target), nbd_tcp=nbd_tcp)
 
 
-def tls_context(tls: NbdTls) -> ssl.SSLContext:
+def tls_context(tls: NbdTcp) -> ssl.SSLContext:
     """The client's TLS context for a host's NBD over TLS: its CA, and vmbk's certificate when there is one.
 
     QEMU's names in ``tls.dir``: ``ca-cert.pem`` (required), ``client-cert.pem``
     and ``client-key.pem`` (libvirt's ``backup_tls_x509_verify``, on by
     default, makes QEMU refuse a client without one).
     """
+    assert tls.dir is not None, "a plain TCP data path has no TLS context"
     d = Path(tls.dir)
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca-cert.pem"))
