@@ -38,6 +38,7 @@ def vm_record(facts: dict[str, Any], cfg: Config, session: str | None, host: Hos
         reason=reason,
         fstrim=cfg.fstrim_for(name),
         compression=cfg.compression_for(name),
+        memory=cfg.memory_mode(name),
     )
 
 

@@ -26,9 +26,9 @@ from vmbk.tree.scan import host_root
 def plan_vm(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.datetime) -> tuple[Plan, VmTree]:
     """The plan of the VM of one ``vm`` record, and the tree it was made on.
 
-    Policy and exclusion come from the record (discover resolved them
-    from the same configuration); a hand-written record without them
-    gets the configuration's.
+    Policy, exclusion and ``memory`` come from the record (discover
+    resolved them from the same configuration); a hand-written record
+    without them gets the configuration's.
     """
     facts = VmFacts.from_record(rec)
     if facts.name in (".", "..", "_state") or "/" in facts.name or "\0" in facts.name:
@@ -41,6 +41,8 @@ def plan_vm(rec: Mapping[str, Any], cfg: Config, backup_path: Path, now: _dt.dat
     if "excluded" not in rec:
         why = cfg.exclusion(facts.name)
         facts = dataclasses.replace(facts, excluded=why is not None, reason=why)
+    if "memory" not in rec:
+        facts = dataclasses.replace(facts, memory=cfg.memory_mode(facts.name))
     if facts.excluded or policy == "never":
         tree = VmTree.empty(backup_path, facts.name)
     else:

@@ -74,7 +74,8 @@ CHUNK = 4 << 20
 SPOOL = "memory.spool"
 #: Why an incremental point gets no state (docs/architecture.md, "Memory and device state").
 INCREMENTAL = ("the state is saved with full backups only: saving it makes QEMU 7.2 write out and unload the "
-               "disks' dirty bitmaps until the VM runs again, and libvirt then refuses the incremental backup job")
+               "disks' dirty bitmaps until the VM runs again, and libvirt then refuses the incremental backup job "
+               '(memory = "full" in the VM\'s section makes every backup a full)')
 #: How long `finish` waits for the follower to drain the spool after the save.
 DRAIN_TIMEOUT = 3600.0
 

@@ -34,6 +34,10 @@ vmbk-restore --resume.  A VM with a device whose state cannot be saved
 (host device passthrough, virtiofs, ivshmem peer, a host CPU that cannot
 migrate) gets its disks backed up as usual and an error record naming
 the device (exit 9 for the run).  A shut-off VM has no memory to save.
+QEMU 7.2 saves a state with full backups only: an incremental of a
+memory = true VM goes without one (memory.reason says why); memory =
+"full" makes vmbk-plan plan every backup of the running VM as a full
+(the chain before it archived), so that every restore point resumes.
 
 Options:
   --vm NAMES               Back up these VMs (comma-separated or repeated).

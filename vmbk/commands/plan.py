@@ -8,7 +8,10 @@ Reads `vm` records on stdin (from vmbk-discover), looks at each VM's backup
 tree and emits one `plan` record per VM: the action (full, inc, copy or
 skip), the period directory, the chain to archive first, the checkpoint
 to create and its parent, checkpoints to redefine or delete, and the
-reasons.  Other records pass through.  Never writes anything.
+reasons.  Other records pass through.  Never writes anything.  A running
+VM with memory = "full" in its [vm.NAME] section gets a full each time,
+the chain before it archived, so that every restore point carries its
+memory state (vmbk-backup --with-memory).
 
   vmbk-discover | vmbk-plan | vmbk-backup
   vmbk-plan --now 2026-03-02T22:00:00Z < saved-vm-records.jsonl

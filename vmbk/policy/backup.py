@@ -10,7 +10,10 @@ Matrix", "Archive Triggers"; vmrestore guide, section 10):
   (first backup, new period, or after a policy change, which archives the
   previous chain where it lies); a healthy full chain -> incremental; an
   offline copy there -> archive it, full; an unhealthy chain -> archive
-  it, full, the reasons recorded (`vmbk.policy.health`).
+  it, full, the reasons recorded (`vmbk.policy.health`).  A VM with
+  ``memory = "full"`` gets a full whatever its chain, the chain archived:
+  QEMU 7.2 saves a memory state with a full only (`vmbk.backup.memory`),
+  and every point of such a VM must resume.
 * offline (shut off): copy only when a disk changed after the last backup
   (mtime), archiving whatever chain is in the period directory; else skip.
 * accumulate: the VM directory is the chain; at ``accumulate_limit``
@@ -34,7 +37,7 @@ import datetime as _dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vmbk.settings import Retention
+from vmbk.settings import MEMORY_FULL, Retention
 from vmbk.errors import InputError
 from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
@@ -290,6 +293,11 @@ class _Planner:
             return self._full(archive)
         if t.base == "copy":
             self.reasons.append(f"VM is running again: the offline copy in {where(t.rel)} is archived, a new chain starts")
+            return self._full(t)
+        if self.vm.memory == MEMORY_FULL:
+            self.reasons.append(f'memory = "{MEMORY_FULL}": every restore point carries the memory state, '
+                                f"so every backup is a full; the chain in {where(t.rel)} is archived, "
+                                "a new chain starts")
             return self._full(t)
         unfinished = unfinished_point(t, self.vm) if t.base is not None else None
         problems = self._chain_problems(t, unfinished)

@@ -16,6 +16,8 @@ backup with the reason said).  What the planner needs, per field:
 ``policy``             rotation policy (or given by the caller)
 ``excluded, reason``   skip, and why
 ``agent``              whether the guest agent answered (carried along)
+``memory``             ``"full"``: every online backup is a full (each point
+                       carries the memory state); true, false: no say
 ``fstrim``, ``windows``  for the backup: trim first; save BitLocker keys
 ``firmware.nvram``     for the backup: the UEFI vars file to keep
 ``tpm.state_dir``      for the backup: the swtpm state to keep
@@ -40,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vmbk.errors import InputError
+from vmbk.settings import MEMORY_FULL
 
 ONLINE_STATES = frozenset({"running", "paused", "blocked", "pmsuspended"})
 OFFLINE_STATES = frozenset({"shut off"})
@@ -84,6 +87,8 @@ class VmFacts:
     excluded: bool = False
     reason: str | None = None
     agent: bool | None = None
+    #: ``memory`` of the VM's config (false, true, ``"full"``): ``"full"`` makes every online backup a full.
+    memory: bool | str | None = None
     #: Facts only the backup uses, carried from discover.
     fstrim: bool | None = None
     windows: bool | None = None
@@ -127,6 +132,7 @@ class VmFacts:
             excluded=bool(g.opt("excluded", bool)),
             reason=g.opt("reason", str),
             agent=g.opt("agent", bool),
+            memory=_memory(g.opt("memory", (bool, str)), name),
             fstrim=g.opt("fstrim", bool),
             windows=g.opt("windows", bool),
             nvram=_Get(firmware, name).opt("nvram", str),
@@ -152,6 +158,12 @@ class _Get:
         if not isinstance(v, kind):
             raise InputError(f"vm record of {self.vm!r}: {key!r} has the wrong type ({type(v).__name__})", vm=self.vm)
         return v
+
+
+def _memory(v: bool | str | None, vm: str) -> bool | str | None:
+    if isinstance(v, str) and v != MEMORY_FULL:
+        raise InputError(f"vm record of {vm!r}: 'memory' must be true, false or {MEMORY_FULL!r}, not {v!r}", vm=vm)
+    return v
 
 
 def _disk(d: Any, vm: str) -> DiskFacts:
