@@ -421,3 +421,26 @@ def test_guard_killed_too_the_next_backup_ends_the_save_and_resumes(test_guest, 
     assert len(healed) == 1 and "did not finish" in healed[0]["reason"], recs[0]["events"]
     assert recs[0]["memory"]["saved"]
     assert domain_state(guest.dom) == "running" and no_job(guest.dom) and not marker_of(guest.dom).exists()
+
+
+def test_memory_full_every_backup_is_a_full_and_every_point_resumes(test_guest, vm_workdir, tmp_path, monkeypatch):
+    """``memory = "full"`` (no --with-memory): two backups in one period are two fulls, the first chain
+    archived within the period by the second; both points carry a state: both listed resumable."""
+    guest = test_guest()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "default.toml").write_text(f'policy = "monthly"\n[vm."{guest.name}"]\nmemory = "full"\n')
+    monkeypatch.setenv("VMBK_CONFIG_DIR", str(etc))
+    root = vm_workdir / "backups"
+    root.mkdir()
+    for n in range(2):
+        code, recs = run_backup(root, "--vm", guest.name)
+        assert code == 0, [r.get("message") for r in recs]
+        (rec,) = recs
+        assert rec["action"] == "full" and rec["memory"]["saved"], rec
+        assert [e["event"] for e in rec["events"] if e["event"] == "archived"] == (["archived"] if n else [])
+        guest.wait_agent(timeout=60)
+    code, recs = list_points(root, guest.name)
+    assert code == 0, recs
+    got = [(p["index"], ".archives/" in p["chain"], p["resumable"]) for p in recs if p["type"] == "restore_point"]
+    assert sorted(got) == [(0, False, True), (0, True, True)], recs
