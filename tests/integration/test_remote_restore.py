@@ -8,7 +8,9 @@ qcow2 into ``cat`` there), which the files' owner (root, ssh's login)
 shows.  A disaster recovery (the latest point, TPM state included) and a
 clone (the first point) are both restored byte-exact and defined; the
 fault: the ssh connection killed while an image is sent -> a clean
-failure, nothing defined, no image left that looks complete.
+failure, nothing defined, no image left that looks complete.  A UEFI
+VM's clone gets its own NVRAM, read over ssh by the backup and written
+on the host by the restore, and the firmware starts with it.
 """
 
 from __future__ import annotations
@@ -141,3 +143,35 @@ def test_ssh_dropped_mid_restore_fails_cleanly_nothing_defined(remote_host, nos_
     assert not list(disk.parent.glob("*.partial")) and not (disk.parent / f"{nd.name}.xml").exists()
     time.sleep(0.5)
     assert remote_host.masters() == []  # the killed ones, and the one the cleanup made
+
+
+def _nvram(xml: str) -> Path:
+    return Path(xml.split("<nvram")[1].split(">", 1)[1].split("</nvram>")[0])
+
+
+@pytest.mark.guest
+def test_remote_clone_of_a_uefi_vm_gets_its_own_nvram_over_ssh(remote_host, test_guest, libvirt_conn,
+                                                               cleanup_domains):
+    """The NVRAM is a file of the host: read over ssh by the backup, written there by the clone's restore."""
+    guest = test_guest(uefi=True)
+    lock_out(guest.disks)
+    work = remote_host.workdir("uefi")
+    rec = _backup(remote_host, work, guest.name)
+    nvram = _nvram(guest.dom.XMLDesc(0))
+    saved = Path(rec["target_dir"]) / f"{nvram.name}.virtnbdbackup.0"
+    assert saved.is_file() and saved.stat().st_size > 0
+
+    clone = f"{guest.name}-clone"
+    cleanup_domains.append(clone)
+    code, recs, err = remote_host.run(work, "vmbk-restore", "--json", "--connect", remote_host.uri,
+                                      "--backup-path", str(work / "backup"), "--vm", guest.name, "--name", clone)
+    assert code == 0, (recs, err[-3000:])
+    assert recs[-1]["mode"] == "clone" and recs[-1]["outcome"] == "ok", recs[-1]
+    dom = libvirt_conn.lookupByName(clone)
+    theirs = _nvram(dom.XMLDesc(0))
+    assert theirs != nvram, "the clone shares the original's NVRAM"
+    assert theirs.stat().st_uid == 0 and theirs.read_bytes() == saved.read_bytes()  # written there, over ssh
+    assert not list(theirs.parent.glob("*.partial"))
+    dom.create()  # the firmware takes it
+    assert dom.isActive()
+    dom.destroy()
