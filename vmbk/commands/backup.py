@@ -15,7 +15,8 @@ qemu+ssh://USER@HOST/system, or hosts = [...] in the configuration): the
 pull backup's NBD export is reached through an ssh-forwarded unix socket
 (or, for a host with nbd_tls = { dir, address, port }, as NBD over TCP
 with TLS: libvirt's backup_tls_x509_* on the host, vmbk's CA and client
-certificate in dir), and NVRAM, TPM state and qemu-img facts are read over
+certificate in dir; with nbd_tcp = { address, port }, as plain NBD over
+TCP, unencrypted: for a trusted backup network only), and NVRAM, TPM state and qemu-img facts are read over
 ssh, as is qemu-nbd of a shut-off VM.  To move a single-host tree to
 BACKUP_PATH/HOST/VM/: README, "A backup server for several hosts".  With several
 hosts configured the tree is BACKUP_PATH/HOST/VM/ (one host keeps
