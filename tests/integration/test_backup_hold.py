@@ -198,6 +198,32 @@ def test_a_pause_that_is_not_vmbks_is_left_alone(nos_domain, vm_workdir, tmp_pat
         nd.dom.resume()
 
 
+def test_a_guest_left_paused_is_frozen_not_paused_by_the_run_that_heals_it(test_guest, vm_workdir):
+    """A dead vmbk (and its guard) left the VM paused: the next run's discovery
+    finds the agent silent (the vCPUs are stopped), but once the pause is
+    undone the agent answers again, and the backup freezes the filesystems
+    as on any other night instead of pausing the VM once more."""
+    guest = test_guest()
+    root = vm_workdir / "backups"
+    root.mkdir()
+    dead = {"action": "paused", "name": guest.name, "uuid": guest.dom.UUIDString(), "domain_id": guest.dom.ID(),
+            "uri": "qemu:///system", "pid": 2**22 + 1, "pid_start": 1, "boot_id": hold._boot_id(),
+            "guard_pid": None, "guard_start": None, "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    marker_of(guest.dom).parent.mkdir(parents=True, exist_ok=True)
+    marker_of(guest.dom).write_text(json.dumps(dead))
+    guest.dom.suspend()
+    try:
+        rec = backup_ok(root, guest.name)
+    finally:
+        if domain_state(guest.dom).startswith("paused"):
+            guest.dom.resume()
+        marker_of(guest.dom).unlink(missing_ok=True)
+    (resumed,) = [e for e in rec["events"] if e["event"] == "resumed"]
+    assert "agent answers again" in resumed["reason"], resumed
+    assert rec["consistency"] == "frozen", rec
+    assert domain_state(guest.dom) == "running" and guest.freeze_status() == "thawed"
+
+
 def _frozen(guest: Guest, guard: list[int], *, stop_guard: bool) -> Callable[[], bool]:
     """A kill condition: the agent says the guest is frozen (the guard
     named in the marker is noted in ``guard``, and stopped if asked)."""

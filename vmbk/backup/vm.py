@@ -38,7 +38,7 @@ from vmbk.progress import Board
 from vmbk.records import Record, make
 from vmbk.tree import names, ops
 from vmbk.tree.scan import scan_vm
-from vmbk.virt import backupjob, hold
+from vmbk.virt import backupjob, domain, hold
 from vmbk.virt.hostfiles import LOCAL, HostFiles
 from vmbk.vmbackup import markers
 from vmbk.virt.connection import libvirt_module
@@ -163,6 +163,19 @@ def _prepare(plan: Plan, vm_dir: Path, dom: Any, out: Outcome) -> None:
         out.events.append({"event": "redefined", "directory": plan.target, "reason": f"checkpoint {cp}"})
     for cp in plan.delete_checkpoints:
         backupjob.delete_checkpoint(dom, cp)
+
+
+def _agent_again(dom: Any, planned: PlannedVm, event: dict[str, Any]) -> PlannedVm:
+    """The VM a dead vmbk left paused was discovered paused, when its agent
+    could not answer: ask again now that it runs, so that this backup
+    freezes the guest's filesystems instead of pausing the VM (and saves
+    what needs the agent) as any other night.  ``event`` gets a note."""
+    if event.get("event") != "resumed" or planned.vm.agent or not planned.plan.online:
+        return planned
+    if not any(domain.agent_answers(dom) for _ in range(2)):
+        return planned
+    event["reason"] += "; its guest agent answers again"
+    return dataclasses.replace(planned, vm=dataclasses.replace(planned.vm, agent=True))
 
 
 def _copy_online(dom: Any, planned: PlannedVm, target_dir: Path, opts: BackupOptions, out: Outcome) -> None:
@@ -383,6 +396,7 @@ def backup_vm(planned: PlannedVm, conn: Any, opts: BackupOptions, session: str) 
     with VmLock(opts.backup_path, name, purpose="backup"):
         ensure_dir(vm_dir)
         if event := hold.heal(dom):  # the pause/freeze a killed vmbk left (vmbk.virt.hold)
+            planned = _agent_again(dom, planned, event)
             out.events.append({**event, "directory": plan.target})
         if plan.online and (stale := backupjob.clear_stale_job(dom, files=opts.files)):
             out.events.append({"event": "cleaned", "directory": plan.target,

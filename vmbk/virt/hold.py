@@ -34,7 +34,10 @@ Three things make it safe:
    same domain ID.  The caller reports it (a ``resumed``/``thawed`` event
    in the backup record, a warning in the restore record; both on
    stderr).  A paused domain *without* a marker is someone else's and is
-   never resumed (consistency ``paused``, as before).
+   never resumed (consistency ``paused``, as before).  Discovery ran while
+   the domain was paused, when its guest agent could not answer; once
+   healed, vmbk-backup asks the agent again, so that run freezes the
+   guest as usual instead of pausing it once more.
 
 Undo rules: ``paused`` is resumed only while the domain is paused with
 reason ``user`` (libvirt's reason for ``virDomainSuspend``), and only
