@@ -165,7 +165,7 @@ class RemoteBench(common.Bench):
         return p
 
     def section(self) -> None:
-        assert self.out is not None and self.image is not None
+        assert self.out is not None and self.image is not None and self.work is not None
         data = self.image.data
         self.start_sshd()
         self.tcp_cfg = self.work / "tcp-config"
