@@ -9,10 +9,12 @@ that the newest restore point equals the disk.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import libvirt
 import libvirt_qemu
+import orjson
 import pytest
 from backup_helpers import backup_ok, chain_files
 
@@ -157,3 +159,51 @@ def test_an_incremental_killed_mid_stream_is_rolled_back_not_archived(nos_domain
     rec = backup_ok(root, nd.name)
     assert rec["action"] == "inc" and rec["checkpoint"] == "virtnbdbackup.2"
     assert _point_equals(chain, 2, _reference(nd.dom, nd.disks[0], tmp_path / "ref2.raw"), tmp_path)
+
+
+def _point_of(chain: Path, n: int, disk: str, reference: Path, tmp: Path) -> bool:
+    raw = tmp / f"point{n}-{disk}.raw"
+    reconstruct_raw(chain_files(chain, until=n, disk=disk), raw)
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), str(reference)]).returncode == 0
+
+
+def test_an_incremental_killed_after_one_disk_was_renamed_is_rolled_back(nos_domain, vm_workdir, tmp_path):
+    """A VM's disks are copied side by side and each stream is renamed when
+    it is done: kill -9 once vda's incremental 1 is renamed while vdb's is
+    still written.  The .cpt does not list 1 and libvirt has checkpoint 1:
+    the next run removes every file of 1 and the checkpoint, and takes
+    incremental 1 again (before: the chain was archived and every disk
+    copied in full).  Every point of both disks restores byte for byte."""
+    from backup_helpers import finish, slow_backup
+
+    nd = nos_domain(2, size="1G", writes=[(0x11, 0, MiB)])
+    root = vm_workdir / "backups"
+    root.mkdir()
+    full = backup_ok(root, nd.name)
+    chain = Path(full["target_dir"])
+    refs0 = {d: _reference(nd.dom, p, tmp_path / f"ref0-{d}.raw") for d, p in zip(("vda", "vdb"), nd.disks)}
+    write(nd.dom, "write -P 0x44 16M 1M")  # vda: a small incremental, renamed at once
+    libvirt_qemu.qemuMonitorCommand(nd.dom, 'qemu-io -d /machine/peripheral/virtio-disk1/virtio-backend '
+                                    '"write -P 0x45 16M 300M"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    p = slow_backup(root, [nd.name], tmp_path / "etc")
+    renamed = chain / "vda.inc.virtnbdbackup.1.data"
+    deadline = time.monotonic() + 120
+    while not (renamed.exists() and (chain / "vdb.inc.virtnbdbackup.1.data.partial").exists()):
+        assert p.poll() is None and time.monotonic() < deadline, "the window was never seen"
+        time.sleep(0.02)
+    p.kill()
+    finish(p)
+    assert renamed.exists() and orjson.loads((chain / f"{nd.name}.cpt").read_bytes()) == ["virtnbdbackup.0"]
+    write(nd.dom, "write -P 0x55 600M 1M")  # after the dead run's checkpoint: must be in the next point too
+    rec = backup_ok(root, nd.name)
+    assert (rec["action"], rec["checkpoint"], rec["parent"]) == ("inc", "virtnbdbackup.1", "virtnbdbackup.0"), rec
+    assert "did not finish" in rec["reasons"][0] and "vda.inc.virtnbdbackup.1.data" in rec["reasons"][0], rec
+    assert any(e["event"] == "cleaned" and "vda.inc.virtnbdbackup.1.data" in e["reason"] for e in rec["events"])
+    assert not list(chain.glob("*.partial")) and not (chain / ".archives").exists()
+    refs1 = {d: _reference(nd.dom, p, tmp_path / f"ref1-{d}.raw") for d, p in zip(("vda", "vdb"), nd.disks)}
+    for d in ("vda", "vdb"):
+        assert _point_of(chain, 0, d, refs0[d], tmp_path) and _point_of(chain, 1, d, refs1[d], tmp_path), d
+    write(nd.dom, "write -P 0x66 8M 1M")
+    rec = backup_ok(root, nd.name)
+    assert rec["action"] == "inc" and rec["checkpoint"] == "virtnbdbackup.2"
+    assert _point_of(chain, 2, "vda", _reference(nd.dom, nd.disks[0], tmp_path / "ref2.raw"), tmp_path)

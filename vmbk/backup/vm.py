@@ -28,7 +28,7 @@ from vmbk.backup import bitlocker, memory, sidefiles
 from vmbk.backup.disk import DiskBackup, DiskResult, backup_disk
 from vmbk.backup.sources import libvirt_export, qemu_nbd_export
 from vmbk.cancel import Cancel, Cancelled
-from vmbk.errors import VmbkError, VmError
+from vmbk.errors import StorageError, VmbkError, VmError
 from vmbk.fsutil import ensure_dir, write_file_atomic
 from vmbk.manifest import keys
 from vmbk.manifest import write as manifest_write
@@ -37,6 +37,7 @@ from vmbk.policy import Plan, PlannedVm, VmFacts
 from vmbk.progress import Board
 from vmbk.records import Record, make
 from vmbk.tree import names, ops
+from vmbk.tree.scan import chain_checkpoints as scan_chain_checkpoints
 from vmbk.tree.scan import scan_vm
 from vmbk.virt import backupjob, domain, hold
 from vmbk.virt.hostfiles import LOCAL, HostFiles
@@ -149,6 +150,8 @@ def _prepare(plan: Plan, vm_dir: Path, dom: Any, out: Outcome) -> None:
         dst = ops.archive_chain(vm_dir, plan.archive_from, plan.archive_to, name)
         out.events.append({"event": "archived", "directory": str(dst), "reason": "; ".join(plan.reasons)})
     target_dir = ops.inside(vm_dir, plan.target or ".", name)
+    if plan.action == "inc" and plan.checkpoint and plan.checkpoint in plan.delete_checkpoints:
+        _remove_unfinished(plan.checkpoint, target_dir, name, plan.target, out)
     done: list[str] = []
     for cp in plan.redefine_checkpoints:
         xml = (target_dir / names.checkpoint_xml_name(cp)).read_text()
@@ -163,6 +166,22 @@ def _prepare(plan: Plan, vm_dir: Path, dom: Any, out: Outcome) -> None:
         out.events.append({"event": "redefined", "directory": plan.target, "reason": f"checkpoint {cp}"})
     for cp in plan.delete_checkpoints:
         backupjob.delete_checkpoint(dom, cp)
+
+
+def _remove_unfinished(checkpoint: str, target_dir: Path, name: str, rel: str | None, out: Outcome) -> None:
+    """The files of the incremental ``checkpoint`` a killed run left, before it is taken again.
+
+    Before its libvirt checkpoint is deleted: a crash in between leaves the
+    checkpoint alone, which the next plan rolls back the same way.  The
+    ``.cpt`` is read again: a point it lists is never removed.
+    """
+    listed = scan_chain_checkpoints(target_dir, name)
+    if listed is None or checkpoint in listed:
+        raise StorageError(f"refusing to remove the files of {checkpoint} in {target_dir}: its checkpoint list "
+                           f"{'cannot be read' if listed is None else 'lists it'} (plan again)", vm=name)
+    for f in ops.remove_unfinished(target_dir, checkpoint, name):
+        out.events.append({"event": "cleaned", "directory": rel,
+                           "reason": f"{f}: a file of {checkpoint}, which did not finish (the .cpt does not list it)"})
 
 
 def _agent_again(dom: Any, planned: PlannedVm, event: dict[str, Any]) -> PlannedVm:

@@ -41,7 +41,13 @@ from vmbk.settings import MEMORY_FULL, Retention
 from vmbk.errors import InputError
 from vmbk.policy.disks import CHECKPOINT, COPY_ONLY, classify_all
 from vmbk.policy.facts import VmFacts
-from vmbk.policy.health import checkpoint_problems, disk_problems, file_problems, unfinished_point
+from vmbk.policy.health import (
+    checkpoint_problems,
+    disk_problems,
+    file_problems,
+    unfinished_point,
+    unfinished_streams,
+)
 from vmbk.tree.model import Chain, VmTree
 from vmbk.tree.names import archive_name, checkpoint_name, checkpoint_number, period_id, same_period, where
 
@@ -73,7 +79,10 @@ class Plan:
     4. ``delete_checkpoints``: delete these libvirt checkpoints (a full
        starts a new chain; virtnbdbackup does the same; an incremental
        removes the checkpoint an unfinished one left, its bitmap merged
-       into the parent's by libvirt).
+       into the parent's by libvirt).  When that checkpoint is the
+       incremental's own (``checkpoint``), the files of that point the
+       ``.cpt`` does not list (streams already renamed, side files, a
+       manifest) are removed first (`vmbk.policy.health.unfinished_point`).
     5. ``action`` into ``target``: ``full`` creates ``checkpoint``
        (``virtnbdbackup.0``); ``inc`` creates ``checkpoint`` with
        ``parent``; ``copy`` creates none; ``skip`` does nothing.  Each disk
@@ -403,7 +412,9 @@ class _Planner:
         n = len(t.cpt)
         deletes: tuple[str, ...] = ()
         if unfinished is not None:
-            left = [*t.partials, *(["libvirt's checkpoint " + unfinished] if unfinished in (self.vm.checkpoints or ()) else [])]
+            streams = unfinished_streams(t, unfinished)
+            left = [*t.partials, *streams, *([f"the other files of {unfinished}"] if streams else []),
+                    *(["libvirt's checkpoint " + unfinished] if unfinished in (self.vm.checkpoints or ()) else [])]
             self.reasons.append(f"an incremental that did not finish left {', '.join(left)}: removed, "
                                 f"the chain goes on from {t.cpt[-1]}")
             deletes = (unfinished,) if unfinished in (self.vm.checkpoints or ()) else ()

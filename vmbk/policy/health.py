@@ -11,16 +11,24 @@ needless full only costs time and space.
 
 One exception, where vmbk does better than a full: an incremental that
 died before its point was committed (`unfinished_point`) left only its
-``.partial`` streams and libvirt's checkpoint N, and the chain is sound
-up to N-1.  Those are removed and the chain goes on from N-1: deleting
-checkpoint N makes libvirt merge its bitmap into N-1's, which then holds
-every write since N-1 again, so the incremental that follows misses
-nothing (tests/integration/test_backup_kill_points.py restores every
-point of chains that went through this, byte for byte).
+``.partial`` streams, streams of some disks already renamed (a VM's disks
+are copied side by side and each is renamed when it is done: a kill
+while another disk copies), side files and a manifest of point N, and
+libvirt's checkpoint N -- nothing the ``.cpt`` lists -- and the chain is
+sound up to N-1.  Those are removed (vmbk-backup: the ``.partial`` files
+of ``cleanup``, then every file of point N, `vmbk.tree.ops.remove_unfinished`)
+and the chain goes on from N-1: deleting checkpoint N makes libvirt merge
+its bitmap into N-1's, which then holds every write since N-1 again, so
+the incremental that follows misses nothing
+(tests/integration/test_backup_kill_points.py restores every point of
+chains that went through this, byte for byte).  Renamed streams of N
+count only when libvirt still has checkpoint N: it is what proves them
+a run that began after N-1 and did not finish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from vmbk.fsutil import PARTIAL
@@ -46,19 +54,37 @@ def unfinished_point(chain: Chain, vm: VmFacts) -> str | None:
         parsed = parse_data_name(p[: -len(PARTIAL)]) if p.endswith(".data" + PARTIAL) else None
         if parsed is None or parsed.level != "inc" or parsed.number != n:
             return None
-    if any(f.number is not None and f.number >= n for f in chain.data):
+    later = [f for f in chain.data if f.number is not None and f.number >= n]
+    if any(f.level != "inc" or f.number != n for f in later):
         return None
     if vm.checkpoints is None:
         return None
     ahead = [c for c in vm.checkpoints if (checkpoint_number(c) or -1) >= n]
     if ahead not in ([], [name]) or not (chain.partials or ahead):
         return None
+    if later and ahead != [name]:
+        return None  # streams of N without libvirt's checkpoint N: not provably an unfinished run
     return name
+
+
+def unfinished_streams(chain: Chain, unfinished: str) -> list[str]:
+    """The renamed streams of the unfinished point ``unfinished`` (see `unfinished_point`)."""
+    n = checkpoint_number(unfinished)
+    return [f.name for f in chain.data if f.level == "inc" and f.number == n]
+
+
+def _committed(chain: Chain, unfinished: str | None) -> Chain:
+    """``chain`` without the streams of the unfinished point (they are removed before the backup)."""
+    if unfinished is None:
+        return chain
+    gone = set(unfinished_streams(chain, unfinished))
+    return dataclasses.replace(chain, data=tuple(f for f in chain.data if f.name not in gone)) if gone else chain
 
 
 def file_problems(chain: Chain, *, unfinished: str | None = None) -> list[str]:
     """The files of a full chain against its ``.cpt`` and stream headers
-    (``unfinished``: the partials of that point are expected, see `unfinished_point`)."""
+    (``unfinished``: the partials and streams of that point are expected, see `unfinished_point`)."""
+    chain = _committed(chain, unfinished)
     out: list[str] = []
     loc = where(chain.rel)
     if chain.partials and unfinished is None:

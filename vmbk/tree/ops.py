@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from vmbk.errors import StorageError
 from vmbk.fsutil import PARTIAL, ensure_dir, fsync_dir
-from vmbk.tree.names import ARCHIVES, STAYS, chksum_name, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
+from vmbk.tree.names import ARCHIVES, CHECKPOINTS, STAYS, chksum_name, deleted_name, deleting_name, is_vm_dir_name, policy_of_period
 
 #: Told each step of a deletion: ``renamed``, then ``removing`` before each entry.
 Step = Callable[[str], None]
@@ -72,6 +72,45 @@ def cleanup_partials(vm_dir: Path, rels: list[str], vm: str) -> list[str]:
         if final.name.endswith(".data") and not final.exists():
             with contextlib.suppress(FileNotFoundError):
                 final.with_name(chksum_name(final.name)).unlink()
+    return removed
+
+
+def remove_unfinished(chain_dir: Path, checkpoint: str, vm: str) -> list[str]:
+    """Remove the files of point ``checkpoint`` from ``chain_dir`` and its ``checkpoints/``.
+
+    For an incremental killed before its ``.cpt`` listed it (the caller
+    checks that it does not): streams of disks already renamed with their
+    ``.chksum``, side files, the checkpoint's XML, a manifest, a memory
+    state -- every one carries the checkpoint's name as dot-separated parts
+    (`names.ident`).  The ``.cpt`` and vmbackup's files are never touched
+    (a VM may be called anything).  Returns the paths removed, relative to
+    ``chain_dir``.
+    """
+    want = checkpoint.split(".")
+
+    def of_point(name: str) -> bool:
+        parts = name.split(".")
+        return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+    removed: list[str] = []
+    for d, prefix in ((chain_dir, ""), (chain_dir / CHECKPOINTS, f"{CHECKPOINTS}/")):
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        gone = False
+        for e in entries:
+            if (not e.is_file(follow_symlinks=False) or e.name.endswith(".cpt") or e.name in STAYS
+                    or not of_point(e.name)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+                removed.append(prefix + e.name)
+                gone = True
+        if gone:
+            fsync_dir(d)
+    if removed:
+        log.info("%s: removed the files of %s, which did not finish: %s", vm, checkpoint, ", ".join(removed))
     return removed
 
 

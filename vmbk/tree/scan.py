@@ -288,6 +288,15 @@ def _located(e: VmbkError) -> str:
     return f"at byte {getattr(e, 'offset', None)}: {detail}" if detail is not None else str(e)
 
 
+def chain_checkpoints(path: Path, vm: str) -> tuple[str, ...] | None:
+    """What the ``.cpt`` of chain directory ``path`` lists (None: no ``.cpt``, or not a readable one)."""
+    try:
+        cpts = [e.name for e in os.scandir(path) if e.name.endswith(".cpt") and e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return None
+    return _read_cpt(path, cpts, vm)[1]
+
+
 def _read_cpt(path: Path, names: list[str], vm: str) -> tuple[str | None, tuple[str, ...] | None, str | None]:
     """``(file, checkpoints, error)`` of the chain's ``.cpt``.
 
