@@ -62,10 +62,12 @@ def make_replica(request: pytest.FixtureRequest, kind: str, base: Path, work: Pa
         d = remotes.destination("t", remote, base.name if remote == "crypt:" else str(far))
     dest = Replication(**{**d, **more})  # type: ignore[arg-type]
     work.mkdir(exist_ok=True)
+    t = open_transport(dest, work)
+    request.addfinalizer(t.close)  # an ssh transport's master connection
     if kind == "rclone-crypt":
         store = request.getfixturevalue("rclone_remotes").crypt_store / "x"  # (its names are encrypted)
-        return Replica(kind, open_transport(dest, work), dest, None, store)
-    return Replica(kind, open_transport(dest, work), dest, far)
+        return Replica(kind, t, dest, None, store)
+    return Replica(kind, t, dest, far)
 
 
 @pytest.fixture(params=KINDS)

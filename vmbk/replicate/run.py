@@ -37,6 +37,7 @@ from vmbk.replicate.history import History
 from vmbk.replicate.pull import pull
 from vmbk.replicate.push import Destination, RunOptions
 from vmbk.replicate.report import PROG, error, replicate_record
+from vmbk.replicate.transport import Transport
 from vmbk.settings import Config, Replication
 
 log = logging.getLogger("vmbk.replicate")
@@ -156,30 +157,36 @@ class ReplicateRun:
         workdir = Path(tempfile.mkdtemp(prefix=f"vmbk-replicate-{dest.name}-"))
         try:
             t = destinations.open_transport(dest, workdir, identities=self.identities)
-            if isinstance(t, EncryptingTransport):  # a wrong identity fails here, before anything is written
-                try:
-                    t.probe(sorted(t.listing([vm])))
-                except VmbkError as e:
-                    yield error(e, session=session, vm=vm, dest=dest)
-                    return
-            ensure_dir(to)
-            if not (to / files.CATALOGUE).exists():
-                # the replica's history comes first, this pull is added to it
-                with contextlib.suppress(VmbkError, OSError):
-                    t.fetch([files.CATALOGUE], to)
-            history = History(Catalogue.open(to))
             try:
-                yield pull(dest, t, vm, to, session, history)
-            except UsageError:
-                raise
-            except VmbkError as e:
-                yield error(e, session=session, vm=vm, dest=dest)
+                yield from self._pull(dest, t, vm, to, session)
             finally:
-                history.close_session(session, 0)
-                if history.cat is not None:
-                    history.cat.close()
+                t.close()  # an ssh destination's master connection
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _pull(self, dest: Replication, t: Transport, vm: str, to: Path, session: str) -> Iterator[Record]:
+        if isinstance(t, EncryptingTransport):  # a wrong identity fails here, before anything is written
+            try:
+                t.probe(sorted(t.listing([vm])))
+            except VmbkError as e:
+                yield error(e, session=session, vm=vm, dest=dest)
+                return
+        ensure_dir(to)
+        if not (to / files.CATALOGUE).exists():
+            # the replica's history comes first, this pull is added to it
+            with contextlib.suppress(VmbkError, OSError):
+                t.fetch([files.CATALOGUE], to)
+        history = History(Catalogue.open(to))
+        try:
+            yield pull(dest, t, vm, to, session, history)
+        except UsageError:
+            raise
+        except VmbkError as e:
+            yield error(e, session=session, vm=vm, dest=dest)
+        finally:
+            history.close_session(session, 0)
+            if history.cat is not None:
+                history.cat.close()
 
     def end(self, session: str, code: int) -> None:
         self.history.close_session(session, code)
