@@ -23,7 +23,7 @@ import pytest
 from vmbk.manifest import keys, sign
 from vmbk.replicate import age
 from vmbk.stream import StreamMeta
-from vmbk.stream.digest import file_digest
+from vmbk.stream.digest import file_digest, sequential_digest
 from vmbk.stream.writer import StreamWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,8 +66,10 @@ def test_the_write_pass_digest_is_the_file_s(tmp_path, compressed, order):
     for o, _ in todo:
         w.finish(filled[o])
     w.close()
-    digest, adler, _ = file_digest(path, buffer_size=100_003)  # buffers that cut frames anywhere
+    digest, adler, _ = sequential_digest(path, buffer_size=100_003)  # buffers that cut frames anywhere
     assert digest == w.sha256 and adler == w.checksum
+    for size, workers in ((100_003, 3), (1 << 20, 2), (64 << 20, 1)):  # regions of 1-6 frames, of all of them
+        assert file_digest(path, buffer_size=size, workers=workers)[:2] == (digest, adler), (size, workers)
     ex = _extract_module()
     _, ex_frames, size = ex.scan(str(path))
     assert ex.digests(str(path), ex_frames, size) == (digest, adler)
