@@ -101,3 +101,23 @@ def released(image: Path, timeout: float = 30) -> Path:
         if r.returncode == 0 or "lock" not in r.stderr or time.monotonic() > deadline:
             return image
         time.sleep(0.1)
+
+
+def full_then_inc_restore_exact(root: Path, nd: Any, work: Path, pattern: int) -> Path:
+    """``vmbk-backup --vm`` of the no-OS domain ``nd`` twice -- a full, then an
+    incremental after a write of ``pattern`` through QEMU -- and both points
+    restored and compared with the disk as it was at each backup; the chain."""
+    from replicate_helpers import qemu_write, reference, restore_point, same_disk
+
+    refs = []
+    for action in ("full", "inc"):
+        code, recs = run_backup(root, "--vm", nd.name)
+        assert code == 0, [r.get("message") for r in recs]
+        (rec,) = recs
+        assert rec["action"] == action and rec["outcome"] == "ok", rec
+        refs.append(reference(nd.disks[0], work / f"ref-{action}.raw"))
+        qemu_write(nd.dom, pattern + len(refs), 12)
+    chain = Path(rec["target_dir"])
+    for i, ref in enumerate(refs):
+        assert same_disk(restore_point(chain, i, work / f"restored{i}"), ref), f"point {i}"
+    return chain

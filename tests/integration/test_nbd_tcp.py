@@ -11,12 +11,10 @@ read the disks; the export is gone with the job.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import libvirt
 import pytest
-from backup_helpers import run_backup
-from replicate_helpers import qemu_write, reference, restore_point, same_disk
+from backup_helpers import full_then_inc_restore_exact
 
 MiB = 1 << 20
 
@@ -54,18 +52,8 @@ def test_pull_backup_over_plain_tcp_restores_byte_exact(nos_domain, tmp_path, vm
     monkeypatch.setattr(sources.Address, "tcp", staticmethod(spy))
     root = tmp_path / "backup"
     root.mkdir()
-    refs = []
-    for action in ("full", "inc"):
-        code, recs = run_backup(root, "--vm", nd.name)
-        assert code == 0, [r.get("message") for r in recs]
-        (rec,) = recs
-        assert rec["action"] == action and rec["outcome"] == "ok", rec
-        refs.append(reference(nd.disks[0], vm_workdir / f"ref-{action}.raw"))
-        qemu_write(nd.dom, 0x75 + len(refs), 12)
+    full_then_inc_restore_exact(root, nd, vm_workdir, 0x75)
     assert used and all(u[0] == "127.0.0.1" and u[1] >= port and not u[2] for u in used), used
-    chain = Path(rec["target_dir"])
-    for i, ref in enumerate(refs):
-        assert same_disk(restore_point(chain, i, vm_workdir / f"restored{i}"), ref), f"point {i}"
     assert nd.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert not _listening(port), "the export outlived its job"
 
@@ -80,10 +68,4 @@ def test_remote_host_over_plain_tcp_as_the_unprivileged_user(remote_host, nos_do
     work = remote_host.workdir("tcp")
     remote_host.config(work, f'hosts = [{{ name = "kvm", uri = "{remote_host.uri}", nbd_tcp = {{ '
                              f'address = "127.0.0.1", port = {_port()} }} }}]\n')
-    code, recs, err = remote_host.run(work, "vmbk-backup", "--json", "--backup-path", str(work / "backup"),
-                                      "--vm", nd.name)
-    assert code == 0, ([r.get("message") for r in recs], err[-3000:])
-    (rec,) = [r for r in recs if r["type"] == "backup"]
-    assert rec["host"] == "kvm" and rec["action"] == "full"
-    ref = reference(nd.disks[0], vm_workdir / "ref.raw")
-    assert same_disk(restore_point(Path(rec["target_dir"]), 0, vm_workdir / "restored"), ref)
+    remote_host.full_backup_restores_exact(work, nd.name, nd.disks[0], vm_workdir)

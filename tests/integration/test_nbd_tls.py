@@ -30,8 +30,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from backup_helpers import run_backup
-from replicate_helpers import qemu_write, reference, restore_point, same_disk
+from backup_helpers import full_then_inc_restore_exact, run_backup
 from tls_helpers import certificates
 
 from vmbk.errors import VmbkError
@@ -174,17 +173,7 @@ def test_libvirt_pull_backup_over_tls_restores_byte_exact(nos_domain, libvirt_pk
     monkeypatch.setenv("VMBK_CONFIG_DIR", str(cfg))
     root = tmp_path / "backup"
     root.mkdir()
-    refs = []
-    for action in ("full", "inc"):
-        code, recs = run_backup(root, "--vm", nd.name)
-        assert code == 0, [r.get("message") for r in recs]
-        (rec,) = recs
-        assert rec["action"] == action and rec["outcome"] == "ok", rec
-        refs.append(reference(nd.disks[0], vm_workdir / f"ref-{action}.raw"))
-        qemu_write(nd.dom, 0x70 + len(refs), 12)
-    chain = Path(rec["target_dir"])
-    for i, ref in enumerate(refs):
-        assert same_disk(restore_point(chain, i, vm_workdir / f"restored{i}"), ref), f"point {i}"
+    full_then_inc_restore_exact(root, nd, vm_workdir, 0x70)
 
     # without its certificate the client is refused: a clean failure, nothing left behind
     anonymous = tmp_path / "anonymous"
@@ -216,11 +205,5 @@ def test_remote_host_over_tls_as_the_unprivileged_user(remote_host, nos_domain, 
         os.chown(p, remote_host.uid, remote_host.gid)
     remote_host.config(work, f'hosts = [{{ name = "kvm", uri = "{remote_host.uri}", nbd_tls = {{ dir = "{client}", '
                              f'address = "127.0.0.1", port = {_port()} }} }}]\n')
-    code, recs, err = remote_host.run(work, "vmbk-backup", "--json", "--backup-path", str(work / "backup"),
-                                      "--vm", nd.name)
-    assert code == 0, ([r.get("message") for r in recs], err[-3000:])
-    (rec,) = [r for r in recs if r["type"] == "backup"]
-    assert rec["host"] == "kvm" and rec["action"] == "full"
-    ref = reference(nd.disks[0], vm_workdir / "ref.raw")
-    assert same_disk(restore_point(Path(rec["target_dir"]), 0, vm_workdir / "restored"), ref)
+    remote_host.full_backup_restores_exact(work, nd.name, nd.disks[0], vm_workdir)
     assert set(remote_host.masters()) <= before, "a control master outlived vmbk"
