@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import os
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from vmbk.stream.checksum import adler32, adler32_combine
 from vmbk.stream.format import StreamError
@@ -59,10 +60,11 @@ def payload_digest(pieces: Sequence[bytes | bytearray | memoryview]) -> bytes:
     return h.digest()
 
 
-def sequential_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = None,
-                      check: Callable[[], None] | None = None, buffer_size: int = BUFFER) -> tuple[str, int, StreamMap]:
-    """`file_digest` in one thread, buffer after buffer: the reference the
-    parallel one is tested against (and what an independent reader does)."""
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike[str], smap: StreamMap | None,
+            ) -> Iterator[tuple[int, str, StreamMap, list[tuple[int, int]]]]:
+    """(fd, path, the stream's map, its data payloads as (start, end)) of an open
+    stream file; StreamError when it cannot be opened or its frames are damaged."""
     p = os.fspath(path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
@@ -71,7 +73,16 @@ def sequential_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = 
     try:
         if smap is None:
             smap = scan_fd(fd, p)
-        payloads = [(f.file_pos, f.file_pos + f.stored_len) for f in smap.frames if f.is_data]
+        yield fd, p, smap, [(f.file_pos, f.file_pos + f.stored_len) for f in smap.frames if f.is_data]
+    finally:
+        os.close(fd)
+
+
+def sequential_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = None,
+                      check: Callable[[], None] | None = None, buffer_size: int = BUFFER) -> tuple[str, int, StreamMap]:
+    """`file_digest` in one thread, buffer after buffer: the reference the
+    parallel one is tested against (and what an independent reader does)."""
+    with _opened(path, smap) as (fd, p, smap, payloads):
         top = hashlib.sha256()
         value = 1
         view = memoryview(bytearray(buffer_size))
@@ -117,8 +128,6 @@ def sequential_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = 
         if pos != smap.file_size or cur is not None or i != len(payloads):
             raise StreamError(p, pos, f"the file changed while it was read ({pos} of {smap.file_size} bytes)")
         return top.hexdigest(), value, smap
-    finally:
-        os.close(fd)
 
 
 def file_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = None,
@@ -141,16 +150,8 @@ def file_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = None,
     streams beside the writing of the image, a verify reads at disk speed.
     At most ``workers`` + 1 regions are in memory.
     """
-    p = os.fspath(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StreamError(p, 0, f"cannot open: {e.strerror}") from None
-    try:
-        if smap is None:
-            smap = scan_fd(fd, p)
-        payloads = [(f.file_pos, f.file_pos + f.stored_len) for f in smap.frames if f.is_data]
-        regions = _regions(smap.file_size, payloads, buffer_size)
+    with _opened(path, smap) as (fd, p, smap, payloads):
+        regions = _regions(p, smap.file_size, payloads, buffer_size)
         top = hashlib.sha256()
         value = 1
         n = workers or min(4, os.cpu_count() or 1)
@@ -184,11 +185,10 @@ def file_digest(path: str | os.PathLike[str], *, smap: StreamMap | None = None,
         if os.fstat(fd).st_size != smap.file_size:
             raise StreamError(p, smap.file_size, "the file changed while it was read")
         return top.hexdigest(), value, smap
-    finally:
-        os.close(fd)
 
 
-def _regions(size: int, payloads: Sequence[tuple[int, int]], target: int) -> list[tuple[int, int, int, int]]:
+def _regions(path: str, size: int, payloads: Sequence[tuple[int, int]], target: int,
+             ) -> list[tuple[int, int, int, int]]:
     """``(start, end, first, last)``: byte ranges of about ``target`` bytes that
     cover the file, never cutting a payload, with the payloads they hold."""
     out: list[tuple[int, int, int, int]] = []
@@ -202,7 +202,7 @@ def _regions(size: int, payloads: Sequence[tuple[int, int]], target: int) -> lis
         out.append((start, end, i, j))
         start, i = end, j
     if i != len(payloads) or start != size:
-        raise ValueError("payloads outside the file")
+        raise StreamError(path, start, "data payloads outside the file")
     return out
 
 
