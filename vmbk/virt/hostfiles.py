@@ -71,7 +71,7 @@ class LocalFiles:
     address = "localhost"
 
     def __init__(self, nbd_tcp: NbdTcp | None = None) -> None:
-        #: The pull backups' data path: NBD over TCP with TLS (None: the job's unix socket).
+        #: The pull backups' data path: NBD over TCP, with TLS or plain (None: the job's unix socket).
         self.nbd_tcp = nbd_tcp
 
     @property
@@ -127,9 +127,9 @@ class RemoteFiles:
         self.remote = remote
         self._run_dir = run_dir
         self.label = remote.target.label
-        #: The host's name or address as the URI gives it (where an NBD over TLS export is reached).
+        #: The host's name or address as the URI gives it (where an NBD over TCP export is reached).
         self.address = remote.target.host
-        #: The pull backups' data path: NBD over TCP with TLS (None: a forward of the job's unix socket).
+        #: The pull backups' data path: NBD over TCP, with TLS or plain (None: a forward of the job's unix socket).
         self.nbd_tcp = nbd_tcp
 
     @property
