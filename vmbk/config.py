@@ -231,20 +231,11 @@ def _override(data: Any, where: str) -> VmOverride:
         compression=r.choice("compression", COMPRESSIONS, None),
         fstrim=r.opt_bool("fstrim"),
         exclude=r.bool("exclude", False),
-        memory=_memory(r),
+        # true (the state with each full), false, or "full" (every online backup a full)
+        memory=r.bool_or("memory", MEMORY_FULL, False),
     )
     r.done()
     return ov
-
-
-def _memory(r: _Reader) -> bool | str:
-    """A VM's ``memory``: true (the state with each full), false, or "full" (every online backup a full)."""
-    v = r._get("memory")
-    if v is None:
-        return False
-    if not (isinstance(v, bool) or v == MEMORY_FULL):
-        raise r._bad("memory", f'true, false or "{MEMORY_FULL}"')
-    return v
 
 
 def _replication(data: Mapping[str, Any], where: str) -> Replication:
@@ -529,6 +520,15 @@ class _Reader:
         v = self._get(key)
         if v is not None and not isinstance(v, bool):
             raise self._bad(key, "true or false")
+        return v
+
+    def bool_or(self, key: str, word: str, default: bool) -> bool | str:
+        """true, false, or the string ``word``."""
+        v = self._get(key)
+        if v is None:
+            return default
+        if not (isinstance(v, bool) or v == word):
+            raise self._bad(key, f'true, false or "{word}"')
         return v
 
     def bool(self, key: str, default: bool) -> bool:
